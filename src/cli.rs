@@ -1,0 +1,189 @@
+//! Command-line options. The option names are a contract: scripts and tests outside this
+//! repository start the daemon with exactly these names.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Host cache mode for the disk image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheMode {
+    /// Bypass the host page cache (O_DIRECT) wherever the request's alignment allows it.
+    None,
+    /// Go through the host page cache.
+    Writeback,
+}
+
+/// Which sandbox the data-plane threads run under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxMode {
+    /// No seccomp filter (the rings are still restricted).
+    None,
+    /// Seccomp allowlists: a process-wide deny list, and a strict allowlist on worker threads.
+    Seccomp,
+}
+
+/// A vhost-user-blk backend that serves one disk image from kernel-restricted io_uring rings.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringfence", version, about, long_about = None)]
+pub struct Options {
+    /// Unix socket path to listen on for the VMM (created; must not be in use).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// An already-listening unix socket inherited from the parent (systemd socket activation,
+    /// libvirt).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// The disk image to serve (a regular file or a block device).
+    #[arg(long, value_name = "IMAGE", required_unless_present = "print_capabilities")]
+    pub blk_file: Option<PathBuf>,
+
+    /// Create the image as a sparse file of this size if it does not exist
+    /// (bytes, or with a K/M/G/T suffix; a multiple of 512).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub create_size: Option<u64>,
+
+    /// Export the disk read-only: writes, flushes, discards are refused and the rings
+    /// allow READ_FIXED alone.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Number of virtqueues (one worker thread and one ring each).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Maximum virtqueue size (a power of two, 2..=1024).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Serial number reported by GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "STR", value_parser = parse_serial)]
+    pub serial: Option<String>,
+
+    /// Host cache mode.
+    #[arg(long, value_enum, default_value_t = CacheMode::None)]
+    pub cache: CacheMode,
+
+    /// Sandbox for the process and its data-plane threads (default: the strictest that works).
+    #[arg(long, value_enum)]
+    pub sandbox: Option<SandboxMode>,
+
+    /// Print the backend's capabilities as JSON (vhost-user backend program conventions) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Exit after the first VMM connection ends instead of waiting for the next one.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Parse a size with an optional binary suffix: `512`, `64M`, `10G`, `1T`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512, 64M, 10G)"))?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(|| format!("size '{s}' is too large"))?;
+    if bytes == 0 || bytes % 512 != 0 {
+        return Err(format!("size '{s}' must be a non-zero multiple of 512 bytes"));
+    }
+    Ok(bytes)
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a queue size"))?;
+    if !(2..=1024).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "queue size {n} must be a power of two between 2 and 1024"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > crate::config::SERIAL_LEN {
+        return Err(format!(
+            "serial '{s}' is {} bytes; at most {} are allowed",
+            s.len(),
+            crate::config::SERIAL_LEN
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// The JSON printed by `--print-capabilities`.
+pub fn capabilities_json() -> &'static str {
+    "{\n  \"type\": \"block-device\",\n  \"features\": []\n}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_reject_nonsense() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("513").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn queue_size_must_be_power_of_two_in_range() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("0").is_err());
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("2048").is_err());
+    }
+
+    #[test]
+    fn serial_is_at_most_twenty_bytes() {
+        assert!(parse_serial("01234567890123456789").is_ok());
+        assert!(parse_serial("012345678901234567890").is_err());
+    }
+
+    #[test]
+    fn contract_option_names_parse() {
+        let o = Options::try_parse_from([
+            "ringfence",
+            "--socket-path",
+            "/tmp/x.sock",
+            "--blk-file",
+            "/tmp/x.img",
+            "--read-only",
+            "--num-queues",
+            "2",
+            "--cache",
+            "none",
+        ])
+        .expect("contract options parse");
+        assert!(o.read_only);
+        assert_eq!(o.num_queues, 2);
+        assert_eq!(o.cache, CacheMode::None);
+    }
+}
