@@ -60,7 +60,12 @@ impl Daemon {
     /// Start ringfence listening on `socket`, with `args` appended (e.g. `--blk-file`, ...).
     /// Panics with the daemon's stderr if it exits or does not become ready in 60 s.
     pub fn ringfence(socket: &Path, args: &[&str]) -> Daemon {
-        let mut child = Command::new(ringfence_bin())
+        Self::ringfence_at(&ringfence_bin(), socket, args)
+    }
+
+    /// Like [`Daemon::ringfence`], with an explicit binary (e.g. `env!("CARGO_BIN_EXE_ringfence")`).
+    pub fn ringfence_at(bin: &Path, socket: &Path, args: &[&str]) -> Daemon {
+        let mut child = Command::new(bin)
             .arg("--socket-path")
             .arg(socket)
             .args(args)
