@@ -3,3 +3,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod error;
+pub mod guest_map;
+pub mod request;

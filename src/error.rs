@@ -1,0 +1,82 @@
+//! Every error the daemon can report, in one place. Messages name the cause and, where the
+//! operator can do something about it, the fix.
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Errors at startup (the CLI, the image, the socket): each ends the process with one line.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error("image {path}: does not exist (pass --create-size SIZE to create a sparse image)")]
+    ImageMissing { path: PathBuf },
+    #[error("image {path}: cannot open: {source}")]
+    ImageOpen { path: PathBuf, source: io::Error },
+    #[error("image {path}: cannot create: {source}")]
+    ImageCreate { path: PathBuf, source: io::Error },
+    #[error("image {path}: is neither a regular file nor a block device")]
+    ImageKind { path: PathBuf },
+    #[error("image {path}: size {size} bytes is not a multiple of 512")]
+    ImageSize { path: PathBuf, size: u64 },
+    #[error("image {path}: is empty")]
+    ImageEmpty { path: PathBuf },
+    #[error("image {path}: already served by another process (it holds a lock on the file)")]
+    ImageLocked { path: PathBuf },
+    #[error("image {path}: cannot lock: {source}")]
+    ImageLock { path: PathBuf, source: io::Error },
+    #[error(
+        "image {path}: the filesystem refuses O_DIRECT ({source}); use --cache writeback"
+    )]
+    DirectIoRefused { path: PathBuf, source: io::Error },
+    #[error("socket {path}: already in use by a listening process")]
+    SocketInUse { path: PathBuf },
+    #[error("socket {path}: cannot listen: {source}")]
+    SocketBind { path: PathBuf, source: io::Error },
+    #[error("--fd {fd}: not a listening unix socket ({reason})")]
+    BadFd { fd: i32, reason: String },
+    #[error("one of --socket-path or --fd is required")]
+    NoSocket,
+    #[error("{0}")]
+    IoUring(#[from] RingError),
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+}
+
+/// Errors while building a restricted ring. They reach the log and refuse the VMM's
+/// memory table; each names what to change.
+#[derive(Debug, Error)]
+pub enum RingError {
+    #[error(
+        "io_uring is refused by the kernel ({source}): {hint}"
+    )]
+    Refused { source: io::Error, hint: String },
+    #[error("io_uring_setup failed: {0}")]
+    Setup(io::Error),
+    #[error("registering the image as a fixed file failed: {0}")]
+    RegisterFiles(io::Error),
+    #[error(
+        "guest RAM cannot be pinned as io_uring fixed buffers ({source}): the VMM must back guest \
+         memory with shareable anonymous memory, e.g. QEMU `-object \
+         memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem` (file-backed \
+         memory on a regular filesystem cannot be pinned)"
+    )]
+    Unpinnable { source: io::Error },
+    #[error(
+        "guest RAM ({bytes} bytes) exceeds the locked-memory limit RLIMIT_MEMLOCK ({limit}): raise \
+         it (`ulimit -l unlimited`, systemd LimitMEMLOCK=infinity) or grant CAP_IPC_LOCK ({source})"
+    )]
+    Memlock { bytes: u64, limit: String, source: io::Error },
+    #[error("registering guest RAM as fixed buffers failed: {0}")]
+    RegisterBuffers(io::Error),
+    #[error("registering the completion eventfd failed: {0}")]
+    RegisterEventfd(io::Error),
+    #[error("installing ring restrictions failed: {0}")]
+    Restrict(io::Error),
+    #[error("enabling the ring failed: {0}")]
+    Enable(io::Error),
+    #[error("guest memory layout cannot be used: {0}")]
+    Layout(String),
+}
