@@ -37,7 +37,11 @@ pub struct Options {
     pub fd: Option<i32>,
 
     /// The disk image to serve (a regular file or a block device).
-    #[arg(long, value_name = "IMAGE", required_unless_present = "print_capabilities")]
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        required_unless_present = "print_capabilities"
+    )]
     pub blk_file: Option<PathBuf>,
 
     /// Create the image as a sparse file of this size if it does not exist
@@ -104,7 +108,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .filter(|b| b >> shift == n)
         .ok_or_else(|| format!("size '{s}' is too large"))?;
     if bytes == 0 || bytes % 512 != 0 {
-        return Err(format!("size '{s}' must be a non-zero multiple of 512 bytes"));
+        return Err(format!(
+            "size '{s}' must be a non-zero multiple of 512 bytes"
+        ));
     }
     Ok(bytes)
 }

@@ -138,14 +138,20 @@ mod tests {
     #[test]
     fn config_space_layout_matches_virtio_1_2() {
         let c = spec(false).config_space(true);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 30) / 512);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (1 << 30) / 512
+        );
         assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), SIZE_MAX);
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(c[24], 3);
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
-        assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), MAX_DISCARD_SEG);
+        assert_eq!(
+            u32::from_le_bytes(c[40..44].try_into().unwrap()),
+            MAX_DISCARD_SEG
+        );
         assert_eq!(c[56], 1);
         assert_eq!(spec(false).config_space(false)[32], 0);
     }
@@ -154,7 +160,11 @@ mod tests {
     fn read_only_offers_no_write_features() {
         let ro = spec(true).features();
         assert_ne!(ro & 1 << VIRTIO_BLK_F_RO, 0);
-        for b in [VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES] {
+        for b in [
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ] {
             assert_eq!(ro & 1 << b, 0);
         }
         let rw = spec(false).features();
@@ -166,7 +176,10 @@ mod tests {
     fn config_reads_outside_the_space_are_refused() {
         let c = spec(false).config_space(true);
         assert_eq!(config_read(&c, 0, 8).unwrap(), c[0..8].to_vec());
-        assert_eq!(config_read(&c, 0, CONFIG_LEN as u32).unwrap().len(), CONFIG_LEN);
+        assert_eq!(
+            config_read(&c, 0, CONFIG_LEN as u32).unwrap().len(),
+            CONFIG_LEN
+        );
         assert!(config_read(&c, 56, 8).is_none());
         assert!(config_read(&c, 60, 1).is_none());
         assert!(config_read(&c, u32::MAX, 2).is_none());
@@ -176,6 +189,9 @@ mod tests {
     #[test]
     fn serial_is_padded_and_truncated() {
         assert_eq!(&serial_bytes(Some("ab"), "x")[..3], b"ab\0");
-        assert_eq!(serial_bytes(None, "0123456789012345678901234"), *b"01234567890123456789");
+        assert_eq!(
+            serial_bytes(None, "0123456789012345678901234"),
+            *b"01234567890123456789"
+        );
     }
 }

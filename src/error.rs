@@ -25,9 +25,7 @@ pub enum StartupError {
     ImageLocked { path: PathBuf },
     #[error("image {path}: cannot lock: {source}")]
     ImageLock { path: PathBuf, source: io::Error },
-    #[error(
-        "image {path}: the filesystem refuses O_DIRECT ({source}); use --cache writeback"
-    )]
+    #[error("image {path}: the filesystem refuses O_DIRECT ({source}); use --cache writeback")]
     DirectIoRefused { path: PathBuf, source: io::Error },
     #[error("socket {path}: already in use by a listening process")]
     SocketInUse { path: PathBuf },
@@ -49,9 +47,7 @@ pub enum StartupError {
 /// memory table; each names what to change.
 #[derive(Debug, Error)]
 pub enum RingError {
-    #[error(
-        "io_uring is refused by the kernel ({source}): {hint}"
-    )]
+    #[error("io_uring is refused by the kernel ({source}): {hint}")]
     Refused { source: io::Error, hint: String },
     #[error("io_uring_setup failed: {0}")]
     Setup(io::Error),
@@ -68,7 +64,11 @@ pub enum RingError {
         "guest RAM ({bytes} bytes) exceeds the locked-memory limit RLIMIT_MEMLOCK ({limit}): raise \
          it (`ulimit -l unlimited`, systemd LimitMEMLOCK=infinity) or grant CAP_IPC_LOCK ({source})"
     )]
-    Memlock { bytes: u64, limit: String, source: io::Error },
+    Memlock {
+        bytes: u64,
+        limit: String,
+        source: io::Error,
+    },
     #[error("registering guest RAM as fixed buffers failed: {0}")]
     RegisterBuffers(io::Error),
     #[error("registering the completion eventfd failed: {0}")]

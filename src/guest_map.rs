@@ -159,8 +159,7 @@ mod tests {
 
     fn map() -> FixedBufferMap {
         // Two regions with a gap: [0, 3 KiB) and [8 KiB, 16 KiB), buffers of at most 2 KiB.
-        FixedBufferMap::from_regions([(8192, 8192, 0x10_0000), (0, 3072, 0x20_0000)], 2048)
-            .unwrap()
+        FixedBufferMap::from_regions([(8192, 8192, 0x10_0000), (0, 3072, 0x20_0000)], 2048).unwrap()
     }
 
     fn pieces(m: &FixedBufferMap, gpa: u64, len: u32) -> Result<Vec<Piece>, TranslateError> {
@@ -173,8 +172,22 @@ mod tests {
         let m = map();
         let b = m.buffers();
         assert_eq!(b.len(), 6);
-        assert_eq!(b[0], FixedBuffer { gpa: 0, len: 2048, host: 0x20_0000 });
-        assert_eq!(b[1], FixedBuffer { gpa: 2048, len: 1024, host: 0x20_0800 });
+        assert_eq!(
+            b[0],
+            FixedBuffer {
+                gpa: 0,
+                len: 2048,
+                host: 0x20_0000
+            }
+        );
+        assert_eq!(
+            b[1],
+            FixedBuffer {
+                gpa: 2048,
+                len: 1024,
+                host: 0x20_0800
+            }
+        );
         assert_eq!(b[2].gpa, 8192);
         assert_eq!(m.total_len(), 3072 + 8192);
     }
@@ -182,7 +195,14 @@ mod tests {
     #[test]
     fn range_inside_one_buffer_is_one_piece() {
         let p = pieces(&map(), 100, 200).unwrap();
-        assert_eq!(p, vec![Piece { buf_index: 0, host: 0x20_0000 + 100, len: 200 }]);
+        assert_eq!(
+            p,
+            vec![Piece {
+                buf_index: 0,
+                host: 0x20_0000 + 100,
+                len: 200
+            }]
+        );
     }
 
     #[test]
@@ -191,8 +211,16 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                Piece { buf_index: 0, host: 0x20_0000 + 2000, len: 48 },
-                Piece { buf_index: 1, host: 0x20_0800, len: 52 },
+                Piece {
+                    buf_index: 0,
+                    host: 0x20_0000 + 2000,
+                    len: 48
+                },
+                Piece {
+                    buf_index: 1,
+                    host: 0x20_0800,
+                    len: 52
+                },
             ]
         );
         let p = pieces(&map(), 8192, 8192).unwrap();
@@ -213,10 +241,13 @@ mod tests {
             pieces(&m, u64::MAX - 10, 100),
             Err(TranslateError::Overflow { .. })
         ));
-        assert_eq!(pieces(&m, u64::MAX, u32::MAX).unwrap_err(), TranslateError::Overflow {
-            gpa: u64::MAX,
-            len: u64::from(u32::MAX)
-        });
+        assert_eq!(
+            pieces(&m, u64::MAX, u32::MAX).unwrap_err(),
+            TranslateError::Overflow {
+                gpa: u64::MAX,
+                len: u64::from(u32::MAX)
+            }
+        );
     }
 
     #[test]
@@ -233,16 +264,20 @@ mod tests {
 
     #[test]
     fn overlapping_regions_are_refused() {
-        assert!(FixedBufferMap::from_regions([(0, 4096, 0), (2048, 4096, 0x10000)], 1 << 30).is_err());
+        assert!(
+            FixedBufferMap::from_regions([(0, 4096, 0), (2048, 4096, 0x10000)], 1 << 30).is_err()
+        );
         assert!(FixedBufferMap::from_regions([(u64::MAX - 1, 4096, 0)], 1 << 30).is_err());
     }
 
     #[test]
     fn real_guest_memory_is_split_at_one_gib() {
         use vm_memory::{GuestAddress, GuestMemoryMmap};
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x10_0000), 0x2000)])
-                .unwrap();
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x10_0000), 0x2000),
+        ])
+        .unwrap();
         let m = FixedBufferMap::from_guest_memory(&mem).unwrap();
         assert_eq!(m.buffers().len(), 2);
         assert_eq!(m.total_len(), 0x3000);

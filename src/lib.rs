@@ -1,8 +1,20 @@
 //! ringfence: a vhost-user-blk backend that serves one disk image from io_uring rings the
 //! kernel locks down.
+//!
+//! Layout: `cli` (options), `config` (the virtio-blk device model), `image` (the disk image),
+//! `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
+//! `ring` (ring policy and the one ring builder), `worker` (the per-queue worker loop),
+//! `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
+//! connection loop), `error` (every error, in one place).
 
+pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod guest_map;
+pub mod image;
 pub mod request;
+pub mod ring;
+pub mod sandbox;
+pub mod worker;

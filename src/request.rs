@@ -27,13 +27,23 @@ pub struct Segment {
     pub len: u32,
 }
 
+/// What to do with a range of a discard or write-zeroes request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// DISCARD: deallocate if the host can; a hint, contents afterwards unspecified.
+    Discard,
+    /// WRITE_ZEROES with UNMAP: must read back as zeroes; may deallocate.
+    Unmap,
+    /// WRITE_ZEROES without UNMAP: must read back as zeroes; stays allocated.
+    InPlace,
+}
+
 /// One range of a discard or write-zeroes request, in bytes of the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ZeroRange {
     pub offset: u64,
     pub len: u64,
-    /// Deallocate (punch a hole) rather than write zeroes in place.
-    pub unmap: bool,
+    pub mode: ZeroMode,
 }
 
 /// What the device enforces: the same numbers the config space announces, and the
@@ -55,9 +65,15 @@ pub struct Limits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Read `len` bytes at image offset `offset` into the segments.
-    Read { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     /// Write the segments' `len` bytes at image offset `offset`.
-    Write { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     /// Copy the serial into the segments (at most 20 bytes).
     GetId,
@@ -237,7 +253,11 @@ fn check_rw(sector: u64, len: u64, segs: &[Segment], limits: &Limits) -> Result<
     }
 }
 
-fn check_zero_segment(raw: &[u8; 16], discard: bool, limits: &Limits) -> Result<ZeroRange, Failure> {
+fn check_zero_segment(
+    raw: &[u8; 16],
+    discard: bool,
+    limits: &Limits,
+) -> Result<ZeroRange, Failure> {
     let sector = u64::from_le_bytes([
         raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
     ]);
@@ -255,7 +275,13 @@ fn check_zero_segment(raw: &[u8; 16], discard: bool, limits: &Limits) -> Result<
         Some(e) if e <= limits.capacity_sectors => Ok(ZeroRange {
             offset: sector * SECTOR_SIZE,
             len: u64::from(num) * SECTOR_SIZE,
-            unmap: discard || unmap,
+            mode: if discard {
+                ZeroMode::Discard
+            } else if unmap {
+                ZeroMode::Unmap
+            } else {
+                ZeroMode::InPlace
+            },
         }),
         _ => Err((IOERR, Reason::OutOfRange)),
     }
@@ -343,13 +369,25 @@ mod tests {
     }
 
     fn r(addr: u64, len: u32) -> Desc {
-        Desc { addr, len, writable: false }
+        Desc {
+            addr,
+            len,
+            writable: false,
+        }
     }
     fn w(addr: u64, len: u32) -> Desc {
-        Desc { addr, len, writable: true }
+        Desc {
+            addr,
+            len,
+            writable: true,
+        }
     }
 
-    fn run(descs: &[Desc], m: &GuestMemoryMmap, l: &Limits) -> (Request, Vec<Segment>, Vec<ZeroRange>) {
+    fn run(
+        descs: &[Desc],
+        m: &GuestMemoryMmap,
+        l: &Limits,
+    ) -> (Request, Vec<Segment>, Vec<ZeroRange>) {
         let (mut s, mut z) = (Vec::new(), Vec::new());
         let req = parse(descs, m, l, &mut s, &mut z);
         (req, s, z)
@@ -368,8 +406,20 @@ mod tests {
         header(&m, 0, VIRTIO_BLK_T_IN, 8);
         let (req, segs, _) = run(&[r(0, 16), w(0x1000, 4096), w(0x3000, 1)], &m, &limits());
         assert_eq!(req.status, Some(0x3000));
-        assert_eq!(req.parsed, Parsed::Op(Op::Read { offset: 4096, len: 4096 }));
-        assert_eq!(segs, vec![Segment { addr: 0x1000, len: 4096 }]);
+        assert_eq!(
+            req.parsed,
+            Parsed::Op(Op::Read {
+                offset: 4096,
+                len: 4096
+            })
+        );
+        assert_eq!(
+            segs,
+            vec![Segment {
+                addr: 0x1000,
+                len: 4096
+            }]
+        );
     }
 
     #[test]
@@ -381,11 +431,32 @@ mod tests {
         let hdr: [u8; 16] = m.read_obj(GuestAddress(0x100)).unwrap();
         m.write_slice(&hdr[..10], GuestAddress(0x200)).unwrap();
         m.write_slice(&hdr[10..], GuestAddress(0x300)).unwrap();
-        let (req, segs, _) =
-            run(&[r(0x200, 10), r(0x300, 6 + 500), r(0x2000, 12), w(0x5000, 8)], &m, &limits());
+        let (req, segs, _) = run(
+            &[r(0x200, 10), r(0x300, 6 + 500), r(0x2000, 12), w(0x5000, 8)],
+            &m,
+            &limits(),
+        );
         assert_eq!(req.status, Some(0x5007));
-        assert_eq!(req.parsed, Parsed::Op(Op::Write { offset: 1024, len: 512 }));
-        assert_eq!(segs, vec![Segment { addr: 0x306, len: 500 }, Segment { addr: 0x2000, len: 12 }]);
+        assert_eq!(
+            req.parsed,
+            Parsed::Op(Op::Write {
+                offset: 1024,
+                len: 512
+            })
+        );
+        assert_eq!(
+            segs,
+            vec![
+                Segment {
+                    addr: 0x306,
+                    len: 500
+                },
+                Segment {
+                    addr: 0x2000,
+                    len: 12
+                }
+            ]
+        );
     }
 
     #[test]
@@ -414,7 +485,10 @@ mod tests {
             .chain((0..5).map(|i| w(0x1000 + i * 512, 512)))
             .chain(std::iter::once(w(0x8000, 1)))
             .collect();
-        assert_eq!(fail(&run(&many, &m, &l).0), Some((IOERR, Reason::TooManySegments)));
+        assert_eq!(
+            fail(&run(&many, &m, &l).0),
+            Some((IOERR, Reason::TooManySegments))
+        );
         let (req, _, _) = run(&[r(0, 16), w(0x1000, 8192), w(0x4000, 1)], &m, &l);
         assert_eq!(fail(&req), Some((IOERR, Reason::SegmentTooLarge)));
     }
@@ -440,7 +514,11 @@ mod tests {
         for sector in [999, 1000, u64::MAX, u64::MAX / 512 + 1, u64::MAX - 1] {
             header(&m, 0, VIRTIO_BLK_T_IN, sector);
             let (req, _, _) = run(&[r(0, 16), w(0x1000, 1024), w(0x2000, 1)], &m, &l);
-            assert_eq!(fail(&req), Some((IOERR, Reason::OutOfRange)), "sector {sector}");
+            assert_eq!(
+                fail(&req),
+                Some((IOERR, Reason::OutOfRange)),
+                "sector {sector}"
+            );
         }
         header(&m, 0, VIRTIO_BLK_T_IN, 998);
         let (req, _, _) = run(&[r(0, 16), w(0x1000, 1024), w(0x2000, 1)], &m, &l);
@@ -450,7 +528,10 @@ mod tests {
     #[test]
     fn read_only_refuses_writes_and_zeroing() {
         let m = mem();
-        let l = Limits { read_only: true, ..limits() };
+        let l = Limits {
+            read_only: true,
+            ..limits()
+        };
         header(&m, 0, VIRTIO_BLK_T_OUT, 0);
         let (req, _, _) = run(&[r(0, 16), r(0x1000, 512), w(0x2000, 1)], &m, &l);
         assert_eq!(fail(&req), Some((IOERR, Reason::ReadOnly)));
@@ -463,8 +544,14 @@ mod tests {
         let (req, _, _) = run(&[r(0, 16), w(0x2000, 1)], &m, &limits());
         assert_eq!(fail(&req), Some((UNSUPP, Reason::UnknownType(0x1234))));
         header(&m, 0, VIRTIO_BLK_T_FLUSH, 0);
-        let l = Limits { flush: false, ..limits() };
-        assert_eq!(fail(&run(&[r(0, 16), w(0x2000, 1)], &m, &l).0), Some((UNSUPP, Reason::NotNegotiated)));
+        let l = Limits {
+            flush: false,
+            ..limits()
+        };
+        assert_eq!(
+            fail(&run(&[r(0, 16), w(0x2000, 1)], &m, &l).0),
+            Some((UNSUPP, Reason::NotNegotiated))
+        );
         let (req, _, _) = run(&[r(0, 16), w(0x2000, 1)], &m, &limits());
         assert_eq!(req.parsed, Parsed::Op(Op::Flush));
     }
@@ -475,10 +562,22 @@ mod tests {
         header(&m, 0, VIRTIO_BLK_T_GET_ID, 0);
         let (req, segs, _) = run(&[r(0, 16), w(0x1000, 64), w(0x2000, 1)], &m, &limits());
         assert_eq!(req.parsed, Parsed::Op(Op::GetId));
-        assert_eq!(segs, vec![Segment { addr: 0x1000, len: 20 }]);
+        assert_eq!(
+            segs,
+            vec![Segment {
+                addr: 0x1000,
+                len: 20
+            }]
+        );
         // Short buffer: what fits.
         let (_, segs, _) = run(&[r(0, 16), w(0x1000, 5)], &m, &limits());
-        assert_eq!(segs, vec![Segment { addr: 0x1000, len: 4 }]);
+        assert_eq!(
+            segs,
+            vec![Segment {
+                addr: 0x1000,
+                len: 4
+            }]
+        );
         let (req, _, _) = run(&[r(0, 16), w(0x1000, 1)], &m, &limits());
         assert_eq!(fail(&req), Some((IOERR, Reason::NoData)));
     }
@@ -503,8 +602,16 @@ mod tests {
         assert_eq!(
             z,
             vec![
-                ZeroRange { offset: 5120, len: 10240, unmap: false },
-                ZeroRange { offset: 51200, len: 512, unmap: true },
+                ZeroRange {
+                    offset: 5120,
+                    len: 10240,
+                    mode: ZeroMode::InPlace
+                },
+                ZeroRange {
+                    offset: 51200,
+                    len: 512,
+                    mode: ZeroMode::Unmap
+                },
             ]
         );
         // Discard with UNMAP, unknown flags: unsupported.
@@ -515,21 +622,48 @@ mod tests {
         zero_seg(&m, 32, 100, 1, 0);
         let (req, _, z) = run(&[r(0, 48), w(0x2000, 1)], &m, &l);
         assert_eq!(req.parsed, Parsed::Op(Op::Zero));
-        assert!(z.iter().all(|r| r.unmap));
+        assert!(z.iter().all(|r| r.mode == ZeroMode::Discard));
         zero_seg(&m, 16, 10, 20, 4);
-        assert_eq!(fail(&run(&[r(0, 48), w(0x2000, 1)], &m, &l).0), Some((UNSUPP, Reason::BadFlags)));
+        assert_eq!(
+            fail(&run(&[r(0, 48), w(0x2000, 1)], &m, &l).0),
+            Some((UNSUPP, Reason::BadFlags))
+        );
         // Out of range, too long, too many, ragged payload.
         zero_seg(&m, 16, 990, 20, 0);
-        assert_eq!(fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &l).0), Some((IOERR, Reason::OutOfRange)));
+        assert_eq!(
+            fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &l).0),
+            Some((IOERR, Reason::OutOfRange))
+        );
         zero_seg(&m, 16, u64::MAX - 5, 20, 0);
-        assert_eq!(fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &l).0), Some((IOERR, Reason::OutOfRange)));
+        assert_eq!(
+            fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &l).0),
+            Some((IOERR, Reason::OutOfRange))
+        );
         zero_seg(&m, 16, 0, 101, 0);
-        assert_eq!(fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &l).0), Some((IOERR, Reason::SegmentTooLarge)));
-        assert_eq!(fail(&run(&[r(0, 64), w(0x2000, 1)], &m, &l).0), Some((IOERR, Reason::TooManySegments)));
-        assert_eq!(fail(&run(&[r(0, 40), w(0x2000, 1)], &m, &l).0), Some((IOERR, Reason::BadDiscardPayload)));
-        assert_eq!(fail(&run(&[r(0, 16), w(0x2000, 1)], &m, &l).0), Some((IOERR, Reason::BadDiscardPayload)));
-        let nl = Limits { discard: false, ..l };
-        assert_eq!(fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &nl).0), Some((UNSUPP, Reason::NotNegotiated)));
+        assert_eq!(
+            fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &l).0),
+            Some((IOERR, Reason::SegmentTooLarge))
+        );
+        assert_eq!(
+            fail(&run(&[r(0, 64), w(0x2000, 1)], &m, &l).0),
+            Some((IOERR, Reason::TooManySegments))
+        );
+        assert_eq!(
+            fail(&run(&[r(0, 40), w(0x2000, 1)], &m, &l).0),
+            Some((IOERR, Reason::BadDiscardPayload))
+        );
+        assert_eq!(
+            fail(&run(&[r(0, 16), w(0x2000, 1)], &m, &l).0),
+            Some((IOERR, Reason::BadDiscardPayload))
+        );
+        let nl = Limits {
+            discard: false,
+            ..l
+        };
+        assert_eq!(
+            fail(&run(&[r(0, 32), w(0x2000, 1)], &m, &nl).0),
+            Some((UNSUPP, Reason::NotNegotiated))
+        );
     }
 
     #[test]
@@ -538,9 +672,17 @@ mod tests {
         header(&m, 0, VIRTIO_BLK_T_IN, 0);
         // Lengths of 4 GiB - 1 and addresses near u64::MAX produce segments (rejected later by
         // translation or here by the limits), never a panic.
-        let (req, _, _) = run(&[r(0, 16), w(u64::MAX - 10, u32::MAX), w(0x2000, 1)], &m, &limits());
+        let (req, _, _) = run(
+            &[r(0, 16), w(u64::MAX - 10, u32::MAX), w(0x2000, 1)],
+            &m,
+            &limits(),
+        );
         assert_eq!(fail(&req), Some((IOERR, Reason::Unaligned)));
-        let (req, _, _) = run(&[r(0, 16), w(u64::MAX - 10, 4096), w(0x2000, 1)], &m, &limits());
+        let (req, _, _) = run(
+            &[r(0, 16), w(u64::MAX - 10, 4096), w(0x2000, 1)],
+            &m,
+            &limits(),
+        );
         assert!(matches!(req.parsed, Parsed::Op(Op::Read { .. })));
     }
 }

@@ -1,0 +1,414 @@
+//! vhost-user glue: the `VhostUserBackend` the `vhost-user-backend` crate drives. One value of
+//! this type serves one VMM connection; its rings are (re)built here, on the control thread,
+//! whenever the memory table or the negotiated features change.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::{self, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
+use crate::error::RingError;
+use crate::guest_map::FixedBufferMap;
+use crate::image::Image;
+use crate::request::Limits;
+use crate::ring::{build_ring, RingPolicy, RingSetup};
+use crate::worker::{Engine, QueueState, Shared, Vring, FILE_BUFFERED, FILE_PRIMARY};
+
+/// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Called once on each worker thread, before it handles its first event (the sandbox).
+pub type ThreadInit = Arc<dyn Fn(usize) + Send + Sync>;
+
+struct QueueSlot {
+    state: Mutex<QueueState>,
+    drained: Condvar,
+}
+
+/// The device as one connection sees it.
+pub struct BlkBackend {
+    spec: DeviceSpec,
+    image: Arc<Image>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    queues: Vec<QueueSlot>,
+    shared: Shared,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    /// The policy the current rings were built with.
+    built: Mutex<Option<RingPolicy>>,
+    /// Serialises ring rebuilds.
+    rebuild: Mutex<()>,
+    thread_init: ThreadInit,
+}
+
+thread_local! {
+    /// Whether this worker thread has run `thread_init`.
+    static INITED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl BlkBackend {
+    pub fn new(
+        spec: DeviceSpec,
+        image: Arc<Image>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        thread_init: ThreadInit,
+    ) -> io::Result<Self> {
+        let queues = (0..spec.num_queues)
+            .map(|i| {
+                Ok(QueueSlot {
+                    state: Mutex::new(QueueState::new(i, spec.queue_size)?),
+                    drained: Condvar::new(),
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let shared = Shared {
+            serial: spec.serial,
+            direct: image.direct,
+            dio_mem_align: u64::from(image.dio_mem_align),
+            dio_offset_align: u64::from(image.dio_offset_align),
+            writeback: AtomicBool::new(true),
+        };
+        Ok(BlkBackend {
+            spec,
+            image,
+            mem,
+            queues,
+            shared,
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            built: Mutex::new(None),
+            rebuild: Mutex::new(()),
+            thread_init,
+        })
+    }
+
+    /// The epoll event id of queue completions (above the ids the crate reserves).
+    pub fn completion_event(&self) -> u16 {
+        self.spec.num_queues + 1
+    }
+
+    /// Raw fds of the queues' completion eventfds, in queue order.
+    pub fn completion_fds(&self) -> Vec<i32> {
+        self.queues
+            .iter()
+            .map(|q| crate::worker::completion_raw_fd(&lock(&q.state)))
+            .collect()
+    }
+
+    /// Wake every worker (used to run `thread_init` before the first connection is served).
+    pub fn wake_workers(&self) {
+        for q in &self.queues {
+            let _ = lock(&q.state).completion_fd().write(1);
+        }
+    }
+
+    fn acked_has(&self, bit: u32) -> bool {
+        self.acked.load(Ordering::Acquire) & (1u64 << bit) != 0
+    }
+
+    /// The features the rings must serve: the acknowledged ones once the driver has acked,
+    /// else everything offered.
+    fn effective(&self, bit: u32) -> bool {
+        let acked = self.acked.load(Ordering::Acquire);
+        let set = if acked == 0 {
+            self.spec.features()
+        } else {
+            acked
+        };
+        set & (1u64 << bit) != 0
+    }
+
+    fn policy(&self) -> RingPolicy {
+        RingPolicy::for_device(
+            !self.spec.read_only,
+            self.effective(VIRTIO_BLK_F_FLUSH),
+            self.effective(VIRTIO_BLK_F_DISCARD) || self.effective(VIRTIO_BLK_F_WRITE_ZEROES),
+        )
+    }
+
+    fn limits(&self, policy: &RingPolicy) -> Limits {
+        use crate::ring::SqeOp;
+        Limits {
+            capacity_sectors: self.spec.capacity_sectors(),
+            seg_max: self.spec.seg_max(),
+            size_max: config::SIZE_MAX,
+            max_discard_seg: config::MAX_DISCARD_SEG,
+            max_discard_sectors: config::MAX_DISCARD_SECTORS,
+            read_only: self.spec.read_only,
+            flush: policy.allows(SqeOp::Fsync),
+            discard: policy.allows(SqeOp::Fallocate) && self.effective(VIRTIO_BLK_F_DISCARD),
+            write_zeroes: policy.allows(SqeOp::Fallocate)
+                && self.effective(VIRTIO_BLK_F_WRITE_ZEROES),
+        }
+    }
+
+    /// Build one restricted ring per queue for the current memory table and features, and
+    /// hand them to the workers. Old rings retire once their in-flight requests complete.
+    fn rebuild_rings(&self, force: bool) -> Result<(), RingError> {
+        let _serial = lock(&self.rebuild);
+        let mem = self.mem.memory().into_inner();
+        if mem.num_regions() == 0 {
+            return Ok(());
+        }
+        let policy = self.policy();
+        if !force && lock(&self.built).as_ref() == Some(&policy) {
+            return Ok(());
+        }
+        check_regions(&mem)?;
+        let map = FixedBufferMap::from_guest_memory(&*mem)?;
+        let mut files = vec![(
+            self.image.primary.as_raw_fd(),
+            format!(
+                "{} ({})",
+                self.image.path.display(),
+                if self.image.direct {
+                    "O_DIRECT"
+                } else {
+                    "page cache"
+                }
+            ),
+        )];
+        if self.image.direct {
+            files.push((
+                self.image.buffered.as_raw_fd(),
+                format!(
+                    "{} (page cache, for unaligned buffers)",
+                    self.image.path.display()
+                ),
+            ));
+        }
+        // Fixed-file indices the worker uses.
+        debug_assert_eq!(
+            files.len() as u32 - 1,
+            if self.image.direct {
+                FILE_BUFFERED
+            } else {
+                FILE_PRIMARY
+            }
+        );
+        let entries = (u32::from(self.spec.queue_size) * 4).clamp(64, 4096);
+        let mut engines = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter().enumerate() {
+            let efd = crate::worker::completion_raw_fd(&lock(&q.state));
+            let label = format!("queue {i}");
+            let ring = build_ring(&RingSetup {
+                label: &label,
+                entries,
+                files: &files,
+                buffers: &map,
+                eventfd: Some(efd),
+                policy: &policy,
+            })?;
+            engines.push(Engine::new(ring, map.clone(), mem.clone()));
+        }
+        let limits = self.limits(&policy);
+        for (q, e) in self.queues.iter().zip(engines) {
+            let mut st = lock(&q.state);
+            st.install(e, limits);
+            // Requests may have arrived while no ring existed: have the worker look.
+            let _ = st.completion_fd().write(1);
+        }
+        *lock(&self.built) = Some(policy);
+        Ok(())
+    }
+
+    fn queue_for_thread(&self, thread_id: usize) -> Option<&QueueSlot> {
+        self.queues.get(thread_id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a worker panicked mid-request; the state is still coherent
+    // enough to keep serving other requests.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Refuse memory tables whose regions extend past the end of their backing file: touching
+/// such a mapping would kill the process with SIGBUS.
+fn check_regions(mem: &GuestMemoryMmap) -> Result<(), RingError> {
+    for r in mem.iter() {
+        if let Some(fo) = r.file_offset() {
+            let flen = fo
+                .file()
+                .metadata()
+                .map_err(|e| RingError::Layout(format!("cannot stat a guest RAM fd: {e}")))?
+                .len();
+            let end = fo.start().checked_add(r.len());
+            if end.is_none_or(|e| e > flen) {
+                return Err(RingError::Layout(format!(
+                    "guest RAM region at {:#x} maps {:#x} bytes at offset {:#x} of a {flen}-byte file",
+                    r.start_addr().0,
+                    r.len(),
+                    fo.start()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Handle to share a backend with the crate (which requires `Clone`).
+#[derive(Clone)]
+pub struct Backend(pub Arc<BlkBackend>);
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.0.spec.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.0.spec.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.0.spec.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.0.acked.store(features, Ordering::Release);
+        if let Err(e) = self.0.rebuild_rings(false) {
+            error!("cannot rebuild rings for the negotiated features: {e}");
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let wb = self.0.shared.writeback.load(Ordering::Acquire);
+        let space = self.0.spec.config_space(wb);
+        config::config_read(&space, offset, size).unwrap_or_else(|| {
+            warn!("config read of {size} bytes at {offset} is outside the {CONFIG_LEN}-byte config space");
+            Vec::new()
+        })
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let wce = self.0.acked_has(VIRTIO_BLK_F_CONFIG_WCE);
+        if wce && offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            self.0.shared.writeback.store(wb, Ordering::Release);
+            info!(
+                "guest set the write cache to {}",
+                if wb { "writeback" } else { "writethrough" }
+            );
+            return Ok(());
+        }
+        warn!(
+            "refused config write of {} bytes at offset {offset}",
+            buf.len()
+        );
+        Err(io::Error::from(io::ErrorKind::InvalidInput))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        let snapshot = mem.memory();
+        info!(
+            "memory table: {} region(s), {} MiB",
+            snapshot.num_regions(),
+            snapshot.iter().map(|r| r.len()).sum::<u64>() >> 20
+        );
+        drop(snapshot);
+        match self.0.rebuild_rings(true) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                error!("refusing the VMM's memory table: {e}");
+                // Nothing may touch the refused memory (a region past the end of its file would
+                // raise SIGBUS): replace it with an empty map and stop the queues.
+                if let Ok(guard) = mem.lock() {
+                    guard.replace(GuestMemoryMmap::new());
+                }
+                for q in &self.0.queues {
+                    lock(&q.state).uninstall();
+                }
+                *lock(&self.0.built) = None;
+                Err(io::Error::other(e.to_string()))
+            }
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.0.spec.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(q) = self.0.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut st = lock(&q.state);
+        while st.inflight_requests() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    "queue {queue_index}: {} request(s) still in flight after {DRAIN_TIMEOUT:?}",
+                    st.inflight_requests()
+                );
+                break;
+            }
+            st = q
+                .drained
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        debug!("queue {queue_index} stopped");
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !INITED.get() {
+            (self.0.thread_init)(thread_id);
+            INITED.set(true);
+        }
+        // One queue per thread: `vrings` holds just this thread's queue. Errors are logged,
+        // never returned: an error would end the worker thread for good.
+        let (Some(q), Some(vring)) = (self.0.queue_for_thread(thread_id), vrings.first()) else {
+            return Ok(());
+        };
+        let mem = self.0.mem.memory();
+        let mut st = lock(&q.state);
+        st.run(vring, &mem, &self.0.shared);
+        if st.inflight_requests() == 0 {
+            q.drained.notify_all();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! The daemon: the listening socket, signals, and the accept loop that gives every VMM
+//! connection a fresh device (new vrings, new worker threads, new rings).
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{Backend, BlkBackend, ThreadInit};
+use crate::cli::{Options, SandboxMode};
+use crate::config::{serial_bytes, DeviceSpec};
+use crate::error::StartupError;
+use crate::image::Image;
+use crate::sandbox;
+
+/// Printed on stderr once the socket accepts connections (tests and scripts wait for it).
+pub const READY_MARKER: &str = "ringfence: ready, listening on";
+
+/// Run the daemon until SIGTERM/SIGINT (or, with `--once`, until the first VMM leaves).
+pub fn run(opts: &Options) -> Result<(), StartupError> {
+    let path = opts.blk_file.as_deref().ok_or(StartupError::NoSocket)?;
+    let image = Arc::new(Image::open(
+        path,
+        opts.create_size,
+        opts.read_only,
+        opts.cache,
+    )?);
+    let default_serial = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let spec = DeviceSpec {
+        size_bytes: image.size,
+        read_only: opts.read_only,
+        num_queues: opts.num_queues,
+        queue_size: opts.queue_size,
+        serial: serial_bytes(opts.serial.as_deref(), &default_serial),
+        physical_block_exp: image.physical_block_exp(),
+    };
+    info!(
+        "serving {} ({} bytes, {}, {}), {} queue(s) of up to {} entries",
+        image.path.display(),
+        image.size,
+        if opts.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if image.direct {
+            "O_DIRECT"
+        } else {
+            "page cache"
+        },
+        spec.num_queues,
+        spec.queue_size
+    );
+
+    // Fail now, with the reason and the fix, if the kernel refuses io_uring.
+    crate::ring::builder::probe_io_uring()?;
+    crate::ring::builder::kernel_release();
+
+    let (mut listener, socket_path) = listen(opts)?;
+    sandbox::block_signals();
+    spawn_signal_thread(socket_path.clone(), image.clone());
+
+    let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
+    let sandboxed = mode == SandboxMode::Seccomp;
+    if sandboxed {
+        sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
+    }
+    sandbox::log_status(mode);
+
+    // Worker threads report here once they run under their own filter.
+    let (tx, rx) = mpsc::channel::<Result<(), String>>();
+    let tx = Mutex::new(tx);
+    let thread_init: ThreadInit = Arc::new(move |thread| {
+        let r = if sandboxed {
+            sandbox::apply_worker_filter().map_err(|e| format!("worker {thread}: {e}"))
+        } else {
+            Ok(())
+        };
+        if let Ok(tx) = tx.lock() {
+            let _ = tx.send(r);
+        }
+    });
+
+    let where_ = socket_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| format!("fd {}", listener.as_raw_fd()));
+    let mut ready_printed = false;
+    loop {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(
+            BlkBackend::new(
+                spec.clone(),
+                image.clone(),
+                mem.clone(),
+                thread_init.clone(),
+            )
+            .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
+        );
+        let mut daemon = VhostUserDaemon::new("ringfence".into(), Backend(backend.clone()), mem)
+            .map_err(|e| StartupError::VhostUser(format!("cannot create the daemon: {e}")))?;
+        let handlers = daemon.get_epoll_handlers();
+        for (h, fd) in handlers.iter().zip(backend.completion_fds()) {
+            h.register_listener(fd, EventSet::IN, u64::from(backend.completion_event()))
+                .map_err(|e| StartupError::VhostUser(format!("cannot watch completions: {e}")))?;
+        }
+        // Every worker installs its sandbox before this connection's first request.
+        backend.wake_workers();
+        for _ in 0..handlers.len() {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartupError::Sandbox(e)),
+                Err(_) => {
+                    return Err(StartupError::Sandbox(
+                        "a worker thread did not start its sandbox".into(),
+                    ))
+                }
+            }
+        }
+        if !ready_printed {
+            eprintln!("{READY_MARKER} {where_}");
+            ready_printed = true;
+        }
+
+        if let Err(e) = daemon.start(&mut listener) {
+            error!("accepting a VMM connection failed: {e}");
+            continue;
+        }
+        info!("VMM connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("VMM disconnected"),
+            Err(e) => warn!("VMM connection ended: {e}"),
+        }
+        for h in &handlers {
+            h.send_exit_event();
+        }
+        drop(handlers);
+        drop(daemon);
+        drop(backend);
+        if opts.once {
+            return Ok(());
+        }
+    }
+}
+
+/// Bind `--socket-path` (refusing one a live process listens on) or adopt `--fd`.
+fn listen(opts: &Options) -> Result<(Listener, Option<PathBuf>), StartupError> {
+    match (&opts.socket_path, opts.fd) {
+        (Some(path), _) => {
+            claim_socket_path(path)?;
+            let l = Listener::new(path, false).map_err(|e| StartupError::SocketBind {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            Ok((l, Some(path.clone())))
+        }
+        (None, Some(fd)) => {
+            check_listening_fd(fd)?;
+            // SAFETY: `fd` is an open, listening unix socket handed to us by our parent
+            // (checked above); from here on the Listener owns it.
+            let l = unsafe { Listener::from_raw_fd(fd) };
+            // SAFETY: setting FD_CLOEXEC on the fd we now own.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            Ok((l, None))
+        }
+        (None, None) => Err(StartupError::NoSocket),
+    }
+}
+
+/// Remove a stale socket file; refuse a path a live process listens on, or a non-socket.
+fn claim_socket_path(path: &Path) -> Result<(), StartupError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(StartupError::SocketBind {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("exists and is not a socket"),
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(StartupError::SocketInUse {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::remove_file(path).map_err(|e| StartupError::SocketBind {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+fn check_listening_fd(fd: i32) -> Result<(), StartupError> {
+    let bad = |reason: &str| StartupError::BadFd {
+        fd,
+        reason: reason.into(),
+    };
+    if fd < 0 {
+        return Err(bad("negative"));
+    }
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            &mut val as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(&std::io::Error::last_os_error().to_string()));
+    }
+    if val == 0 {
+        return Err(bad("not listening"));
+    }
+    let mut dom: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            &mut dom as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 || dom != libc::AF_UNIX {
+        return Err(bad("not a unix socket"));
+    }
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: remove our socket, make the image durable, exit 0.
+fn spawn_signal_thread(socket: Option<PathBuf>, image: Arc<Image>) {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = sandbox::wait_for_termination();
+            info!("received signal {sig}; exiting");
+            if let Some(p) = socket {
+                let _ = std::fs::remove_file(p);
+            }
+            if !image.read_only {
+                let _ = image.buffered.sync_data();
+            }
+            std::process::exit(0);
+        })
+        .map(drop)
+        .unwrap_or_else(|e| error!("cannot start the signal thread: {e}"));
+}

@@ -1,0 +1,205 @@
+//! The disk image: opening (or creating) it, checking it, locking it against a second server,
+//! and learning the host's direct-I/O alignment.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use log::info;
+
+use crate::cli::CacheMode;
+use crate::error::StartupError;
+
+/// An open, locked image.
+#[derive(Debug)]
+pub struct Image {
+    pub path: PathBuf,
+    /// Opened with O_DIRECT when `direct`; fixed file 0 of every ring.
+    pub primary: File,
+    /// Page-cache access to the same image, for requests whose buffers do not meet the
+    /// direct-I/O alignment (only with `--cache none`); fixed file 1. Also holds the lock.
+    pub buffered: File,
+    pub size: u64,
+    pub read_only: bool,
+    pub direct: bool,
+    /// Alignment of memory buffers for O_DIRECT.
+    pub dio_mem_align: u32,
+    /// Alignment of file offsets and lengths for O_DIRECT.
+    pub dio_offset_align: u32,
+}
+
+impl Image {
+    /// Open `path` per the options, creating a sparse image of `create_size` bytes when it
+    /// does not exist and a size was given.
+    pub fn open(
+        path: &Path,
+        create_size: Option<u64>,
+        read_only: bool,
+        cache: CacheMode,
+    ) -> Result<Image, StartupError> {
+        let p = path.to_path_buf();
+        match (path.try_exists(), create_size) {
+            (Ok(false), Some(size)) => create_sparse(path, size)?,
+            (Ok(false), None) => return Err(StartupError::ImageMissing { path: p }),
+            (Err(e), _) => return Err(StartupError::ImageOpen { path: p, source: e }),
+            (Ok(true), _) => {}
+        }
+
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!read_only);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let buffered = open(false).map_err(|e| StartupError::ImageOpen {
+            path: p.clone(),
+            source: e,
+        })?;
+        let meta = buffered.metadata().map_err(|e| StartupError::ImageOpen {
+            path: p.clone(),
+            source: e,
+        })?;
+        let ft = meta.file_type();
+        let size = if ft.is_file() {
+            meta.len()
+        } else if ft.is_block_device() {
+            block_device_size(&buffered).map_err(|e| StartupError::ImageOpen {
+                path: p.clone(),
+                source: e,
+            })?
+        } else {
+            return Err(StartupError::ImageKind { path: p });
+        };
+        if size == 0 {
+            return Err(StartupError::ImageEmpty { path: p });
+        }
+        if size % 512 != 0 {
+            return Err(StartupError::ImageSize { path: p, size });
+        }
+        lock(&buffered, read_only, &p)?;
+
+        let direct = cache == CacheMode::None;
+        let primary = if direct {
+            open(true).map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => StartupError::DirectIoRefused {
+                    path: p.clone(),
+                    source: e,
+                },
+                _ => StartupError::ImageOpen {
+                    path: p.clone(),
+                    source: e,
+                },
+            })?
+        } else {
+            buffered.try_clone().map_err(|e| StartupError::ImageOpen {
+                path: p.clone(),
+                source: e,
+            })?
+        };
+        let (dio_mem_align, dio_offset_align) = dio_alignment(&primary);
+        Ok(Image {
+            path: p,
+            primary,
+            buffered,
+            size,
+            read_only,
+            direct,
+            dio_mem_align,
+            dio_offset_align,
+        })
+    }
+
+    /// log2 of the physical block size in 512-byte sectors, for the topology config.
+    pub fn physical_block_exp(&self) -> u8 {
+        let sectors = (self.dio_offset_align / 512).max(1);
+        sectors.trailing_zeros() as u8
+    }
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), StartupError> {
+    let err = |e| StartupError::ImageCreate {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(err)?;
+    f.set_len(size).map_err(err)?;
+    info!(
+        "created sparse image {} of {} bytes ({} MiB)",
+        path.display(),
+        size,
+        size >> 20
+    );
+    Ok(())
+}
+
+fn block_device_size(f: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    // Seeking to the end of a block device yields its size; `&File` seeks the shared
+    // file offset, which nothing else uses (all I/O is positioned).
+    let mut f = f;
+    f.seek(SeekFrom::End(0))
+}
+
+/// Take an open-file-description lock on the whole image: exclusive for a writable export,
+/// shared for a read-only one, so that two servers (or a server and a writer) never share it.
+fn lock(f: &File, read_only: bool, path: &Path) -> Result<(), StartupError> {
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass and owns nothing of it.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(StartupError::ImageLocked {
+            path: path.to_path_buf(),
+        }),
+        _ => Err(StartupError::ImageLock {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// The direct-I/O alignment (memory, offset) from statx(STATX_DIOALIGN), 512 when unknown.
+fn dio_alignment(f: &File) -> (u32, u32) {
+    const STATX_DIOALIGN: u32 = 0x2000;
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx with AT_EMPTY_PATH on our fd writes into the struct we own; the path is a
+    // valid NUL-terminated empty string.
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc == 0 && stx.stx_mask & STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        (
+            stx.stx_dio_mem_align.max(1),
+            stx.stx_dio_offset_align.max(512),
+        )
+    } else {
+        (512, 512)
+    }
+}

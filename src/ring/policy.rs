@@ -1,0 +1,184 @@
+//! Ring policy as a small typed value: the SQE opcodes, SQE flags and register opcodes a
+//! ring allows, derived from the negotiated device features and nothing more.
+
+use std::fmt;
+
+use io_uring::opcode;
+use io_uring::register::Restriction;
+use io_uring::squeue::Flags;
+
+/// SQE opcodes the data path may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SqeOp {
+    ReadFixed,
+    WriteFixed,
+    Fsync,
+    Fallocate,
+}
+
+impl SqeOp {
+    pub fn code(self) -> u8 {
+        match self {
+            SqeOp::ReadFixed => opcode::ReadFixed::CODE,
+            SqeOp::WriteFixed => opcode::WriteFixed::CODE,
+            SqeOp::Fsync => opcode::Fsync::CODE,
+            SqeOp::Fallocate => opcode::Fallocate::CODE,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SqeOp::ReadFixed => "READ_FIXED",
+            SqeOp::WriteFixed => "WRITE_FIXED",
+            SqeOp::Fsync => "FSYNC",
+            SqeOp::Fallocate => "FALLOCATE",
+        }
+    }
+}
+
+/// `io_uring_register` opcodes a ring may still use after it is enabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RegisterOp {
+    /// IORING_REGISTER_PROBE: reads which opcodes the kernel supports; changes nothing.
+    /// Listed so that the set always holds a REGISTER_OP entry: kernels from 7.0 restrict
+    /// register opcodes only when it does.
+    Probe,
+}
+
+impl RegisterOp {
+    pub fn code(self) -> u8 {
+        match self {
+            RegisterOp::Probe => 8,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            RegisterOp::Probe => "PROBE",
+        }
+    }
+}
+
+/// What a ring allows once enabled. Built only by [`RingPolicy::for_device`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingPolicy {
+    sqe_ops: Vec<SqeOp>,
+    register_ops: Vec<RegisterOp>,
+}
+
+impl RingPolicy {
+    /// The policy for a device: a read-only disk gets READ_FIXED alone; a writable one adds
+    /// WRITE_FIXED; a negotiated FLUSH adds FSYNC; DISCARD or WRITE_ZEROES add FALLOCATE.
+    pub fn for_device(writable: bool, flush: bool, zeroing: bool) -> Self {
+        let mut sqe_ops = vec![SqeOp::ReadFixed];
+        if writable {
+            sqe_ops.push(SqeOp::WriteFixed);
+            if flush {
+                sqe_ops.push(SqeOp::Fsync);
+            }
+            if zeroing {
+                sqe_ops.push(SqeOp::Fallocate);
+            }
+        }
+        RingPolicy {
+            sqe_ops,
+            register_ops: vec![RegisterOp::Probe],
+        }
+    }
+
+    pub fn sqe_ops(&self) -> &[SqeOp] {
+        &self.sqe_ops
+    }
+
+    pub fn allows(&self, op: SqeOp) -> bool {
+        self.sqe_ops.contains(&op)
+    }
+
+    /// Every SQE must carry IOSQE_FIXED_FILE, and may carry nothing else.
+    pub fn required_flags(&self) -> Flags {
+        Flags::FIXED_FILE
+    }
+
+    pub fn allowed_flags(&self) -> Flags {
+        Flags::FIXED_FILE
+    }
+
+    pub fn register_ops(&self) -> &[RegisterOp] {
+        &self.register_ops
+    }
+
+    /// The restriction entries handed to IORING_REGISTER_RESTRICTIONS.
+    pub fn restrictions(&self) -> Vec<Restriction> {
+        let mut r: Vec<Restriction> = self
+            .sqe_ops
+            .iter()
+            .map(|op| Restriction::sqe_op(op.code()))
+            .collect();
+        r.push(Restriction::sqe_flags_allowed(self.allowed_flags().bits()));
+        r.push(Restriction::sqe_flags_required(
+            self.required_flags().bits(),
+        ));
+        r.extend(
+            self.register_ops
+                .iter()
+                .map(|op| Restriction::register_op(op.code())),
+        );
+        r
+    }
+}
+
+impl fmt::Display for RingPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ops: Vec<&str> = self.sqe_ops.iter().map(|o| o.name()).collect();
+        let regs: Vec<&str> = self.register_ops.iter().map(|o| o.name()).collect();
+        write!(
+            f,
+            "SQE opcodes [{}], required SQE flags [FIXED_FILE], allowed SQE flags [FIXED_FILE], \
+             register opcodes [{}]",
+            ops.join(" "),
+            regs.join(" ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_gets_read_fixed_alone() {
+        let p = RingPolicy::for_device(false, true, true);
+        assert_eq!(p.sqe_ops(), &[SqeOp::ReadFixed]);
+    }
+
+    #[test]
+    fn features_add_exactly_their_opcodes() {
+        assert_eq!(
+            RingPolicy::for_device(true, false, false).sqe_ops(),
+            &[SqeOp::ReadFixed, SqeOp::WriteFixed]
+        );
+        assert_eq!(
+            RingPolicy::for_device(true, true, false).sqe_ops(),
+            &[SqeOp::ReadFixed, SqeOp::WriteFixed, SqeOp::Fsync]
+        );
+        assert_eq!(
+            RingPolicy::for_device(true, true, true).sqe_ops(),
+            &[
+                SqeOp::ReadFixed,
+                SqeOp::WriteFixed,
+                SqeOp::Fsync,
+                SqeOp::Fallocate
+            ]
+        );
+    }
+
+    #[test]
+    fn restrictions_always_hold_a_register_op_and_the_flags() {
+        let p = RingPolicy::for_device(false, false, false);
+        // 1 opcode + allowed flags + required flags + 1 register op.
+        assert_eq!(p.restrictions().len(), 4);
+        assert!(!p.register_ops().is_empty());
+        assert_eq!(p.required_flags(), Flags::FIXED_FILE);
+        assert!(p.to_string().contains("READ_FIXED"));
+    }
+}

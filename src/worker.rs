@@ -1,0 +1,551 @@
+//! The worker loop of one virtqueue: pop descriptor chains, parse them, translate their
+//! buffers, turn them into SQEs on the queue's restricted ring, and turn completions back into
+//! used-ring entries. One kick that brings N requests makes one `io_uring_enter`.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use log::{debug, error, warn};
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::SERIAL_LEN;
+use crate::guest_map::{FixedBufferMap, Piece};
+use crate::request::{self, Desc, Limits, Op, Parsed, Segment, ZeroMode, ZeroRange};
+
+/// The vring type the backend serves.
+pub type Vring = vhost_user_backend::VringRwLock<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>;
+type VringState<'a> = std::sync::RwLockWriteGuard<
+    'a,
+    vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>,
+>;
+
+/// Fixed-file indices in every ring.
+pub const FILE_PRIMARY: u32 = 0;
+pub const FILE_BUFFERED: u32 = 1;
+
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+// user_data layout: head (16 bits) | kind (8) | range index (8) | expected length (32).
+const KIND_RW: u64 = 0;
+const KIND_FSYNC: u64 = 1;
+const KIND_ZERO_RANGE: u64 = 2;
+const KIND_PUNCH: u64 = 3;
+const KIND_DISCARD: u64 = 4;
+
+fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
+    u64::from(head) | kind << 16 | ((idx as u64) & 0xff) << 24 | u64::from(len) << 32
+}
+
+/// One restricted ring and the memory layout it was registered with.
+pub struct Engine {
+    ring: IoUring,
+    map: FixedBufferMap,
+    /// Keeps the guest RAM mappings behind the fixed buffers alive as long as the ring.
+    _mem: Arc<GuestMemoryMmap>,
+    /// SQEs submitted and not yet completed.
+    inflight: usize,
+}
+
+impl Engine {
+    pub fn new(ring: IoUring, map: FixedBufferMap, mem: Arc<GuestMemoryMmap>) -> Self {
+        Engine {
+            ring,
+            map,
+            _mem: mem,
+            inflight: 0,
+        }
+    }
+}
+
+/// Settings shared by every queue of one connection.
+pub struct Shared {
+    pub serial: [u8; SERIAL_LEN],
+    /// Whether fixed file 0 is opened O_DIRECT (then fixed file 1 is the buffered twin).
+    pub direct: bool,
+    pub dio_mem_align: u64,
+    pub dio_offset_align: u64,
+    /// The guest's `writeback` config byte: when clear, writes are made durable (RWF_DSYNC)
+    /// before they complete.
+    pub writeback: AtomicBool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    busy: bool,
+    pending: u32,
+    failed: bool,
+    status: Option<u64>,
+    used_len: u32,
+    ranges: Vec<ZeroRange>,
+}
+
+/// Everything one queue's worker owns. Locked by the worker for each event, and by the
+/// control thread to install a new ring or to wait for in-flight requests.
+pub struct QueueState {
+    pub index: u16,
+    engine: Option<Engine>,
+    /// Rings of an older memory layout, kept until their last request completes.
+    retiring: Vec<Engine>,
+    slots: Vec<Slot>,
+    inflight_reqs: usize,
+    limits: Option<Limits>,
+    zero_range_unsupported: bool,
+    used_added: bool,
+    completion_fd: EventFd,
+    // Scratch space reused for every request: no allocation on the hot path.
+    descs: Vec<Desc>,
+    segs: Vec<Segment>,
+    ranges: Vec<ZeroRange>,
+    pieces: Vec<Piece>,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl QueueState {
+    pub fn new(index: u16, max_queue_size: u16) -> std::io::Result<Self> {
+        Ok(QueueState {
+            index,
+            engine: None,
+            retiring: Vec::new(),
+            slots: vec![Slot::default(); usize::from(max_queue_size)],
+            inflight_reqs: 0,
+            limits: None,
+            zero_range_unsupported: false,
+            used_added: false,
+            completion_fd: EventFd::new(EFD_NONBLOCK)?,
+            descs: Vec::new(),
+            segs: Vec::new(),
+            ranges: Vec::new(),
+            pieces: Vec::new(),
+            cqes: Vec::new(),
+        })
+    }
+
+    /// The eventfd every ring of this queue signals on completion; the worker's epoll
+    /// watches it.
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.completion_fd
+    }
+
+    pub fn inflight_requests(&self) -> usize {
+        self.inflight_reqs
+    }
+
+    /// Make `engine` the ring for new requests; the previous one retires once idle.
+    pub fn install(&mut self, engine: Engine, limits: Limits) {
+        if let Some(old) = self.engine.replace(engine) {
+            if old.inflight > 0 {
+                self.retiring.push(old);
+            }
+        }
+        self.limits = Some(limits);
+    }
+
+    /// Stop serving: no ring, no limits; requests wait until a new ring is installed.
+    pub fn uninstall(&mut self) {
+        if let Some(old) = self.engine.take() {
+            if old.inflight > 0 {
+                self.retiring.push(old);
+            }
+        }
+        self.limits = None;
+    }
+
+    /// Handle one wakeup of the worker: reap completions, then take new requests.
+    pub fn run(&mut self, vring: &Vring, mem: &GuestMemoryMmap, shared: &Shared) {
+        // Reset the eventfd before reaping, so a completion that lands after the reap
+        // wakes us again.
+        let _ = self.completion_fd.read();
+        let mut vs = vring.get_mut();
+        self.reap(&mut vs, mem);
+        let serving = self.engine.is_some()
+            && self.limits.is_some()
+            && vs.get_queue().ready()
+            && vs.is_enabled();
+        if serving {
+            self.take_requests(&mut vs, mem, shared);
+            self.submit(&mut vs, mem);
+            // Completions that are already there (page-cache hits) go out with this batch.
+            self.reap(&mut vs, mem);
+        }
+        if std::mem::take(&mut self.used_added) {
+            match vs.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vs.signal_used_queue() {
+                        debug!("queue {}: cannot signal the guest: {e}", self.index);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => debug!("queue {}: cannot read used_event: {e}", self.index),
+            }
+        }
+    }
+
+    fn take_requests(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap, shared: &Shared) {
+        loop {
+            if let Err(e) = vs.disable_notification() {
+                debug!("queue {}: disable_notification: {e}", self.index);
+            }
+            let mut popped = 0usize;
+            while let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) {
+                popped += 1;
+                let head = chain.head_index();
+                self.descs.clear();
+                self.descs.extend(chain.map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                }));
+                self.start(head, vs, mem, shared);
+            }
+            match vs.enable_notification() {
+                // More requests arrived while notifications were off.
+                Ok(true) if popped > 0 => continue,
+                Ok(true) => {
+                    // The avail index says "more", yet nothing can be popped: the ring is
+                    // corrupt (e.g. the index jumped by more than the queue size).
+                    warn!(
+                        "queue {}: avail ring is inconsistent; stopping until the next kick",
+                        self.index
+                    );
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    debug!("queue {}: enable_notification: {e}", self.index);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Start one request whose descriptors are in `self.descs`.
+    fn start(
+        &mut self,
+        head: u16,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+    ) {
+        let Some(limits) = self.limits else { return };
+        let hi = usize::from(head);
+        if hi >= self.slots.len() || usize::from(head) >= usize::from(vs.get_queue().size()) {
+            warn!(
+                "queue {}: descriptor head {head} is out of range; dropped",
+                self.index
+            );
+            return;
+        }
+        if self.slots[hi].busy {
+            warn!(
+                "queue {}: descriptor head {head} made available again while in flight; ignored",
+                self.index
+            );
+            return;
+        }
+        let req = request::parse(&self.descs, mem, &limits, &mut self.segs, &mut self.ranges);
+        match req.parsed {
+            Parsed::Fail(status, reason) => {
+                debug!("queue {}: request {head} refused: {reason:?}", self.index);
+                self.complete(head, req.status, status, 1, vs, mem);
+            }
+            Parsed::Op(Op::GetId) => {
+                let mut written = 0u32;
+                let mut ok = true;
+                for s in &self.segs {
+                    let end = (written + s.len) as usize;
+                    let src = &shared.serial[written as usize..end.min(SERIAL_LEN)];
+                    ok &= mem.write_slice(src, GuestAddress(s.addr)).is_ok();
+                    written += s.len;
+                }
+                let (status, used) = if ok {
+                    (STATUS_OK, written + 1)
+                } else {
+                    (STATUS_IOERR, 1)
+                };
+                self.complete(head, req.status, status, used, vs, mem);
+            }
+            Parsed::Op(Op::Read { offset, len }) => {
+                self.start_rw(head, req.status, offset, len, false, vs, mem, shared)
+            }
+            Parsed::Op(Op::Write { offset, len }) => {
+                self.start_rw(head, req.status, offset, len, true, vs, mem, shared)
+            }
+            Parsed::Op(Op::Flush) => {
+                self.occupy(head, req.status, 1, 1, Vec::new());
+                let e = opcode::Fsync::new(types::Fixed(FILE_PRIMARY))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(user_data(head, KIND_FSYNC, 0, 0));
+                self.push(e, vs, mem);
+            }
+            Parsed::Op(Op::Zero) => {
+                let ranges = std::mem::take(&mut self.ranges);
+                self.occupy(head, req.status, ranges.len() as u32, 1, ranges);
+                for i in 0..self.slots[hi].ranges.len() {
+                    let r = self.slots[hi].ranges[i];
+                    let kind = match r.mode {
+                        ZeroMode::Discard => KIND_DISCARD,
+                        ZeroMode::Unmap => KIND_PUNCH,
+                        ZeroMode::InPlace if self.zero_range_unsupported => KIND_PUNCH,
+                        ZeroMode::InPlace => KIND_ZERO_RANGE,
+                    };
+                    let e = fallocate_sqe(head, kind, i, &r);
+                    self.push(e, vs, mem);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_rw(
+        &mut self,
+        head: u16,
+        status: Option<u64>,
+        offset: u64,
+        len: u64,
+        write: bool,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+    ) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        self.pieces.clear();
+        for s in &self.segs {
+            if let Err(e) = engine.map.translate(s.addr, s.len, |p| self.pieces.push(p)) {
+                debug!("queue {}: request {head}: {e}", self.index);
+                self.complete(head, status, STATUS_IOERR, 1, vs, mem);
+                return;
+            }
+        }
+        if self.pieces.is_empty() {
+            self.complete(head, status, STATUS_OK, 1, vs, mem);
+            return;
+        }
+        let file = if shared.direct && self.direct_ok(offset, shared) {
+            FILE_PRIMARY
+        } else if shared.direct {
+            FILE_BUFFERED
+        } else {
+            FILE_PRIMARY
+        };
+        let used_len = if write {
+            1
+        } else {
+            (len as u32).saturating_add(1)
+        };
+        self.occupy(head, status, self.pieces.len() as u32, used_len, Vec::new());
+        let dsync = write && !shared.writeback.load(Ordering::Relaxed);
+        let mut off = offset;
+        for i in 0..self.pieces.len() {
+            let p = self.pieces[i];
+            let ud = user_data(head, KIND_RW, 0, p.len);
+            let e = if write {
+                let w = opcode::WriteFixed::new(
+                    types::Fixed(file),
+                    p.host as *const u8,
+                    p.len,
+                    p.buf_index,
+                )
+                .offset(off);
+                let w = if dsync {
+                    w.rw_flags(libc::RWF_DSYNC)
+                } else {
+                    w
+                };
+                w.build()
+            } else {
+                opcode::ReadFixed::new(types::Fixed(file), p.host as *mut u8, p.len, p.buf_index)
+                    .offset(off)
+                    .build()
+            };
+            self.push(e.user_data(ud), vs, mem);
+            off += u64::from(p.len);
+        }
+    }
+
+    /// Whether every piece of the current request meets the O_DIRECT alignment.
+    fn direct_ok(&self, offset: u64, shared: &Shared) -> bool {
+        offset % shared.dio_offset_align == 0
+            && self.pieces.iter().all(|p| {
+                p.host % shared.dio_mem_align == 0
+                    && u64::from(p.len) % shared.dio_offset_align == 0
+            })
+    }
+
+    fn occupy(
+        &mut self,
+        head: u16,
+        status: Option<u64>,
+        pending: u32,
+        used_len: u32,
+        ranges: Vec<ZeroRange>,
+    ) {
+        let slot = &mut self.slots[usize::from(head)];
+        slot.busy = true;
+        slot.pending = pending;
+        slot.failed = false;
+        slot.status = status;
+        slot.used_len = used_len;
+        slot.ranges = ranges;
+        self.inflight_reqs += 1;
+    }
+
+    /// Queue one SQE, submitting what is queued if the submission queue is full.
+    fn push(&mut self, e: squeue::Entry, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+        for _ in 0..1000 {
+            let Some(engine) = self.engine.as_mut() else {
+                return;
+            };
+            // SAFETY: the SQE names only fixed files and fixed buffers of this ring; its buffer
+            // pointer lies in a registered buffer (checked by translation, re-checked by the
+            // kernel), which `Engine::_mem` keeps mapped while the ring lives.
+            if unsafe { engine.ring.submission().push(&e) }.is_ok() {
+                engine.inflight += 1;
+                return;
+            }
+            self.submit(vs, mem);
+        }
+        error!(
+            "queue {}: submission queue stays full; request dropped",
+            self.index
+        );
+    }
+
+    /// Hand queued SQEs to the kernel: one io_uring_enter for the whole batch.
+    fn submit(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+        for _ in 0..1000 {
+            let Some(engine) = self.engine.as_mut() else {
+                return;
+            };
+            if engine.ring.submission().is_empty() {
+                return;
+            }
+            match engine.ring.submit() {
+                Ok(_) => continue,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => self.reap(vs, mem),
+                    _ => {
+                        error!("queue {}: io_uring_enter failed: {e}", self.index);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Turn every available completion into used-ring entries.
+    fn reap(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+        self.cqes.clear();
+        for engine in self.engine.iter_mut().chain(self.retiring.iter_mut()) {
+            let before = self.cqes.len();
+            self.cqes.extend(
+                engine
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result())),
+            );
+            engine.inflight = engine.inflight.saturating_sub(self.cqes.len() - before);
+        }
+        self.retiring.retain(|e| e.inflight > 0);
+        let cqes = std::mem::take(&mut self.cqes);
+        for &(ud, res) in &cqes {
+            self.on_completion(ud, res, vs, mem);
+        }
+        self.cqes = cqes;
+    }
+
+    fn on_completion(&mut self, ud: u64, res: i32, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+        let head = (ud & 0xffff) as u16;
+        let kind = (ud >> 16) & 0xff;
+        let idx = ((ud >> 24) & 0xff) as usize;
+        let expected = (ud >> 32) as u32;
+        let q = self.index;
+        let Some(slot) = self.slots.get_mut(usize::from(head)).filter(|s| s.busy) else {
+            error!("queue {q}: completion for idle slot {head}");
+            return;
+        };
+        let ok = match kind {
+            KIND_RW => res >= 0 && res as u32 == expected,
+            KIND_ZERO_RANGE if res == -libc::EOPNOTSUPP => {
+                // The filesystem cannot zero in place: punch a hole instead (it reads back as
+                // zeroes too), now and from now on.
+                self.zero_range_unsupported = true;
+                if let Some(r) = slot.ranges.get(idx).copied() {
+                    let e = fallocate_sqe(head, KIND_PUNCH, idx, &r);
+                    self.push(e, vs, mem);
+                    return;
+                }
+                false
+            }
+            KIND_DISCARD => res >= 0 || res == -libc::EOPNOTSUPP,
+            _ => res >= 0,
+        };
+        if !ok {
+            debug!("queue {q}: request {head} failed: result {res}, expected {expected}");
+        }
+        let Some(slot) = self.slots.get_mut(usize::from(head)) else {
+            return;
+        };
+        slot.failed |= !ok;
+        slot.pending = slot.pending.saturating_sub(1);
+        if slot.pending > 0 {
+            return;
+        }
+        slot.busy = false;
+        let (status, used) = if slot.failed {
+            (STATUS_IOERR, 1)
+        } else {
+            (STATUS_OK, slot.used_len)
+        };
+        let addr = slot.status;
+        self.inflight_reqs -= 1;
+        self.complete(head, addr, status, used, vs, mem);
+    }
+
+    /// Write the status byte and put the chain on the used ring.
+    fn complete(
+        &mut self,
+        head: u16,
+        status_addr: Option<u64>,
+        status: u8,
+        used_len: u32,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+    ) {
+        let len = match status_addr {
+            Some(a) if mem.write_obj(status, GuestAddress(a)).is_ok() => used_len,
+            _ => 0,
+        };
+        if let Err(e) = vs.add_used(head, len) {
+            debug!("queue {}: add_used({head}): {e}", self.index);
+        }
+        self.used_added = true;
+    }
+}
+
+fn fallocate_sqe(head: u16, kind: u64, idx: usize, r: &ZeroRange) -> squeue::Entry {
+    let mode = match kind {
+        KIND_ZERO_RANGE => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    };
+    opcode::Fallocate::new(types::Fixed(FILE_PRIMARY), r.len)
+        .offset(r.offset)
+        .mode(mode)
+        .build()
+        .user_data(user_data(head, kind, idx, 0))
+}
+
+/// Raw fd of a queue's completion eventfd (for epoll registration).
+pub fn completion_raw_fd(q: &QueueState) -> i32 {
+    q.completion_fd.as_raw_fd()
+}
