@@ -1,0 +1,356 @@
+//! Guest RAM as a VMM would hand it out: memfds, mapped shared in this process, each with a
+//! guest physical address. The backend maps the same memfds, so what it writes shows up here.
+//!
+//! Everything is addressed by guest physical address (GPA). Besides plain reads and writes
+//! there are snapshots: take one before a request, and [`GuestMemory::stray_writes`] lists
+//! every byte that changed outside the ranges the request was allowed to write.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, Ordering};
+
+use crate::frontend::MemRegion;
+
+/// A memfd and a shared mapping of all of it in this process.
+pub struct MemFd {
+    fd: OwnedFd,
+    ptr: *mut u8,
+    len: usize,
+    map_len: usize,
+}
+
+impl MemFd {
+    /// Create a memfd of `len` bytes (zero-filled) and map it.
+    pub fn new(name: &str, len: usize) -> io::Result<MemFd> {
+        let cname = std::ffi::CString::new(name).expect("memfd name without NUL");
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh shared mapping of a file of exactly `len` bytes; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MemFd {
+            fd,
+            ptr: ptr.cast(),
+            len,
+            map_len: len,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Address of the mapping in this process (what a VMM reports as `userspace_addr`).
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Shrink (or grow) the memfd itself, under the backend's feet. Bytes of our own mapping
+    /// past the new size must not be touched afterwards (they raise SIGBUS here, too):
+    /// [`MemFd::len`] reports the new size from now on.
+    pub fn truncate(&mut self, len: usize) -> io::Result<()> {
+        // SAFETY: ftruncate on our own memfd; `len` shrinks what we access from now on.
+        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.len = self.len.min(len);
+        Ok(())
+    }
+}
+
+impl Drop for MemFd {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping we created.
+        unsafe { libc::munmap(self.ptr.cast(), self.map_len) };
+    }
+}
+
+/// One region of guest RAM.
+pub struct Region {
+    pub gpa: u64,
+    pub mem: MemFd,
+}
+
+impl Region {
+    pub fn end(&self) -> u64 {
+        self.gpa + self.mem.len() as u64
+    }
+
+    /// The SET_MEM_TABLE entry describing this region truthfully.
+    pub fn table_entry(&self) -> MemRegion {
+        MemRegion {
+            gpa: self.gpa,
+            size: self.mem.len() as u64,
+            uaddr: self.mem.addr(),
+            mmap_offset: 0,
+        }
+    }
+}
+
+/// Guest RAM: a set of non-overlapping regions.
+pub struct GuestMemory {
+    pub regions: Vec<Region>,
+}
+
+/// A copy of all of guest RAM at one moment.
+pub struct Snapshot {
+    regions: Vec<(u64, Vec<u8>)>,
+}
+
+impl Snapshot {
+    /// Record a write we made ourselves after taking the snapshot (so it is not reported).
+    pub fn note_write(&mut self, gpa: u64, data: &[u8]) {
+        for (base, bytes) in &mut self.regions {
+            let end = *base + bytes.len() as u64;
+            if gpa >= *base && gpa + data.len() as u64 <= end {
+                let off = (gpa - *base) as usize;
+                bytes[off..off + data.len()].copy_from_slice(data);
+                return;
+            }
+        }
+    }
+}
+
+impl GuestMemory {
+    /// Guest RAM made of one fresh memfd per `(gpa, size)`.
+    pub fn new(layout: &[(u64, u64)]) -> GuestMemory {
+        let regions = layout
+            .iter()
+            .enumerate()
+            .map(|(i, &(gpa, size))| Region {
+                gpa,
+                mem: MemFd::new(&format!("guest-ram-{i}"), size as usize)
+                    .expect("memfd for guest RAM"),
+            })
+            .collect();
+        GuestMemory { regions }
+    }
+
+    /// The honest memory table and its fds, one per region.
+    pub fn table(&self) -> (Vec<MemRegion>, Vec<RawFd>) {
+        self.regions
+            .iter()
+            .map(|r| (r.table_entry(), r.mem.fd()))
+            .unzip()
+    }
+
+    /// Whether `[gpa, gpa+len)` lies inside one region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        self.host(gpa, len).is_some()
+    }
+
+    fn host(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let end = gpa.checked_add(len)?;
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && end <= r.end())
+            // SAFETY: the offset is inside the region's mapping (checked just above).
+            .map(|r| unsafe { r.mem.ptr.add((gpa - r.gpa) as usize) })
+    }
+
+    fn host_or_panic(&self, gpa: u64, len: u64) -> *mut u8 {
+        self.host(gpa, len)
+            .unwrap_or_else(|| panic!("test bug: {gpa:#x}+{len:#x} is not in guest RAM"))
+    }
+
+    /// The VMM's (our) address of guest address `gpa`.
+    pub fn uaddr(&self, gpa: u64) -> u64 {
+        self.host_or_panic(gpa, 0) as u64
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let p = self.host_or_panic(gpa, data.len() as u64);
+        // SAFETY: `p..p+len` lies in a live shared mapping of ours (checked by host()); the
+        // backend may write the same memory concurrently, which only makes the bytes racy.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let p = self.host_or_panic(gpa, len as u64);
+        let mut out = vec![0u8; len];
+        fence(Ordering::Acquire);
+        // SAFETY: as in write().
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), len) };
+        out
+    }
+
+    pub fn fill(&self, gpa: u64, len: usize, byte: u8) {
+        let p = self.host_or_panic(gpa, len as u64);
+        // SAFETY: as in write().
+        unsafe { std::ptr::write_bytes(p, byte, len) };
+    }
+
+    pub fn read_u8(&self, gpa: u64) -> u8 {
+        self.read(gpa, 1)[0]
+    }
+
+    /// A volatile 16-bit load (ring indices the backend updates concurrently).
+    pub fn load_u16(&self, gpa: u64) -> u16 {
+        assert_eq!(gpa % 2, 0, "test bug: unaligned ring index");
+        let p = self.host_or_panic(gpa, 2);
+        // SAFETY: aligned, inside our mapping; volatile because another process writes it.
+        let v = unsafe { std::ptr::read_volatile(p as *const u16) };
+        fence(Ordering::Acquire);
+        u16::from_le(v)
+    }
+
+    /// A volatile 16-bit store after a release fence (publishing a ring index).
+    pub fn store_u16(&self, gpa: u64, v: u16) {
+        assert_eq!(gpa % 2, 0, "test bug: unaligned ring index");
+        let p = self.host_or_panic(gpa, 2);
+        fence(Ordering::SeqCst);
+        // SAFETY: aligned, inside our mapping; volatile because another process reads it.
+        unsafe { std::ptr::write_volatile(p as *mut u16, v.to_le()) };
+        fence(Ordering::SeqCst);
+    }
+
+    pub fn write_u16(&self, gpa: u64, v: u16) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+
+    pub fn write_u32(&self, gpa: u64, v: u32) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+
+    pub fn write_u64(&self, gpa: u64, v: u64) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        u32::from_le_bytes(self.read(gpa, 4).try_into().unwrap())
+    }
+
+    /// Copy all of guest RAM.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| (r.gpa, self.read(r.gpa, r.mem.len())))
+                .collect(),
+        }
+    }
+
+    /// Describe every run of bytes that differs from `snap` outside the `allowed`
+    /// `(gpa, len)` ranges. Empty if nothing strayed.
+    pub fn stray_writes(&self, snap: &Snapshot, allowed: &[(u64, u64)]) -> Vec<String> {
+        let mut out = Vec::new();
+        for (base, old) in &snap.regions {
+            let Some(region) = self.regions.iter().find(|r| r.gpa == *base) else {
+                continue;
+            };
+            // After a truncate, only the part still backed by the memfd can be read.
+            let len = old.len().min(region.mem.len());
+            let now = self.read(*base, len);
+            let mut i = 0;
+            while i < len {
+                if now[i] == old[i] {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < len && now[i] != old[i] {
+                    i += 1;
+                }
+                // Split the differing run into its parts outside the allowed ranges.
+                let (s, e) = (*base + start as u64, *base + i as u64);
+                for (rs, re) in subtract((s, e), allowed) {
+                    let off = (rs - *base) as usize;
+                    let n = ((re - rs) as usize).min(16);
+                    out.push(format!(
+                        "guest memory {rs:#x}..{re:#x} ({} bytes) changed outside the buffers the \
+                         request may write: was {:02x?} now {:02x?}{}",
+                        re - rs,
+                        &old[off..off + n],
+                        &now[off..off + n],
+                        if re - rs > 16 { " ..." } else { "" }
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The parts of `[s, e)` not covered by any `(start, len)` in `allowed`.
+pub fn subtract((s, e): (u64, u64), allowed: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut parts = vec![(s, e)];
+    for &(a, len) in allowed {
+        let b = a.saturating_add(len);
+        parts = parts
+            .into_iter()
+            .flat_map(|(ps, pe)| {
+                let mut v = Vec::new();
+                if a >= pe || b <= ps {
+                    v.push((ps, pe));
+                } else {
+                    if ps < a {
+                        v.push((ps, a));
+                    }
+                    if b < pe {
+                        v.push((b, pe));
+                    }
+                }
+                v
+            })
+            .collect();
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subtract_ranges() {
+        assert_eq!(subtract((0, 100), &[]), vec![(0, 100)]);
+        assert_eq!(subtract((0, 100), &[(10, 10)]), vec![(0, 10), (20, 100)]);
+        assert_eq!(subtract((0, 100), &[(0, 100)]), vec![]);
+        assert_eq!(subtract((0, 100), &[(50, u64::MAX)]), vec![(0, 50)]);
+    }
+
+    #[test]
+    fn snapshot_finds_stray_writes_only_outside_allowed() {
+        let m = GuestMemory::new(&[(0x1000, 0x1000), (0x4000, 0x1000)]);
+        let snap = m.snapshot();
+        m.write(0x1010, &[1, 2, 3]);
+        m.write(0x4ff0, &[9]);
+        assert!(m
+            .stray_writes(&snap, &[(0x1010, 3), (0x4ff0, 1)])
+            .is_empty());
+        let s = m.stray_writes(&snap, &[(0x1010, 1)]);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert!(s[0].contains("0x1011..0x1013"), "{s:?}");
+        assert!(!m.contains(0x1ff0, 0x20));
+        assert!(m.contains(0x4000, 0x1000));
+    }
+}

@@ -1,0 +1,967 @@
+//! The hostile-driver test rig: one backend (ringfence, or qemu-storage-daemon for
+//! comparison) serving a pattern-filled image from a temporary directory, honest sessions
+//! to drive it, and the checks every hostile case ends with:
+//!
+//! * the backend process is alive and a fresh connection serves a valid write and read;
+//! * no byte of the image outside the ranges the case allows changed;
+//! * (for descriptor cases, [`run_case`]) no byte of guest RAM outside the device-writable
+//!   buffers and the used rings changed;
+//! * nothing hangs: every wait is bounded, and a missing reply is a finding.
+//!
+//! Findings are collected and reported together, with the daemon's stderr, by
+//! [`Rig::finish`]. An error status, a refused message, a stopped queue or a closed
+//! connection are all acceptable answers to a hostile input.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::blk::{self, S_OK};
+use crate::daemon::Daemon;
+use crate::frontend::{code, pfeat, vfeat, FeError, FeResult, Frontend};
+use crate::image;
+use crate::memory::{GuestMemory, Snapshot};
+use crate::virtq::{Desc, SplitQueue};
+
+/// Size of the test image.
+pub const IMAGE_SIZE: u64 = 64 << 20;
+pub const CAPACITY: u64 = IMAGE_SIZE / blk::SECTOR;
+/// Read by the pre-check and the health check; no case writes here.
+pub const PROBE_OFFSET: u64 = 40 << 20;
+/// Written by the health check.
+pub const SCRATCH_OFFSET: u64 = 48 << 20;
+pub const SCRATCH_LEN: u64 = 8192;
+
+/// Guest RAM of a hostile session: region A holds the rings (64 KiB per queue from its start)
+/// and the buffers (from A + 1 MiB); a 1 MiB gap; region B; region C right after B.
+pub const RAM_A: (u64, u64) = (0x10_0000, 0x40_0000);
+pub const GAP: (u64, u64) = (0x50_0000, 0x10_0000);
+pub const RAM_B: (u64, u64) = (0x60_0000, 0x10_0000);
+pub const RAM_C: (u64, u64) = (0x70_0000, 0x10_0000);
+pub const RING_STRIDE: u64 = 0x1_0000;
+pub const HEAP_START: u64 = RAM_A.0 + 0x10_0000;
+
+/// Which backend the suite runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Ringfence,
+    Qsd,
+}
+
+/// `RINGFENCE_HOSTILE_TARGET=qsd` points the suite at qemu-storage-daemon.
+pub fn target() -> Target {
+    match std::env::var("RINGFENCE_HOSTILE_TARGET").as_deref() {
+        Ok("qsd") | Ok("qemu-storage-daemon") => Target::Qsd,
+        Ok("ringfence") | Err(_) => Target::Ringfence,
+        Ok(other) => panic!("RINGFENCE_HOSTILE_TARGET={other}: use ringfence or qsd"),
+    }
+}
+
+/// How long a hostile request may go unanswered before we call the queue stopped
+/// (`RINGFENCE_HOSTILE_WAIT_MS`, default 1000). Only paid when the backend does not answer.
+pub fn hostile_wait() -> Duration {
+    let ms = std::env::var("RINGFENCE_HOSTILE_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    Duration::from_millis(ms)
+}
+
+/// Bound on honest operations (replies, valid I/O): past it, the backend hangs.
+pub const HONEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct RigOpts {
+    pub read_only: bool,
+    pub num_queues: u16,
+    /// ringfence's `--queue-size` (the maximum it accepts).
+    pub max_queue_size: u16,
+    pub serial: Option<String>,
+}
+
+impl Default for RigOpts {
+    fn default() -> Self {
+        RigOpts {
+            read_only: false,
+            num_queues: 1,
+            max_queue_size: 256,
+            serial: None,
+        }
+    }
+}
+
+/// What an honest session negotiates and lays out.
+#[derive(Clone, Debug)]
+pub struct SessionCfg {
+    /// Virtio features we want (the intersection with the offer is acked).
+    pub features: u64,
+    /// Protocol features we want.
+    pub protocol: u64,
+    /// Queues to set up and enable.
+    pub queues: u16,
+    pub queue_size: u16,
+    /// Guest RAM regions `(gpa, size)`; rings and buffers go in the first one.
+    pub layout: Vec<(u64, u64)>,
+}
+
+/// Every virtio-blk feature we know how to drive.
+pub const WANTED_FEATURES: u64 = vfeat::VERSION_1
+    | vfeat::RING_INDIRECT_DESC
+    | vfeat::PROTOCOL_FEATURES
+    | vfeat::BLK_SIZE_MAX
+    | vfeat::BLK_SEG_MAX
+    | vfeat::BLK_BLK_SIZE
+    | vfeat::BLK_TOPOLOGY
+    | vfeat::BLK_FLUSH
+    | vfeat::BLK_CONFIG_WCE
+    | vfeat::BLK_MQ
+    | vfeat::BLK_DISCARD
+    | vfeat::BLK_WRITE_ZEROES
+    | vfeat::BLK_RO;
+
+pub const WANTED_PROTOCOL: u64 =
+    pfeat::MQ | pfeat::REPLY_ACK | pfeat::CONFIG | pfeat::CONFIGURE_MEM_SLOTS;
+
+impl Default for SessionCfg {
+    fn default() -> Self {
+        SessionCfg {
+            features: WANTED_FEATURES,
+            protocol: WANTED_PROTOCOL,
+            queues: 1,
+            queue_size: 256,
+            layout: vec![RAM_A, RAM_B, RAM_C],
+        }
+    }
+}
+
+/// An honest connection with guest RAM and started queues.
+pub struct Session {
+    pub fe: Frontend,
+    pub mem: GuestMemory,
+    pub queues: Vec<SplitQueue>,
+    /// Negotiated (acked) features.
+    pub features: u64,
+    pub protocol: u64,
+    heap: u64,
+    heap_end: u64,
+}
+
+impl Session {
+    /// GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, SET_FEATURES (in QEMU's order).
+    /// Returns (acked features, acked protocol features).
+    pub fn negotiate(fe: &mut Frontend, cfg: &SessionCfg) -> FeResult<(u64, u64)> {
+        let offered = fe.get_features()?;
+        let mut protocol = 0;
+        if offered & vfeat::PROTOCOL_FEATURES != 0 && cfg.features & vfeat::PROTOCOL_FEATURES != 0 {
+            protocol = fe.get_protocol_features()? & cfg.protocol;
+            fe.set_protocol_features(protocol)?;
+            if protocol & pfeat::MQ != 0 {
+                fe.get_queue_num()?;
+            }
+        }
+        fe.set_owner()?;
+        let features = offered & cfg.features;
+        fe.set_features(features)?;
+        Ok((features, protocol))
+    }
+
+    /// SET_VRING_NUM, BASE, ADDR, CALL, KICK and (with protocol features) ENABLE for `q`.
+    pub fn start_queue(
+        fe: &Frontend,
+        mem: &GuestMemory,
+        q: &SplitQueue,
+        enable: bool,
+    ) -> FeResult<()> {
+        fe.set_vring_num(q.index, u32::from(q.size))?;
+        fe.set_vring_base(q.index, u32::from(q.avail_idx))?;
+        fe.set_vring_addr(
+            q.index,
+            mem.uaddr(q.desc),
+            mem.uaddr(q.used),
+            mem.uaddr(q.avail),
+        )?;
+        fe.set_vring_fd(code::SET_VRING_CALL, q.index, Some(q.call.as_raw_fd()))?;
+        fe.set_vring_fd(code::SET_VRING_KICK, q.index, Some(q.kick.as_raw_fd()))?;
+        if enable {
+            fe.set_vring_enable(q.index, true)?;
+        }
+        Ok(())
+    }
+
+    /// Build a session from a connected frontend: negotiate, share guest RAM, start queues.
+    pub fn establish(mut fe: Frontend, cfg: &SessionCfg) -> FeResult<Session> {
+        let (features, protocol) = Session::negotiate(&mut fe, cfg)?;
+        let mem = GuestMemory::new(&cfg.layout);
+        let (table, fds) = mem.table();
+        fe.set_mem_table(&table, &fds)?;
+        let base = cfg.layout[0].0;
+        let mut queues = Vec::new();
+        for i in 0..cfg.queues {
+            let q = SplitQueue::new(
+                &mem,
+                u32::from(i),
+                cfg.queue_size,
+                base + RING_STRIDE * u64::from(i),
+            );
+            Session::start_queue(&fe, &mem, &q, features & vfeat::PROTOCOL_FEATURES != 0)?;
+            queues.push(q);
+        }
+        let heap = base + 0x10_0000.min(cfg.layout[0].1 / 2);
+        Ok(Session {
+            fe,
+            mem,
+            queues,
+            features,
+            protocol,
+            heap,
+            heap_end: base + cfg.layout[0].1,
+        })
+    }
+
+    /// Reserve `len` bytes of guest RAM for buffers (zeroed), aligned to `align`.
+    pub fn alloc(&mut self, len: u64, align: u64) -> u64 {
+        let a = (self.heap + align - 1) & !(align - 1);
+        assert!(a + len <= self.heap_end, "test bug: guest heap exhausted");
+        self.heap = a + len;
+        self.mem.fill(a, len as usize, 0);
+        a
+    }
+
+    /// Put `data` in guest RAM (8-byte aligned); returns its address.
+    pub fn put(&mut self, data: &[u8]) -> u64 {
+        let a = self.alloc(data.len() as u64, 8);
+        self.mem.write(a, data);
+        a
+    }
+
+    /// A status byte, pre-set to 0xff ("unwritten").
+    pub fn status(&mut self) -> u64 {
+        let a = self.alloc(1, 1);
+        self.mem.write(a, &[0xff]);
+        a
+    }
+
+    /// Write a chain on queue `q` and push it (not yet published). Returns the head.
+    pub fn chain(&mut self, q: usize, segs: &[Desc]) -> u16 {
+        let head = self.queues[q].chain(&self.mem, segs);
+        self.queues[q].push(&self.mem, head);
+        head
+    }
+
+    /// Write an indirect table at a fresh address and push a descriptor for it.
+    pub fn indirect(&mut self, q: usize, segs: &[Desc]) -> u16 {
+        let table = self.alloc(16 * segs.len().max(1) as u64, 16);
+        let head = self.queues[q].indirect(&self.mem, table, segs);
+        self.queues[q].push(&self.mem, head);
+        head
+    }
+
+    /// Publish and kick queue `q`.
+    pub fn kick(&self, q: usize) {
+        self.queues[q].publish(&self.mem);
+        self.queues[q].kick();
+    }
+
+    /// An honest request on queue `q`: header, `out` (device-readable, if any), `in_len`
+    /// device-writable bytes (if any), status. Waits for it; returns (status, data in).
+    pub fn io(
+        &mut self,
+        q: usize,
+        t: u32,
+        sector: u64,
+        out: &[u8],
+        in_len: usize,
+    ) -> Result<(u8, Vec<u8>), String> {
+        let hdr = self.put(&blk::header(t, sector));
+        let mut segs = vec![Desc::r(hdr, 16)];
+        if !out.is_empty() {
+            let d = self.put(out);
+            segs.push(Desc::r(d, out.len() as u32));
+        }
+        let din = if in_len > 0 {
+            let d = self.alloc(in_len as u64, 512);
+            segs.push(Desc::w(d, in_len as u32));
+            Some(d)
+        } else {
+            None
+        };
+        let st = self.status();
+        segs.push(Desc::w(st, 1));
+        let head = self.chain(q, &segs);
+        self.kick(q);
+        let deadline = Instant::now() + HONEST_TIMEOUT;
+        let fd = self.fe.as_raw_fd();
+        match self.queues[q].wait_used(&self.mem, deadline, Some(fd)) {
+            None if self.fe.peer_hung_up() => Err("the backend closed the connection".into()),
+            None => Err(format!("no answer within {HONEST_TIMEOUT:?}")),
+            Some(u) if u.id != u32::from(head) => Err(format!("used id {} for head {head}", u.id)),
+            Some(_) => {
+                let data = din.map(|d| self.mem.read(d, in_len)).unwrap_or_default();
+                Ok((self.mem.read_u8(st), data))
+            }
+        }
+    }
+
+    /// Honest read of `len` bytes at byte offset `off` (sector aligned) that must succeed.
+    pub fn read(&mut self, q: usize, off: u64, len: usize) -> Result<Vec<u8>, String> {
+        match self.io(q, blk::T_IN, off / blk::SECTOR, &[], len)? {
+            (S_OK, d) => Ok(d),
+            (s, _) => Err(format!("read at {off:#x} answered {}", blk::status_name(s))),
+        }
+    }
+
+    /// Honest write that must succeed.
+    pub fn write(&mut self, q: usize, off: u64, data: &[u8]) -> Result<(), String> {
+        match self.io(q, blk::T_OUT, off / blk::SECTOR, data, 0)? {
+            (S_OK, _) => Ok(()),
+            (s, _) => Err(format!(
+                "write at {off:#x} answered {}",
+                blk::status_name(s)
+            )),
+        }
+    }
+
+    /// Forget which ranges were device-writable so far (call before the hostile part).
+    pub fn clear_writable(&mut self) {
+        for q in &mut self.queues {
+            q.writable.clear();
+        }
+    }
+
+    /// Everything the device may legitimately write since [`Session::clear_writable`]:
+    /// device-writable descriptors and the used rings.
+    pub fn writable(&self) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        for q in &self.queues {
+            v.extend(q.writable.iter().copied());
+            v.push(q.used_range());
+        }
+        v
+    }
+}
+
+/// Per-thread CPU time of a process: (thread name, clock ticks).
+fn thread_cpu(pid: i32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(l), Some(r)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = format!("{}/{}", &stat[l + 1..r], t.file_name().to_string_lossy());
+        let f: Vec<&str> = stat[r + 2..].split(' ').collect();
+        // After the name: state(0) ... utime is field 14 overall = index 11 here, stime 12.
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        out.push((name, ticks));
+    }
+    out
+}
+
+/// A running backend with its image, and the findings of one test.
+pub struct Rig {
+    _dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub daemon: Daemon,
+    pub opts: RigOpts,
+    pub target: Target,
+    findings: Vec<String>,
+    notes: Vec<String>,
+    /// Image ranges `(offset, len)` the case allows to change.
+    pub image_writes: Vec<(u64, u64)>,
+    health_checked: bool,
+}
+
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("hostile")
+        .rsplit("::")
+        .next()
+        .unwrap_or("hostile")
+        .to_string()
+}
+
+impl Rig {
+    pub fn start(opts: RigOpts) -> Rig {
+        let dir = tempfile::Builder::new()
+            .prefix("ringfence-hostile-")
+            .tempdir()
+            .expect("temp dir");
+        let image = dir.path().join("disk.img");
+        let socket = dir.path().join("vhost.sock");
+        image::create(&image, IMAGE_SIZE);
+        let target = target();
+        let daemon = match target {
+            Target::Qsd => {
+                Daemon::qemu_storage_daemon(&socket, &image, opts.read_only, opts.num_queues)
+            }
+            Target::Ringfence => {
+                let nq = opts.num_queues.to_string();
+                let qs = opts.max_queue_size.to_string();
+                let mut args = vec![
+                    "--blk-file",
+                    image.to_str().unwrap(),
+                    "--num-queues",
+                    &nq,
+                    "--queue-size",
+                    &qs,
+                ];
+                if opts.read_only {
+                    args.push("--read-only");
+                }
+                if let Some(s) = &opts.serial {
+                    args.push("--serial");
+                    args.push(s);
+                }
+                Daemon::ringfence(&socket, &args)
+            }
+        };
+        Rig {
+            _dir: dir,
+            image,
+            socket,
+            daemon,
+            opts,
+            target,
+            findings: Vec::new(),
+            notes: Vec::new(),
+            image_writes: Vec::new(),
+            health_checked: false,
+        }
+    }
+
+    /// A new connection (panics if the socket refuses it: that is the daemon being gone).
+    pub fn connect(&self) -> Frontend {
+        match Frontend::connect(&self.socket) {
+            Ok(fe) => fe,
+            Err(e) => panic!(
+                "connect to {}: {e}\n{}",
+                self.socket.display(),
+                self.stderr_tail()
+            ),
+        }
+    }
+
+    /// An honest session on a new connection, which must work.
+    pub fn session(&self, cfg: &SessionCfg) -> Session {
+        match Session::establish(self.connect(), cfg) {
+            Ok(s) => s,
+            Err(e) => panic!("honest session setup failed: {e}\n{}", self.stderr_tail()),
+        }
+    }
+
+    /// Record a failure (reported by [`Rig::finish`]).
+    pub fn fail(&mut self, msg: impl Into<String>) {
+        self.findings.push(msg.into());
+    }
+
+    /// Record an observation (printed, not a failure).
+    pub fn note(&mut self, msg: impl Into<String>) {
+        let m = msg.into();
+        eprintln!("HOSTILE-NOTE {}: {m}", test_name());
+        self.notes.push(m);
+    }
+
+    pub fn findings(&self) -> &[String] {
+        &self.findings
+    }
+
+    fn stderr_tail(&self) -> String {
+        let s = self.daemon.stderr();
+        let tail = if s.len() > 6000 {
+            let mut i = s.len() - 6000;
+            while !s.is_char_boundary(i) {
+                i += 1;
+            }
+            &s[i..]
+        } else {
+            &s[..]
+        };
+        format!("--- daemon stderr (tail) ---\n{tail}--- end of daemon stderr ---")
+    }
+
+    /// The result of an exchange the backend must survive: a reply or a refusal is fine;
+    /// a timeout is a hang. Returns whether the connection is still usable.
+    pub fn judge(&mut self, what: &str, r: &FeResult<()>) -> bool {
+        match r {
+            Ok(()) => {
+                self.note(format!("{what}: accepted"));
+                true
+            }
+            Err(FeError::Nack(v)) => {
+                self.note(format!("{what}: refused (nack {v:#x})"));
+                true
+            }
+            Err(FeError::Closed) => {
+                self.note(format!("{what}: connection closed by the backend"));
+                false
+            }
+            Err(FeError::Timeout) => {
+                self.fail(format!("{what}: no reply within the timeout (hang)"));
+                false
+            }
+            Err(e) => {
+                self.fail(format!("{what}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// After a hostile message: the connection must either answer GET_FEATURES in time or
+    /// have been closed by the backend. Returns whether it still answers.
+    pub fn responsive(&mut self, fe: &Frontend, what: &str) -> bool {
+        match fe.ping() {
+            Ok(_) => true,
+            Err(FeError::Closed) => {
+                self.note(format!("{what}: the backend closed the connection"));
+                false
+            }
+            Err(FeError::Timeout) => {
+                self.fail(format!(
+                    "{what}: the connection hangs (GET_FEATURES unanswered for {:?})",
+                    fe.timeout
+                ));
+                false
+            }
+            Err(e) => {
+                self.fail(format!("{what}: GET_FEATURES afterwards failed: {e}"));
+                false
+            }
+        }
+    }
+
+    fn dead_finding(&mut self) -> bool {
+        if self.daemon.is_alive() {
+            return false;
+        }
+        let st = self.daemon.exit_status();
+        self.fail(format!("the backend process died (exit status {st:?})"));
+        true
+    }
+
+    /// The backend is alive and a fresh connection serves a valid write and read.
+    pub fn health_check(&mut self) {
+        self.health_checked = true;
+        if self.dead_finding() {
+            return;
+        }
+        let fe = match Frontend::connect(&self.socket) {
+            Ok(fe) => fe,
+            Err(e) => return self.fail(format!("health check: connecting failed: {e}")),
+        };
+        let mut fe = fe;
+        fe.timeout = HONEST_TIMEOUT;
+        let cfg = SessionCfg {
+            layout: vec![(0x4000_0000, 0x20_0000)],
+            ..SessionCfg::default()
+        };
+        let mut s = match Session::establish(fe, &cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                return self.fail(format!(
+                    "health check: a fresh connection's setup failed: {e}"
+                ))
+            }
+        };
+        let r = (|| -> Result<(), String> {
+            let probe = s.read(0, PROBE_OFFSET, 4096)?;
+            if probe != image::pattern(PROBE_OFFSET, 4096) {
+                return Err(format!("reading {PROBE_OFFSET:#x} returned wrong data"));
+            }
+            if !self.opts.read_only {
+                let data: Vec<u8> = (0..SCRATCH_LEN).map(|i| (i * 7 + 3) as u8).collect();
+                s.write(0, SCRATCH_OFFSET, &data)?;
+                if s.read(0, SCRATCH_OFFSET, SCRATCH_LEN as usize)? != data {
+                    return Err("reading back the scratch write returned wrong data".into());
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            self.fail(format!("health check on a fresh connection: {e}"));
+        }
+        drop(s);
+        self.dead_finding();
+    }
+
+    /// Final checks (health check unless done, image, process alive); panics with every
+    /// finding and the daemon's stderr if anything failed.
+    pub fn finish(mut self) {
+        if !self.health_checked {
+            self.health_check();
+        }
+        let mut allowed = self.image_writes.clone();
+        allowed.push((SCRATCH_OFFSET, SCRATCH_LEN));
+        for f in image::verify(&self.image, IMAGE_SIZE, &allowed) {
+            self.fail(f);
+        }
+        if !self.findings.is_empty() {
+            let name = test_name();
+            for f in &self.findings {
+                eprintln!("HOSTILE-FAIL {name}: {f}");
+            }
+            panic!(
+                "{name} against {:?}: {} finding(s):\n  - {}\n{}",
+                self.target,
+                self.findings.len(),
+                self.findings.join("\n  - "),
+                self.stderr_tail()
+            );
+        }
+        eprintln!("HOSTILE-PASS {} against {:?}", test_name(), self.target);
+    }
+}
+
+/// A check of guest RAM after a request answered OK.
+pub type MemCheck = Box<dyn Fn(&GuestMemory) -> Result<(), String>>;
+
+/// What the device is expected to do with one hostile request.
+pub enum Expect {
+    /// The request is invalid: if answered, the status must not be OK.
+    Error,
+    /// Anything goes (the status cannot be judged), as long as nothing else breaks.
+    Any,
+    /// A legal (if odd) read: if answered OK, the `(gpa, len)` pieces hold the image's bytes
+    /// from `offset` on.
+    Read {
+        offset: u64,
+        pieces: Vec<(u64, u64)>,
+    },
+    /// A legal write: if answered OK, the image holds `data` at `offset`.
+    Write { offset: u64, data: Vec<u8> },
+    /// A custom check of guest RAM, applied if answered OK.
+    Check(MemCheck),
+}
+
+/// One request of a case.
+pub struct Sub {
+    pub queue: usize,
+    pub head: u16,
+    /// Address of the status byte (pre-set to 0xff), if it is where the device could write it.
+    pub status: Option<u64>,
+    pub expect: Expect,
+    /// Also fail if it is not answered with OK (for layouts virtio explicitly allows).
+    pub must_succeed: bool,
+    /// Most bytes the device may report as written (sum of device-writable lengths).
+    pub max_len: Option<u64>,
+    pub what: String,
+}
+
+impl Sub {
+    pub fn new(head: u16, status: Option<u64>, expect: Expect, what: impl Into<String>) -> Sub {
+        Sub {
+            queue: 0,
+            head,
+            status,
+            expect,
+            must_succeed: false,
+            max_len: None,
+            what: what.into(),
+        }
+    }
+
+    pub fn must_succeed(mut self) -> Sub {
+        self.must_succeed = true;
+        self
+    }
+
+    pub fn max_len(mut self, n: u64) -> Sub {
+        self.max_len = Some(n);
+        self
+    }
+
+    pub fn on_queue(mut self, q: usize) -> Sub {
+        self.queue = q;
+        self
+    }
+}
+
+/// A hostile case: requests laid out in guest RAM (pushed, not yet published).
+#[derive(Default)]
+pub struct Plan {
+    pub subs: Vec<Sub>,
+    /// Image ranges `(offset, len)` the requests may write.
+    pub image_writes: Vec<(u64, u64)>,
+    /// Guest RAM the device may write besides device-writable descriptors and used rings.
+    pub mem_writes: Vec<(u64, u64)>,
+    /// Publish this avail idx on queue `.0` instead of the pushed count.
+    pub avail_override: Vec<(usize, u16)>,
+    /// Queues to publish and kick (default: all with pushed entries, plus overrides).
+    pub kick: Vec<usize>,
+}
+
+impl Plan {
+    pub fn one(sub: Sub) -> Plan {
+        Plan {
+            subs: vec![sub],
+            ..Plan::default()
+        }
+    }
+}
+
+/// Options of [`run_case_with`].
+#[derive(Default)]
+pub struct CaseOpts {
+    pub rig: RigOpts,
+    pub session: SessionCfg,
+}
+
+/// Run a descriptor-level hostile case with the default rig and session.
+pub fn run_case(build: impl FnOnce(&mut Session) -> Plan) {
+    run_case_with(CaseOpts::default(), build)
+}
+
+/// Start a backend, set up an honest session, check that a valid request works, let
+/// `build` lay out the hostile requests, publish and kick, wait (bounded), then check
+/// the answers, the connection, a fresh connection, guest RAM and the image.
+pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
+    let mut rig = Rig::start(opts.rig);
+    let mut s = rig.session(&opts.session);
+    // The path works before we attack it (and leaves the queue in a used state).
+    match s.read(0, PROBE_OFFSET, 4096) {
+        Ok(d) if d == image::pattern(PROBE_OFFSET, 4096) => {}
+        Ok(_) => panic!(
+            "pre-check: a valid read returned wrong data\n{}",
+            rig.stderr_tail()
+        ),
+        Err(e) => panic!("pre-check: a valid read failed: {e}\n{}", rig.stderr_tail()),
+    }
+    s.clear_writable();
+    let base_avail: Vec<u16> = s.queues.iter().map(|q| q.avail_idx).collect();
+    let plan = build(&mut s);
+    rig.image_writes.extend(plan.image_writes.iter().copied());
+
+    // Snapshot guest RAM, then publish (recording our own index writes) and kick.
+    let mut snap: Snapshot = s.mem.snapshot();
+    let mut kick: Vec<usize> = plan.kick.clone();
+    if kick.is_empty() {
+        kick = (0..s.queues.len())
+            .filter(|&i| s.queues[i].avail_idx != base_avail[i])
+            .chain(plan.avail_override.iter().map(|o| o.0))
+            .collect();
+        kick.dedup();
+    }
+    let cpu_before = thread_cpu(rig.daemon.pid());
+    let t0 = Instant::now();
+    for &qi in &kick {
+        let q = &s.queues[qi];
+        let idx = plan
+            .avail_override
+            .iter()
+            .find(|o| o.0 == qi)
+            .map(|o| o.1)
+            .unwrap_or(q.avail_idx);
+        s.mem.store_u16(q.avail_idx_gpa(), idx);
+        snap.note_write(q.avail_idx_gpa(), &idx.to_le_bytes());
+    }
+    for &qi in &kick {
+        s.queues[qi].kick();
+    }
+
+    // Wait for every request to be answered, the connection to close, or the deadline.
+    let deadline = t0 + hostile_wait();
+    let mut answered: Vec<Option<crate::virtq::Used>> =
+        (0..plan.subs.len()).map(|_| None).collect();
+    let sock = s.fe.as_raw_fd();
+    let mut closed = false;
+    // With nothing to answer (e.g. a corrupt avail index), watch the rings for the whole window.
+    'wait: while plan.subs.is_empty() || answered.iter().any(Option::is_none) {
+        let mut progressed = false;
+        for qi in 0..s.queues.len() {
+            while let Some(u) = s.queues[qi].pop_used(&s.mem) {
+                progressed = true;
+                match plan
+                    .subs
+                    .iter()
+                    .enumerate()
+                    .find(|(i, sub)| sub.queue == qi && u32::from(sub.head) == u.id && answered[*i].is_none())
+                {
+                    Some((i, _)) => answered[i] = Some(u),
+                    None => rig.fail(format!(
+                        "queue {qi}: used element {{id {}, len {}}} answers no request that was made available",
+                        u.id, u.len
+                    )),
+                }
+            }
+        }
+        if progressed {
+            continue;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        if s.fe.peer_hung_up() {
+            closed = true;
+            // One last look at the rings.
+            for qi in 0..s.queues.len() {
+                while let Some(u) = s.queues[qi].pop_used(&s.mem) {
+                    if let Some((i, _)) = plan.subs.iter().enumerate().find(|(i, sub)| {
+                        sub.queue == qi && u32::from(sub.head) == u.id && answered[*i].is_none()
+                    }) {
+                        answered[i] = Some(u);
+                    }
+                }
+            }
+            break 'wait;
+        }
+        // Sleep on the first queue's call eventfd / the socket, at most 20 ms.
+        let q0 = kick.first().copied().unwrap_or(0);
+        let mut fds = [
+            libc::pollfd {
+                fd: s.queues[q0].call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sock,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        let step = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(20));
+        // SAFETY: a valid array of two pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, step.as_millis() as i32) };
+        crate::frontend::eventfd_drain(s.queues[q0].call.as_raw_fd());
+    }
+    let waited = t0.elapsed();
+    let cpu_after = thread_cpu(rig.daemon.pid());
+
+    // A stalled queue must not be a spinning one.
+    if waited >= Duration::from_millis(500) {
+        let tick_ms = 1000 / 100u64; // USER_HZ
+        for (name, after) in &cpu_after {
+            let before = cpu_before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| *t)
+                .unwrap_or(0);
+            let busy_ms = (after - before) * tick_ms;
+            if !name.starts_with("iou-") && busy_ms as u128 * 10 >= waited.as_millis() * 4 {
+                rig.fail(format!(
+                    "thread {name} burned {busy_ms} ms of CPU in {} ms while the request stayed \
+                     unanswered (busy loop?)",
+                    waited.as_millis()
+                ));
+            }
+        }
+    }
+
+    // Judge the answers.
+    for (sub, ans) in plan.subs.iter().zip(&answered) {
+        let Some(u) = ans else {
+            let why = if closed {
+                "connection closed"
+            } else {
+                "no answer (queue stopped)"
+            };
+            if sub.must_succeed {
+                rig.fail(format!("{}: legal request not served: {why}", sub.what));
+            } else {
+                rig.note(format!("{}: {why}", sub.what));
+            }
+            continue;
+        };
+        let st = sub.status.map(|a| s.mem.read_u8(a));
+        rig.note(format!(
+            "{}: answered, used len {}, status {}",
+            sub.what,
+            u.len,
+            st.map(blk::status_name).unwrap_or_else(|| "n/a".into())
+        ));
+        if let Some(max) = sub.max_len {
+            if u64::from(u.len) > max {
+                rig.fail(format!(
+                    "{}: used len {} exceeds the {max} device-writable bytes of the chain",
+                    sub.what, u.len
+                ));
+            }
+        }
+        if let Some(st) = st {
+            if !matches!(st, 0 | 1 | 2 | 0xff) {
+                rig.fail(format!(
+                    "{}: status byte {st:#x} is no virtio-blk status",
+                    sub.what
+                ));
+            }
+        }
+        let ok = st == Some(S_OK);
+        if sub.must_succeed && !ok {
+            rig.fail(format!(
+                "{}: legal request answered {}",
+                sub.what,
+                st.map(blk::status_name).unwrap_or_default()
+            ));
+        }
+        match &sub.expect {
+            Expect::Error if ok => rig.fail(format!(
+                "{}: invalid request answered with status OK",
+                sub.what
+            )),
+            Expect::Read { offset, pieces } if ok => {
+                let mut off = *offset;
+                for &(gpa, len) in pieces {
+                    if s.mem.read(gpa, len as usize) != image::pattern(off, len as usize) {
+                        rig.fail(format!(
+                            "{}: answered OK but guest buffer {gpa:#x}+{len:#x} does not hold image bytes {off:#x}..",
+                            sub.what
+                        ));
+                    }
+                    off += len;
+                }
+            }
+            Expect::Check(f) if ok => {
+                if let Err(e) = f(&s.mem) {
+                    rig.fail(format!("{}: answered OK but {e}", sub.what));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // The connection answers, or was closed.
+    if !closed {
+        rig.responsive(&s.fe, "after the hostile requests");
+    }
+    let Session {
+        fe, mem, queues, ..
+    } = s;
+    let writable: Vec<(u64, u64)> = queues
+        .iter()
+        .flat_map(|q| q.writable.iter().copied().chain([q.used_range()]))
+        .chain(plan.mem_writes.iter().copied())
+        .collect();
+    drop(fe);
+    rig.health_check();
+
+    // Only now (the backend has moved on to a new connection) compare guest RAM and image.
+    for f in mem.stray_writes(&snap, &writable) {
+        rig.fail(f);
+    }
+    for (sub, ans) in plan.subs.iter().zip(&answered) {
+        if let Expect::Write { offset, data } = &sub.expect {
+            let ok = ans.is_some() && sub.status.map(|a| mem.read_u8(a)) == Some(S_OK);
+            if ok {
+                let img = std::fs::read(&rig.image).expect("read image");
+                let got = &img[*offset as usize..*offset as usize + data.len()];
+                if got != &data[..] {
+                    rig.fail(format!(
+                        "{}: answered OK but the image at {offset:#x} does not hold the data written",
+                        sub.what
+                    ));
+                }
+            }
+        }
+    }
+    drop(queues);
+    drop(mem);
+    rig.finish();
+}
