@@ -68,11 +68,12 @@ impl BlkBackend {
         image: Arc<Image>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         thread_init: ThreadInit,
+        max_poll: Duration,
     ) -> io::Result<Self> {
         let queues = (0..spec.num_queues)
             .map(|i| {
                 Ok(QueueSlot {
-                    state: Mutex::new(QueueState::new(i, spec.queue_size)?),
+                    state: Mutex::new(QueueState::new(i, spec.queue_size, max_poll)?),
                     drained: Condvar::new(),
                 })
             })
@@ -389,7 +390,7 @@ impl VhostUserBackend for Backend {
 
     fn handle_event(
         &self,
-        _device_event: u16,
+        device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
         thread_id: usize,
@@ -405,7 +406,8 @@ impl VhostUserBackend for Backend {
         };
         let mem = self.0.mem.memory();
         let mut st = lock(&q.state);
-        st.run(vring, &mem, &self.0.shared);
+        let completion = device_event == self.0.completion_event();
+        st.run(vring, &mem, &self.0.shared, completion);
         if st.inflight_requests() == 0 {
             q.drained.notify_all();
         }

@@ -75,6 +75,12 @@ pub struct Options {
     #[arg(long, value_enum)]
     pub sandbox: Option<SandboxMode>,
 
+    /// Longest busy-poll window (microseconds) a worker spends looking for completions and
+    /// new requests after a wakeup; adaptive, so an idle disk costs no CPU. 0 disables polling.
+    #[arg(long, value_name = "US", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub poll_us: u64,
+
     /// Print the backend's capabilities as JSON (vhost-user backend program conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,

@@ -105,6 +105,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
                 image.clone(),
                 mem.clone(),
                 thread_init.clone(),
+                Duration::from_micros(opts.poll_us),
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );

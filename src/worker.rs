@@ -5,6 +5,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{debug, error, warn};
@@ -41,6 +42,53 @@ const KIND_DISCARD: u64 = 4;
 
 fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
     u64::from(head) | kind << 16 | ((idx as u64) & 0xff) << 24 | u64::from(len) << 32
+}
+
+/// The adaptive polling window after each wakeup. While polling finds work (completions or
+/// new requests), the window grows up to `max`, saving the sleep/wake round trip per request;
+/// while it finds nothing it halves down to zero, so an idle disk costs no CPU. A window of
+/// zero is re-probed with `PROBE` on the next wakeup after `REPROBE_AFTER` idle wakeups.
+pub struct PollWindow {
+    current: Duration,
+    max: Duration,
+    idle: u32,
+}
+
+impl PollWindow {
+    const PROBE: Duration = Duration::from_micros(8);
+    const REPROBE_AFTER: u32 = 16;
+
+    pub fn new(max: Duration) -> Self {
+        PollWindow {
+            current: Self::PROBE.min(max),
+            max,
+            idle: 0,
+        }
+    }
+
+    fn budget(&mut self) -> Duration {
+        if self.current.is_zero() && !self.max.is_zero() {
+            self.idle += 1;
+            if self.idle >= Self::REPROBE_AFTER {
+                self.idle = 0;
+                return Self::PROBE.min(self.max);
+            }
+        }
+        self.current
+    }
+
+    fn record(&mut self, found: bool) {
+        self.current = if found {
+            (self.current * 2).max(Self::PROBE).min(self.max)
+        } else {
+            let half = self.current / 2;
+            if half < Duration::from_micros(2) {
+                Duration::ZERO
+            } else {
+                half
+            }
+        };
+    }
 }
 
 /// One restricted ring and the memory layout it was registered with.
@@ -98,6 +146,7 @@ pub struct QueueState {
     limits: Option<Limits>,
     zero_range_unsupported: bool,
     used_added: bool,
+    poll: PollWindow,
     completion_fd: EventFd,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
@@ -108,7 +157,7 @@ pub struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(index: u16, max_queue_size: u16) -> std::io::Result<Self> {
+    pub fn new(index: u16, max_queue_size: u16, max_poll: Duration) -> std::io::Result<Self> {
         Ok(QueueState {
             index,
             engine: None,
@@ -118,6 +167,7 @@ impl QueueState {
             limits: None,
             zero_range_unsupported: false,
             used_added: false,
+            poll: PollWindow::new(max_poll),
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
             descs: Vec::new(),
             segs: Vec::new(),
@@ -157,23 +207,76 @@ impl QueueState {
         self.limits = None;
     }
 
-    /// Handle one wakeup of the worker: reap completions, then take new requests.
-    pub fn run(&mut self, vring: &Vring, mem: &GuestMemoryMmap, shared: &Shared) {
-        // Reset the eventfd before reaping, so a completion that lands after the reap
-        // wakes us again.
-        let _ = self.completion_fd.read();
+    /// Handle one wakeup of the worker: reap completions, take new requests, then keep
+    /// polling for a short, adaptive window while the queue is busy (see [`PollWindow`]).
+    pub fn run(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        completion_event: bool,
+    ) {
+        if completion_event {
+            // Reset the eventfd before reaping, so a completion that lands after the reap
+            // wakes us again.
+            let _ = self.completion_fd.read();
+        }
         let mut vs = vring.get_mut();
-        self.reap(&mut vs, mem);
         let serving = self.engine.is_some()
             && self.limits.is_some()
             && vs.get_queue().ready()
             && vs.is_enabled();
-        if serving {
-            self.take_requests(&mut vs, mem, shared);
-            self.submit(&mut vs, mem);
-            // Completions that are already there (page-cache hits) go out with this batch.
-            self.reap(&mut vs, mem);
+        self.step(&mut vs, mem, shared, serving);
+        self.notify(&mut vs);
+        if !serving {
+            return;
         }
+        let budget = self.poll.budget();
+        if budget.is_zero() {
+            return;
+        }
+        let start = Instant::now();
+        let mut found = false;
+        while start.elapsed() < budget {
+            if self.has_completions() || self.has_requests(&vs, mem) {
+                self.step(&mut vs, mem, shared, true);
+                self.notify(&mut vs);
+                found = true;
+                if self.inflight_reqs == 0 && !self.has_requests(&vs, mem) {
+                    break;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        self.poll.record(found);
+    }
+
+    /// Reap, take new requests, submit them, and reap what already completed.
+    fn step(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap, shared: &Shared, serving: bool) {
+        self.reap(vs, mem);
+        if serving {
+            self.take_requests(vs, mem, shared);
+            self.submit(vs, mem);
+            self.reap(vs, mem);
+        }
+    }
+
+    fn has_completions(&mut self) -> bool {
+        self.engine
+            .iter_mut()
+            .chain(self.retiring.iter_mut())
+            .any(|e| !e.ring.completion().is_empty())
+    }
+
+    fn has_requests(&self, vs: &VringState<'_>, mem: &GuestMemoryMmap) -> bool {
+        let q = vs.get_queue();
+        q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| idx.0 != q.next_avail())
+            .unwrap_or(false)
+    }
+
+    /// Tell the guest about new used entries, if it wants to hear.
+    fn notify(&mut self, vs: &mut VringState<'_>) {
         if std::mem::take(&mut self.used_added) {
             match vs.needs_notification() {
                 Ok(true) => {
