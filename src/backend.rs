@@ -83,6 +83,8 @@ impl BlkBackend {
             direct: image.direct,
             dio_mem_align: u64::from(image.dio_mem_align),
             dio_offset_align: u64::from(image.dio_offset_align),
+            // A read-only disk's rings allow READ_FIXED alone.
+            vectored: !spec.read_only && crate::ring::builder::vectored_fixed_supported(),
             writeback: AtomicBool::new(true),
         };
         Ok(BlkBackend {
@@ -136,11 +138,16 @@ impl BlkBackend {
     }
 
     fn policy(&self) -> RingPolicy {
-        RingPolicy::for_device(
+        let p = RingPolicy::for_device(
             !self.spec.read_only,
             self.effective(VIRTIO_BLK_F_FLUSH),
             self.effective(VIRTIO_BLK_F_DISCARD) || self.effective(VIRTIO_BLK_F_WRITE_ZEROES),
-        )
+        );
+        if self.shared.vectored {
+            p.with_vectored()
+        } else {
+            p
+        }
     }
 
     fn limits(&self, policy: &RingPolicy) -> Limits {

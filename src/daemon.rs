@@ -66,6 +66,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     // Fail now, with the reason and the fix, if the kernel refuses io_uring.
     crate::ring::builder::probe_io_uring()?;
     crate::ring::builder::kernel_release();
+    crate::ring::builder::vectored_fixed_supported();
 
     let (mut listener, socket_path) = listen(opts)?;
     sandbox::block_signals();

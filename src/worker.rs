@@ -119,6 +119,9 @@ pub struct Shared {
     pub direct: bool,
     pub dio_mem_align: u64,
     pub dio_offset_align: u64,
+    /// Whether rings allow READV_FIXED/WRITEV_FIXED (Linux 6.15+), used for requests that
+    /// translate to more than one piece.
+    pub vectored: bool,
     /// The guest's `writeback` config byte: when clear, writes are made durable (RWF_DSYNC)
     /// before they complete.
     pub writeback: AtomicBool,
@@ -132,7 +135,14 @@ struct Slot {
     status: Option<u64>,
     used_len: u32,
     ranges: Vec<ZeroRange>,
+    /// iovecs of a vectored request, alive until it completes.
+    iov: Vec<[u64; 2]>,
 }
+
+const _: () = assert!(
+    std::mem::size_of::<[u64; 2]>() == std::mem::size_of::<libc::iovec>()
+        && std::mem::align_of::<libc::iovec>() <= std::mem::align_of::<[u64; 2]>()
+);
 
 /// Everything one queue's worker owns. Locked by the worker for each event, and by the
 /// control thread to install a new ring or to wait for in-flight requests.
@@ -252,7 +262,13 @@ impl QueueState {
     }
 
     /// Reap, take new requests, submit them, and reap what already completed.
-    fn step(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap, shared: &Shared, serving: bool) {
+    fn step(
+        &mut self,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        serving: bool,
+    ) {
         self.reap(vs, mem);
         if serving {
             self.take_requests(vs, mem, shared);
@@ -445,26 +461,62 @@ impl QueueState {
         } else {
             (len as u32).saturating_add(1)
         };
-        self.occupy(head, status, self.pieces.len() as u32, used_len, Vec::new());
         let dsync = write && !shared.writeback.load(Ordering::Relaxed);
+        let rw_flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        let hi = usize::from(head);
+        if shared.vectored && self.pieces.len() > 1 {
+            // One READV_FIXED/WRITEV_FIXED per run of pieces in the same fixed buffer: the
+            // kernel requires every iovec of one SQE to lie in the buffer it names.
+            let groups = 1 + self
+                .pieces
+                .windows(2)
+                .filter(|w| w[0].buf_index != w[1].buf_index)
+                .count();
+            self.occupy(head, status, groups as u32, used_len, Vec::new());
+            let iov = &mut self.slots[hi].iov;
+            iov.clear();
+            iov.extend(self.pieces.iter().map(|p| [p.host, u64::from(p.len)]));
+            let mut off = offset;
+            let mut a = 0;
+            while a < self.pieces.len() {
+                let idx = self.pieces[a].buf_index;
+                let b = a + self.pieces[a..]
+                    .iter()
+                    .take_while(|p| p.buf_index == idx)
+                    .count();
+                let total: u64 = self.pieces[a..b].iter().map(|p| u64::from(p.len)).sum();
+                // `[u64; 2]` has the layout of `struct iovec` on 64-bit Linux (checked at
+                // compile time below); the slot keeps the array until the request completes.
+                let ptr = self.slots[hi].iov[a..].as_ptr() as *const libc::iovec;
+                let n = (b - a) as u32;
+                // total <= len, and a request's len fits in u32 (seg_max * size_max).
+                let ud = user_data(head, KIND_RW, 0, total as u32);
+                let e = if write {
+                    opcode::WritevFixed::new(types::Fixed(file), ptr, n, idx)
+                        .offset(off)
+                        .rw_flags(rw_flags)
+                        .build()
+                } else {
+                    opcode::ReadvFixed::new(types::Fixed(file), ptr, n, idx)
+                        .offset(off)
+                        .build()
+                };
+                self.push(e.user_data(ud), vs, mem);
+                off += total;
+                a = b;
+            }
+            return;
+        }
+        self.occupy(head, status, self.pieces.len() as u32, used_len, Vec::new());
         let mut off = offset;
         for i in 0..self.pieces.len() {
             let p = self.pieces[i];
             let ud = user_data(head, KIND_RW, 0, p.len);
             let e = if write {
-                let w = opcode::WriteFixed::new(
-                    types::Fixed(file),
-                    p.host as *const u8,
-                    p.len,
-                    p.buf_index,
-                )
-                .offset(off);
-                let w = if dsync {
-                    w.rw_flags(libc::RWF_DSYNC)
-                } else {
-                    w
-                };
-                w.build()
+                opcode::WriteFixed::new(types::Fixed(file), p.host as *const u8, p.len, p.buf_index)
+                    .offset(off)
+                    .rw_flags(rw_flags)
+                    .build()
             } else {
                 opcode::ReadFixed::new(types::Fixed(file), p.host as *mut u8, p.len, p.buf_index)
                     .offset(off)

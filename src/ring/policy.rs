@@ -14,6 +14,8 @@ pub enum SqeOp {
     WriteFixed,
     Fsync,
     Fallocate,
+    ReadvFixed,
+    WritevFixed,
 }
 
 impl SqeOp {
@@ -23,6 +25,8 @@ impl SqeOp {
             SqeOp::WriteFixed => opcode::WriteFixed::CODE,
             SqeOp::Fsync => opcode::Fsync::CODE,
             SqeOp::Fallocate => opcode::Fallocate::CODE,
+            SqeOp::ReadvFixed => opcode::ReadvFixed::CODE,
+            SqeOp::WritevFixed => opcode::WritevFixed::CODE,
         }
     }
 
@@ -32,6 +36,8 @@ impl SqeOp {
             SqeOp::WriteFixed => "WRITE_FIXED",
             SqeOp::Fsync => "FSYNC",
             SqeOp::Fallocate => "FALLOCATE",
+            SqeOp::ReadvFixed => "READV_FIXED",
+            SqeOp::WritevFixed => "WRITEV_FIXED",
         }
     }
 }
@@ -84,6 +90,16 @@ impl RingPolicy {
             sqe_ops,
             register_ops: vec![RegisterOp::Probe],
         }
+    }
+
+    /// Add the vectored fixed-buffer opcodes (Linux 6.15+), READV_FIXED and WRITEV_FIXED,
+    /// to a writable disk's policy. A read-only disk keeps READ_FIXED alone.
+    pub fn with_vectored(mut self) -> Self {
+        if self.allows(SqeOp::WriteFixed) {
+            self.sqe_ops.push(SqeOp::ReadvFixed);
+            self.sqe_ops.push(SqeOp::WritevFixed);
+        }
+        self
     }
 
     pub fn sqe_ops(&self) -> &[SqeOp] {
@@ -168,6 +184,27 @@ mod tests {
                 SqeOp::WriteFixed,
                 SqeOp::Fsync,
                 SqeOp::Fallocate
+            ]
+        );
+    }
+
+    #[test]
+    fn vectored_follows_the_scalar_opcodes() {
+        assert_eq!(
+            RingPolicy::for_device(false, true, true)
+                .with_vectored()
+                .sqe_ops(),
+            &[SqeOp::ReadFixed]
+        );
+        assert_eq!(
+            RingPolicy::for_device(true, false, false)
+                .with_vectored()
+                .sqe_ops(),
+            &[
+                SqeOp::ReadFixed,
+                SqeOp::WriteFixed,
+                SqeOp::ReadvFixed,
+                SqeOp::WritevFixed
             ]
         );
     }
