@@ -1,0 +1,618 @@
+//! blkbench: a fio-style closed-loop benchmark of vhost-user-blk backends.
+//!
+//! `cargo bench --bench blkbench` runs the default matrix against native io_uring, ringfence
+//! and qemu-storage-daemon (plus fio for the sequential rows when installed), interleaving the
+//! targets round by round, and writes `benches/results/` (Markdown, SVG plots, CSV) and the
+//! results block of `benches/README.md`. `cargo bench --bench blkbench -- --help` lists the
+//! options. Without `--bench` (as `cargo test --benches` runs it) it only self-checks.
+
+mod engine;
+mod fio;
+mod hist;
+mod procstat;
+mod report;
+mod sysinfo;
+mod targets;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+use engine::{Timing, Workload};
+use report::{Record, Report, RunInfo, Section};
+use targets::{Env, Kind};
+
+/// The default matrix of issue 6.
+const MATRIX: [Workload; 6] = [
+    Workload::new(true, 100, 4096, 1),
+    Workload::new(true, 100, 4096, 32),
+    Workload::new(true, 0, 4096, 32),
+    Workload::new(true, 70, 4096, 16),
+    Workload::new(false, 100, 128 << 10, 8),
+    Workload::new(false, 0, 128 << 10, 8),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FioMode {
+    /// Add fio to the sequential rows when fio is installed.
+    Auto,
+    /// Require fio.
+    On,
+    /// Never run fio.
+    Off,
+}
+
+/// Closed-loop block I/O benchmark of vhost-user-blk backends (ringfence,
+/// qemu-storage-daemon) against native io_uring on the same image.
+#[derive(Parser, Debug)]
+#[command(
+    name = "blkbench",
+    after_help = "Run as: cargo bench --bench blkbench -- [OPTIONS]\n\
+                  Job specs use fio's names: rw=randread|randwrite|randrw|read|write|rw, \
+                  bs=4k, qd=32, queues=1, rwmixread=70."
+)]
+struct Opts {
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+
+    /// Targets, interleaved in this order every round.
+    #[arg(long, value_delimiter = ',', default_value = "native,ringfence,qsd")]
+    targets: Vec<String>,
+
+    /// fio (`--ioengine=io_uring --direct=1`) as an extra baseline for sequential rows.
+    #[arg(long, value_enum, default_value_t = FioMode::Auto)]
+    fio: FioMode,
+
+    /// Rounds per workload [default: 3; 2 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: Option<u32>,
+
+    /// Measured seconds per matrix run [default: 3; 1 with --quick].
+    #[arg(long, value_parser = parse_secs)]
+    duration: Option<f64>,
+
+    /// Warm-up seconds before each matrix measurement [default: 0.5; 0.25 with --quick].
+    #[arg(long, value_parser = parse_secs)]
+    warmup: Option<f64>,
+
+    /// Measured seconds per scaling point [default: 1; 0.5 with --quick].
+    #[arg(long, value_parser = parse_secs)]
+    scale_duration: Option<f64>,
+
+    /// Warm-up seconds per scaling point [default: 0.25; 0.1 with --quick].
+    #[arg(long, value_parser = parse_secs)]
+    scale_warmup: Option<f64>,
+
+    /// Short runs for development: 2 rounds, 1 s points, 0.5 s scaling points.
+    #[arg(long)]
+    quick: bool,
+
+    /// A workload to run instead of the default matrix (repeatable), e.g.
+    /// `rw=randread,bs=4k,qd=32` or `rw=randrw,bs=4k,qd=16,rwmixread=70,queues=2`.
+    #[arg(long = "job", value_name = "SPEC")]
+    jobs: Vec<String>,
+
+    /// Skip the matrix (run only the scaling series).
+    #[arg(long)]
+    no_matrix: bool,
+
+    /// Queue depths of the QD-scaling series (1 queue), or `none`.
+    #[arg(long, default_value = "1,2,4,8,16,32,64,128", value_name = "LIST")]
+    qd_scaling: String,
+
+    /// Queue counts of the queue-scaling series, or `none`.
+    #[arg(long, default_value = "1,2,4", value_name = "LIST")]
+    queue_scaling: String,
+
+    /// Depth per queue in the queue-scaling series.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    queue_scaling_qd: u32,
+
+    /// Access pattern and block size of both scaling series.
+    #[arg(long, default_value = "rw=randread,bs=4k", value_name = "SPEC")]
+    scaling_job: String,
+
+    /// Use this image (created fully written if missing; kept afterwards). Default: a
+    /// temporary image in the work directory, deleted at the end.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+
+    /// Size of a created image (k, M, G suffixes).
+    #[arg(long, default_value = "1G", value_name = "SIZE")]
+    image_size: String,
+
+    /// Directory for the temporary image [default: <target dir>/blkbench].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+
+    /// Where results.md, the SVGs and results.csv go [default: benches/results].
+    #[arg(long, value_name = "DIR")]
+    results_dir: Option<PathBuf>,
+
+    /// Do not update the results block of benches/README.md (it is only updated when writing
+    /// to the default results directory).
+    #[arg(long)]
+    no_readme: bool,
+
+    /// The ringfence binary [default: the release build cargo made for this bench].
+    #[arg(long, value_name = "PATH")]
+    ringfence_bin: Option<PathBuf>,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+        return Err(format!("{s}: seconds must be in (0, 3600]"));
+    }
+    Ok(v)
+}
+
+fn parse_list(name: &str, s: &str, max: u32) -> Result<Vec<u32>, String> {
+    if s.trim().is_empty() || s.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| format!("--{name}: '{x}' is not a number in 1..={max}"))
+        })
+        .collect()
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// First Ctrl-C: finish the current run, stop the backends, write a partial report.
+/// Second: the default action.
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
+        // async-signal-safe; SA_RESETHAND restores the default after the first signal.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESETHAND;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn default_work_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                manifest_dir().join(t)
+            }
+        })
+        .unwrap_or_else(|| manifest_dir().join("target"));
+    target.join("blkbench")
+}
+
+fn default_results_dir() -> PathBuf {
+    manifest_dir().join("benches").join("results")
+}
+
+fn fmt_dur(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+struct Plan {
+    section: Section,
+    w: Workload,
+    t: Timing,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let libtest_flag = |a: &String| {
+        [
+            "--nocapture",
+            "--quiet",
+            "-q",
+            "--list",
+            "--exact",
+            "--ignored",
+            "--include-ignored",
+            "--show-output",
+        ]
+        .contains(&a.as_str())
+            || a.starts_with("--test-threads")
+            || a.starts_with("--format")
+            || a.starts_with("--color")
+    };
+    if !args.iter().any(|a| a == "--bench") && args.iter().all(libtest_flag) {
+        // Run as a test (`cargo test --benches`): check the machinery, measure nothing.
+        if args.iter().any(|a| a == "--list") {
+            return;
+        }
+        match self_check() {
+            Ok(msg) => {
+                println!("blkbench: {msg} (run `cargo bench --bench blkbench` to benchmark)")
+            }
+            Err(e) => {
+                eprintln!("blkbench self-check failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let opts = Opts::parse();
+    if let Err(e) = run(opts, &args) {
+        eprintln!("blkbench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn self_check() -> Result<String, String> {
+    hist::self_check()?;
+    engine::self_check()?;
+    fio::self_check()?;
+    report::self_check()?;
+    // A real, tiny run of the engine on the native target.
+    let work = default_work_dir();
+    std::fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("selfcheck-")
+        .tempdir_in(&work)
+        .map_err(|e| format!("temp dir in {}: {e}", work.display()))?;
+    let image = dir.path().join("disk.img");
+    let cap = targets::prepare_image(&image, 16 << 20)?;
+    let t = Timing {
+        warmup: Duration::from_millis(20),
+        duration: Duration::from_millis(150),
+    };
+    for spec in [
+        "rw=randrw,bs=4k,qd=4,rwmixread=70",
+        "rw=read,bs=128k,qd=2,queues=2",
+    ] {
+        let w = Workload::parse(spec)?;
+        match engine::run(&engine::Endpoint::File(&image), &w, &t, None) {
+            Ok(r) if r.ios > 0 && r.p50_ns > 0.0 => {}
+            Ok(_) => return Err(format!("{spec}: no I/O measured")),
+            Err(e) if e.contains("connect") => {
+                return Ok(format!(
+                    "self-check ok; native run skipped ({e}: no O_DIRECT here?)"
+                ))
+            }
+            Err(e) => return Err(format!("{spec}: {e}")),
+        }
+    }
+    let _ = cap;
+    Ok("self-check ok".into())
+}
+
+fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
+    let rounds = o.rounds.unwrap_or(if o.quick { 2 } else { 3 });
+    let secs = |v: Option<f64>, normal: f64, quick: f64| {
+        Duration::from_secs_f64(v.unwrap_or(if o.quick { quick } else { normal }))
+    };
+    let main_t = Timing {
+        warmup: secs(o.warmup, 0.5, 0.25),
+        duration: secs(o.duration, 3.0, 1.0),
+    };
+    let scale_t = Timing {
+        warmup: secs(o.scale_warmup, 0.25, 0.1),
+        duration: secs(o.scale_duration, 1.0, 0.5),
+    };
+
+    // What to run.
+    let mut plan: Vec<Plan> = Vec::new();
+    if !o.no_matrix {
+        let matrix: Vec<Workload> = if o.jobs.is_empty() {
+            MATRIX.to_vec()
+        } else {
+            o.jobs
+                .iter()
+                .map(|j| Workload::parse(j))
+                .collect::<Result<_, _>>()?
+        };
+        plan.extend(matrix.into_iter().map(|w| Plan {
+            section: Section::Main,
+            w,
+            t: main_t,
+        }));
+    }
+    let base = Workload::parse(&o.scaling_job).map_err(|e| format!("--scaling-job: {e}"))?;
+    for qd in parse_list("qd-scaling", &o.qd_scaling, 1024)? {
+        plan.push(Plan {
+            section: Section::QdScaling,
+            w: Workload {
+                qd,
+                queues: 1,
+                ..base
+            },
+            t: scale_t,
+        });
+    }
+    for queues in parse_list("queue-scaling", &o.queue_scaling, 64)? {
+        plan.push(Plan {
+            section: Section::QueueScaling,
+            w: Workload {
+                qd: o.queue_scaling_qd,
+                queues,
+                ..base
+            },
+            t: scale_t,
+        });
+    }
+    if plan.is_empty() {
+        return Err("nothing to run (--no-matrix with no scaling series)".into());
+    }
+
+    // Which targets.
+    let mut kinds: Vec<Kind> = Vec::new();
+    for t in o.targets.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let k = Kind::parse(t)?;
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    let fio_version = fio::version();
+    let want_fio = match o.fio {
+        FioMode::Off => false,
+        FioMode::On => true,
+        FioMode::Auto => kinds.contains(&Kind::Fio) || fio_version.is_some(),
+    } && plan.iter().any(|p| Kind::Fio.applies_to(&p.w));
+    kinds.retain(|k| *k != Kind::Fio);
+    if want_fio {
+        kinds.push(Kind::Fio);
+    }
+    if kinds.is_empty() {
+        return Err("no targets".into());
+    }
+
+    install_signal_handlers();
+    targets::become_subreaper();
+
+    // The image and the sockets.
+    let work = o.work_dir.clone().unwrap_or_else(default_work_dir);
+    std::fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&work)
+        .map_err(|e| format!("temp dir in {}: {e}", work.display()))?;
+    let sock_tmp = tempfile::Builder::new()
+        .prefix("blkbench-")
+        .tempdir()
+        .map_err(|e| format!("temp dir for sockets: {e}"))?;
+    let size = engine::parse_size(&o.image_size).map_err(|e| format!("--image-size: {e}"))?;
+    let image = o
+        .image
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("disk.img"));
+    let capacity = targets::prepare_image(&image, size)?;
+
+    let mut versions = Vec::new();
+    let mut unavailable: Vec<(Kind, String)> = Vec::new();
+    let mut ringfence_bin = None;
+    if kinds.contains(&Kind::Ringfence) {
+        match targets::ringfence_binary(o.ringfence_bin.as_deref()) {
+            Ok(b) => ringfence_bin = Some(b),
+            Err(e) => unavailable.push((Kind::Ringfence, e)),
+        }
+    }
+    if kinds.contains(&Kind::Qsd) {
+        match targets::ensure_qsd() {
+            Ok(v) => versions.push((
+                "qemu-storage-daemon".to_string(),
+                v.trim_start_matches("qemu-storage-daemon version ")
+                    .to_string(),
+            )),
+            Err(e) => unavailable.push((Kind::Qsd, e)),
+        }
+    }
+    if kinds.contains(&Kind::Fio) {
+        match &fio_version {
+            Some(v) => versions.push(("fio".into(), v.trim_start_matches("fio-").to_string())),
+            None => unavailable.push((Kind::Fio, "fio not installed (apt-get install fio)".into())),
+        }
+    }
+    versions.push(("blkio crate".into(), "0.5".into()));
+    let env = Env {
+        image: image.clone(),
+        capacity,
+        sock_dir: sock_tmp.path().to_path_buf(),
+        ringfence_bin,
+        counter: std::cell::Cell::new(0),
+    };
+
+    // Does each target work at all?
+    for k in kinds.clone() {
+        if unavailable.iter().any(|(u, _)| *u == k) || k == Kind::Fio {
+            continue;
+        }
+        eprint!("blkbench: checking {} ... ", k.name());
+        let _ = std::io::stderr().flush();
+        match targets::probe(k, &env) {
+            Ok(()) => eprintln!("ok"),
+            Err(e) => {
+                eprintln!("unavailable: {e}");
+                unavailable.push((k, e));
+            }
+        }
+    }
+    kinds.retain(|k| !unavailable.iter().any(|(u, _)| u == k));
+    if kinds.is_empty() {
+        return Err("no target works".into());
+    }
+
+    let total_runs: usize = plan
+        .iter()
+        .map(|p| rounds as usize * kinds.iter().filter(|k| k.applies_to(&p.w)).count())
+        .sum();
+    let per_run_overhead = Duration::from_millis(250);
+    let mut remaining: Duration = plan
+        .iter()
+        .map(|p| {
+            (p.t.warmup + p.t.duration + per_run_overhead)
+                * (rounds * kinds.iter().filter(|k| k.applies_to(&p.w)).count() as u32)
+        })
+        .sum();
+    eprintln!(
+        "blkbench: {} workloads × {rounds} rounds × [{}] = {total_runs} runs, about {}",
+        plan.len(),
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        fmt_dur(remaining)
+    );
+
+    let started = Instant::now();
+    let mut records: Vec<Record> = Vec::new();
+    let mut failures: std::collections::HashMap<Kind, u32> = Default::default();
+    let mut dropped: Vec<Kind> = Vec::new();
+    let mut done = 0usize;
+    'outer: for p in &plan {
+        for round in 1..=rounds {
+            for &k in &kinds {
+                if !k.applies_to(&p.w) || dropped.contains(&k) {
+                    continue;
+                }
+                if STOP.load(Ordering::SeqCst) {
+                    eprintln!("blkbench: interrupted");
+                    break 'outer;
+                }
+                let t0 = Instant::now();
+                let result = targets::run_once(k, &env, &p.w, &p.t);
+                done += 1;
+                remaining = remaining.saturating_sub(p.t.warmup + p.t.duration + per_run_overhead);
+                let status = match &result {
+                    Ok(r) => {
+                        failures.insert(k, 0);
+                        format!(
+                            "{:>8} IOPS {:>7.0} MiB/s  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
+                            fmt_k(r.iops()),
+                            r.mib_s(),
+                            r.p50_ns / 1e3,
+                            r.p99_ns / 1e3,
+                            r.backend_us_per_io()
+                                .map(|c| format!("  cpu {c:.2} µs/IO"))
+                                .unwrap_or_default()
+                        )
+                    }
+                    Err(e) => {
+                        let n = failures.entry(k).or_insert(0);
+                        *n += 1;
+                        if *n >= 2 {
+                            dropped.push(k);
+                            unavailable.push((k, format!("dropped after repeated failures: {e}")));
+                        }
+                        format!("FAILED: {e}")
+                    }
+                };
+                eprintln!(
+                    "[{done:>3}/{total_runs} {:>5} left] {:<24} round {round}/{rounds}  {:<9} {status}",
+                    fmt_dur(remaining),
+                    p.w.label(),
+                    k.name(),
+                );
+                let _ = t0;
+                records.push(Record {
+                    section: p.section,
+                    w: p.w,
+                    round,
+                    kind: k,
+                    result,
+                });
+            }
+        }
+    }
+    let interrupted = STOP.load(Ordering::SeqCst);
+    eprintln!("blkbench: {done} runs in {}", fmt_dur(started.elapsed()));
+
+    // The report.
+    let machine = sysinfo::machine(&image, sysinfo::now_utc());
+    let mut cmd = "cargo bench --bench blkbench".to_string();
+    let user_args: Vec<&String> = raw_args.iter().filter(|a| *a != "--bench").collect();
+    if !user_args.is_empty() {
+        cmd.push_str(" --");
+        for a in user_args {
+            cmd.push(' ');
+            cmd.push_str(a);
+        }
+    }
+    let fio_example = kinds.contains(&Kind::Fio).then(|| {
+        let w = plan
+            .iter()
+            .map(|p| p.w)
+            .find(Workload::is_sequential)
+            .unwrap_or(MATRIX[4]);
+        format!("fio {}", fio::args(&image, capacity, &w, &main_t).join(" "))
+    });
+    let image_desc = format!(
+        "{} {}, fully written",
+        engine::fmt_size(capacity),
+        if o.image.is_some() {
+            image.display().to_string()
+        } else {
+            "temporary file".into()
+        }
+    );
+    let info = RunInfo {
+        command: cmd,
+        rounds,
+        main: main_t,
+        scale: scale_t,
+        image: image_desc,
+        versions,
+        unavailable,
+        targets: kinds.clone(),
+        fio_example,
+        interrupted,
+    };
+    let rep = Report {
+        machine: &machine,
+        info: &info,
+        records: &records,
+    };
+    let results_dir = o.results_dir.clone().unwrap_or_else(default_results_dir);
+    rep.write(&results_dir)?;
+    println!("{}", rep.markdown(&format!("{}/", results_dir.display())));
+    eprintln!("blkbench: results in {}", results_dir.display());
+    if o.results_dir.is_none() && !o.no_readme && !interrupted {
+        let readme = manifest_dir().join("benches").join("README.md");
+        match report::update_readme(&readme, &rep.markdown("results/")) {
+            Ok(()) => eprintln!("blkbench: updated {}", readme.display()),
+            Err(e) => eprintln!("blkbench: README not updated: {e}"),
+        }
+    }
+    drop(tmp);
+    Ok(())
+}
+
+fn fmt_k(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}

@@ -1,0 +1,1023 @@
+//! The report: a Markdown file with the tables, two hand-written SVG plots (IOPS against queue
+//! depth, and the latency CDF at QD1), and a CSV with every round.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::engine::{RunResult, Timing, Workload};
+use crate::hist::Histogram;
+use crate::sysinfo::Machine;
+use crate::targets::Kind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Section {
+    Main,
+    QdScaling,
+    QueueScaling,
+}
+
+pub struct Record {
+    pub section: Section,
+    pub w: Workload,
+    pub round: u32,
+    pub kind: Kind,
+    pub result: Result<RunResult, String>,
+}
+
+pub struct RunInfo {
+    pub command: String,
+    pub rounds: u32,
+    pub main: Timing,
+    pub scale: Timing,
+    pub image: String,
+    pub versions: Vec<(String, String)>,
+    pub unavailable: Vec<(Kind, String)>,
+    pub targets: Vec<Kind>,
+    pub fio_example: Option<String>,
+    pub interrupted: bool,
+}
+
+/// One target's (queue depth, median IOPS) points.
+type Series = (Kind, Vec<(u32, f64)>);
+
+pub const IOPS_SVG: &str = "iops_vs_qd.svg";
+pub const CDF_SVG: &str = "lat_cdf_qd1.svg";
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn color(k: Kind) -> &'static str {
+    match k {
+        Kind::Native => "#555555",
+        Kind::Ringfence => "#1f77b4",
+        Kind::Qsd => "#ff7f0e",
+        Kind::Fio => "#2ca02c",
+    }
+}
+
+fn fmt_iops(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 1e3 {
+        format!("{:.2}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn fmt_us(ns: f64) -> String {
+    let us = ns / 1000.0;
+    if us >= 1000.0 {
+        format!("{us:.0}")
+    } else {
+        format!("{us:.1}")
+    }
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "—".into())
+}
+
+/// All the rounds of one (section, workload, target).
+struct Cell<'a> {
+    rounds: BTreeMap<u32, &'a RunResult>,
+    errors: Vec<&'a str>,
+}
+
+impl Cell<'_> {
+    fn med(&self, f: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+        median(self.rounds.values().filter_map(|r| f(r)).collect())
+    }
+
+    fn iops(&self) -> Option<f64> {
+        self.med(|r| Some(r.iops()))
+    }
+
+    fn merged_hist(&self) -> Option<Histogram> {
+        let mut h = Histogram::new();
+        let mut any = false;
+        for r in self.rounds.values() {
+            if let Some(x) = &r.hist {
+                h.merge(x);
+                any = true;
+            }
+        }
+        any.then_some(h)
+    }
+}
+
+pub struct Report<'a> {
+    pub machine: &'a Machine,
+    pub info: &'a RunInfo,
+    pub records: &'a [Record],
+}
+
+impl<'a> Report<'a> {
+    /// Workloads of a section in order of first appearance.
+    fn workloads(&self, s: Section) -> Vec<Workload> {
+        let mut out: Vec<Workload> = Vec::new();
+        for r in self.records.iter().filter(|r| r.section == s) {
+            if !out.contains(&r.w) {
+                out.push(r.w);
+            }
+        }
+        out
+    }
+
+    fn kinds(&self, s: Section, w: &Workload) -> Vec<Kind> {
+        let mut ks: Vec<Kind> = self
+            .records
+            .iter()
+            .filter(|r| r.section == s && r.w == *w)
+            .map(|r| r.kind)
+            .collect();
+        ks.sort();
+        ks.dedup();
+        ks
+    }
+
+    fn cell(&self, s: Section, w: &Workload, k: Kind) -> Cell<'a> {
+        let mut c = Cell {
+            rounds: BTreeMap::new(),
+            errors: Vec::new(),
+        };
+        for r in self.records {
+            if r.section == s && r.w == *w && r.kind == k {
+                match &r.result {
+                    Ok(res) => {
+                        c.rounds.insert(r.round, res);
+                    }
+                    Err(e) => c.errors.push(e),
+                }
+            }
+        }
+        c
+    }
+
+    /// Per-round `f(target) / f(base)` for the rounds where both ran.
+    fn ratios(
+        &self,
+        s: Section,
+        w: &Workload,
+        k: Kind,
+        base: Kind,
+        f: impl Fn(&RunResult) -> f64,
+    ) -> Vec<f64> {
+        let a = self.cell(s, w, k);
+        let b = self.cell(s, w, base);
+        a.rounds
+            .iter()
+            .filter_map(|(round, r)| Some(f(r) / f(b.rounds.get(round)?)))
+            .collect()
+    }
+
+    fn ratio_text(&self, s: Section, w: &Workload, k: Kind, base: Kind) -> String {
+        if k == base {
+            return "1".into();
+        }
+        let rs = self.ratios(s, w, k, base, RunResult::iops);
+        match median(rs.clone()) {
+            None => "—".into(),
+            Some(m) => {
+                let per: Vec<String> = rs.iter().map(|r| format!("{r:.2}")).collect();
+                format!("**{m:.2}** ({})", per.join(" "))
+            }
+        }
+    }
+
+    pub fn markdown(&self, img_prefix: &str) -> String {
+        let m = self.machine;
+        let i = self.info;
+        let mut o = String::new();
+        let _ = writeln!(o, "### blkbench results, {}\n", m.date);
+        if i.interrupted {
+            let _ = writeln!(o, "**Interrupted: partial results.**\n");
+        }
+        let _ = writeln!(
+            o,
+            "Machine: `{}`, {} × {}, {:.0} GiB RAM, Linux {}, {}; image on {} ({}). \
+             ringfence at {}.\n",
+            m.host,
+            m.cpus,
+            m.cpu,
+            m.mem_gib,
+            m.kernel,
+            m.os,
+            m.fs,
+            i.image,
+            if m.commit.is_empty() { "?" } else { &m.commit }
+        );
+        let _ = writeln!(
+            o,
+            "Command: `{}`. {} rounds, targets interleaved round by round; matrix runs {} s \
+             after {} s warm-up, scaling points {} s after {} s. Values are medians \
+             over rounds; \"vs native\" is the median of the per-round IOPS ratios to native \
+             (each round's ratio in parentheses). Latencies in µs; CPU/IO is the backend \
+             process's user+system CPU time per I/O in µs (from /proc/PID/stat).\n",
+            i.command,
+            i.rounds,
+            secs(i.main.duration),
+            secs(i.main.warmup),
+            secs(i.scale.duration),
+            secs(i.scale.warmup)
+        );
+        let _ = writeln!(o, "Targets:");
+        for k in &i.targets {
+            let _ = writeln!(o, "- **{}**: {}", k.name(), k.describe());
+        }
+        for (k, why) in &i.unavailable {
+            let _ = writeln!(o, "- ~~{}~~: not run: {}", k.name(), one_line(why, 300));
+        }
+        if !i.versions.is_empty() {
+            let v: Vec<String> = i.versions.iter().map(|(a, b)| format!("{a} {b}")).collect();
+            let _ = writeln!(o, "\nVersions: {}.", v.join("; "));
+        }
+        o.push('\n');
+
+        let main = self.workloads(Section::Main);
+        if !main.is_empty() {
+            let _ = writeln!(
+                o,
+                "| Workload | Target | IOPS | MiB/s | mean | p50 | p99 | p99.9 | CPU/IO | vs native |"
+            );
+            let _ = writeln!(o, "|---|---|--:|--:|--:|--:|--:|--:|--:|---|");
+            for w in &main {
+                for k in self.kinds(Section::Main, w) {
+                    let c = self.cell(Section::Main, w, k);
+                    if c.rounds.is_empty() {
+                        let e = c.errors.first().copied().unwrap_or("no result");
+                        let _ = writeln!(
+                            o,
+                            "| {} | {} | failed: {} |||||||| |",
+                            w.label(),
+                            k.name(),
+                            one_line(e, 160)
+                        );
+                        continue;
+                    }
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        w.label(),
+                        k.name(),
+                        opt(c.iops(), fmt_iops),
+                        opt(c.med(|r| Some(r.mib_s())), |v| format!("{v:.0}")),
+                        opt(c.med(|r| Some(r.mean_ns)), fmt_us),
+                        opt(c.med(|r| Some(r.p50_ns)), fmt_us),
+                        opt(c.med(|r| Some(r.p99_ns)), fmt_us),
+                        opt(c.med(|r| Some(r.p999_ns)), fmt_us),
+                        opt(c.med(RunResult::backend_us_per_io), |v| format!("{v:.2}")),
+                        self.ratio_text(Section::Main, w, k, Kind::Native),
+                    );
+                }
+            }
+            o.push('\n');
+            self.fio_table(&mut o, &main);
+            self.goals(&mut o);
+        }
+
+        for (s, title, col) in [
+            (Section::QdScaling, "Queue-depth scaling", "QD (1 queue)"),
+            (Section::QueueScaling, "Queue scaling", "queues"),
+        ] {
+            let ws = self.workloads(s);
+            if ws.is_empty() {
+                continue;
+            }
+            let kinds = self.kinds_in(s);
+            let _ = writeln!(
+                o,
+                "**{title}** ({}; IOPS, with the median per-round ratio to native):\n",
+                scaling_base_label(&ws[0], s)
+            );
+            let mut hdr = format!("| {col} |");
+            let mut sep = "|--:|".to_string();
+            for k in &kinds {
+                let _ = write!(hdr, " {} |", k.name());
+                sep.push_str("--:|");
+            }
+            if kinds.iter().any(|k| k.has_cpu()) {
+                for k in kinds.iter().filter(|k| k.has_cpu()) {
+                    let _ = write!(hdr, " {} CPU/IO |", k.name());
+                    sep.push_str("--:|");
+                }
+            }
+            let _ = writeln!(o, "{hdr}\n{sep}");
+            for w in &ws {
+                let x = if s == Section::QdScaling {
+                    w.qd
+                } else {
+                    w.queues
+                };
+                let mut line = format!("| {x} |");
+                for k in &kinds {
+                    let c = self.cell(s, w, *k);
+                    let ratio = median(self.ratios(s, w, *k, Kind::Native, RunResult::iops));
+                    let cell = match (c.iops(), ratio) {
+                        (None, _) => "—".to_string(),
+                        (Some(v), Some(r)) if *k != Kind::Native => {
+                            format!("{} ({r:.2})", fmt_iops(v))
+                        }
+                        (Some(v), _) => fmt_iops(v),
+                    };
+                    let _ = write!(line, " {cell} |");
+                }
+                for k in kinds.iter().filter(|k| k.has_cpu()) {
+                    let c = self.cell(s, w, *k);
+                    let _ = write!(
+                        line,
+                        " {} |",
+                        opt(c.med(RunResult::backend_us_per_io), |v| format!("{v:.2}"))
+                    );
+                }
+                let _ = writeln!(o, "{line}");
+            }
+            o.push('\n');
+        }
+
+        if self.qd_series().is_some() {
+            let _ = writeln!(o, "![IOPS against queue depth]({img_prefix}{IOPS_SVG})\n");
+        }
+        if self.cdf_source().is_some() {
+            let _ = writeln!(o, "![Latency CDF at QD1]({img_prefix}{CDF_SVG})\n");
+        }
+        if let Some(f) = &i.fio_example {
+            let _ = writeln!(o, "fio baseline command (per sequential row): `{f}`\n");
+        }
+        o
+    }
+
+    fn kinds_in(&self, s: Section) -> Vec<Kind> {
+        let mut ks: Vec<Kind> = self
+            .records
+            .iter()
+            .filter(|r| r.section == s)
+            .map(|r| r.kind)
+            .collect();
+        ks.sort();
+        ks.dedup();
+        ks
+    }
+
+    fn fio_table(&self, o: &mut String, main: &[Workload]) {
+        let rows: Vec<&Workload> = main
+            .iter()
+            .filter(|w| !self.cell(Section::Main, w, Kind::Fio).rounds.is_empty())
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "Sequential rows against fio's io_uring engine (per-round IOPS ratio to fio):\n"
+        );
+        let _ = writeln!(o, "| Workload | Target | vs fio |");
+        let _ = writeln!(o, "|---|---|---|");
+        for w in rows {
+            for k in self.kinds(Section::Main, w) {
+                if k == Kind::Fio {
+                    continue;
+                }
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} |",
+                    w.label(),
+                    k.name(),
+                    self.ratio_text(Section::Main, w, k, Kind::Fio)
+                );
+            }
+        }
+        o.push('\n');
+    }
+
+    /// The issue's targets, checked for ringfence (and qemu-storage-daemon for reference).
+    fn goals(&self, o: &mut String) {
+        let main = self.workloads(Section::Main);
+        let find = |w: Workload| main.iter().find(|x| **x == w).copied();
+        let contenders: Vec<Kind> = [Kind::Ringfence, Kind::Qsd]
+            .into_iter()
+            .filter(|k| {
+                main.iter()
+                    .any(|w| !self.cell(Section::Main, w, *k).rounds.is_empty())
+            })
+            .collect();
+        if contenders.is_empty() || !main.iter().any(|w| self.has(w, Kind::Native)) {
+            return;
+        }
+        let mut lines: Vec<(String, Vec<String>)> = Vec::new();
+        let ratio_goal = |w: Workload, what: &str| -> Option<(String, Vec<String>)> {
+            let w = find(w)?;
+            let cells = contenders
+                .iter()
+                .map(|k| {
+                    match median(self.ratios(Section::Main, &w, *k, Kind::Native, RunResult::iops))
+                    {
+                        Some(r) => format!("{} {r:.2}", mark(r >= 0.95)),
+                        None => "—".into(),
+                    }
+                })
+                .collect();
+            Some((format!("{what} ≥ 0.95 × native IOPS"), cells))
+        };
+        let goals = [
+            (Workload::new(true, 100, 4096, 32), "4k randread QD32"),
+            (Workload::new(true, 0, 4096, 32), "4k randwrite QD32"),
+            (Workload::new(false, 100, 128 << 10, 8), "128k seq read QD8"),
+            (Workload::new(false, 0, 128 << 10, 8), "128k seq write QD8"),
+        ];
+        for (w, what) in goals {
+            if let Some(l) = ratio_goal(w, what) {
+                lines.push(l);
+            }
+        }
+        if let Some(w) = find(Workload::new(true, 100, 4096, 1)) {
+            let cells = contenders
+                .iter()
+                .map(|k| {
+                    let d = median(self.ratios(Section::Main, &w, *k, Kind::Native, |r| r.p50_ns));
+                    let n = self
+                        .cell(Section::Main, &w, Kind::Native)
+                        .med(|r| Some(r.p50_ns));
+                    match (d, n) {
+                        (Some(d), Some(n)) => {
+                            let delta = (d - 1.0) * n / 1000.0;
+                            format!("{} {delta:+.1} µs", mark(delta <= 5.0))
+                        }
+                        _ => "—".into(),
+                    }
+                })
+                .collect();
+            lines.push(("4k randread QD1 p50 ≤ native + 5 µs".into(), cells));
+        }
+        if contenders.contains(&Kind::Ringfence) && contenders.contains(&Kind::Qsd) {
+            let rows: Vec<&Workload> = main
+                .iter()
+                .filter(|w| self.has(w, Kind::Ringfence) && self.has(w, Kind::Qsd))
+                .collect();
+            let ahead = rows
+                .iter()
+                .filter(|w| {
+                    let r = median(self.ratios(
+                        Section::Main,
+                        w,
+                        Kind::Ringfence,
+                        Kind::Qsd,
+                        RunResult::iops,
+                    ));
+                    r.is_some_and(|r| r > 1.0)
+                })
+                .count();
+            let cpu_ok = rows
+                .iter()
+                .filter(|w| {
+                    let a = self
+                        .cell(Section::Main, w, Kind::Ringfence)
+                        .med(RunResult::backend_us_per_io);
+                    let b = self
+                        .cell(Section::Main, w, Kind::Qsd)
+                        .med(RunResult::backend_us_per_io);
+                    matches!((a, b), (Some(a), Some(b)) if a <= b)
+                })
+                .count();
+            let n = rows.len();
+            let fill = |s: String| {
+                contenders
+                    .iter()
+                    .map(|k| {
+                        if *k == Kind::Ringfence {
+                            s.clone()
+                        } else {
+                            "".into()
+                        }
+                    })
+                    .collect()
+            };
+            lines.push((
+                "IOPS ahead of qemu-storage-daemon on every row".into(),
+                fill(format!("{} {ahead}/{n} rows", mark(ahead == n))),
+            ));
+            lines.push((
+                "backend CPU per I/O ≤ qemu-storage-daemon's on every row".into(),
+                fill(format!("{} {cpu_ok}/{n} rows", mark(cpu_ok == n))),
+            ));
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let _ = writeln!(o, "Goals (issue 6):\n");
+        let mut hdr = "| Goal |".to_string();
+        let mut sep = "|---|".to_string();
+        for k in &contenders {
+            let _ = write!(hdr, " {} |", k.name());
+            sep.push_str("---|");
+        }
+        let _ = writeln!(o, "{hdr}\n{sep}");
+        for (g, cells) in lines {
+            let _ = writeln!(o, "| {g} | {} |", cells.join(" | "));
+        }
+        o.push('\n');
+    }
+
+    fn has(&self, w: &Workload, k: Kind) -> bool {
+        !self.cell(Section::Main, w, k).rounds.is_empty()
+    }
+
+    /// (target, [(qd, median IOPS)]) from the QD-scaling section.
+    fn qd_series(&self) -> Option<Vec<Series>> {
+        let ws = self.workloads(Section::QdScaling);
+        if ws.len() < 2 {
+            return None;
+        }
+        let series: Vec<Series> = self
+            .kinds_in(Section::QdScaling)
+            .into_iter()
+            .map(|k| {
+                let pts = ws
+                    .iter()
+                    .filter_map(|w| Some((w.qd, self.cell(Section::QdScaling, w, k).iops()?)))
+                    .collect();
+                (k, pts)
+            })
+            .filter(|(_, p): &(Kind, Vec<_>)| !p.is_empty())
+            .collect();
+        (!series.is_empty()).then_some(series)
+    }
+
+    /// The QD1 workload whose latency distribution is plotted.
+    fn cdf_source(&self) -> Option<(Section, Workload)> {
+        let pick = |s: Section| {
+            self.workloads(s)
+                .into_iter()
+                .find(|w| w.qd == 1 && w.queues == 1 && w.random && w.read_pct == 100)
+                .or_else(|| self.workloads(s).into_iter().find(|w| w.qd == 1))
+                .map(|w| (s, w))
+        };
+        pick(Section::Main).or_else(|| pick(Section::QdScaling))
+    }
+
+    pub fn iops_svg(&self) -> Option<String> {
+        let series = self.qd_series()?;
+        let ws = self.workloads(Section::QdScaling);
+        let base = scaling_base_label(&ws[0], Section::QdScaling);
+        let ymax = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|x| x.1))
+            .fold(0.0, f64::max);
+        let qmin = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|x| x.0))
+            .min()?;
+        let qmax = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|x| x.0))
+            .max()?;
+        let (lo, hi) = (
+            f64::from(qmin).log2(),
+            f64::from(qmax).log2().max(f64::from(qmin).log2() + 1.0),
+        );
+        let ytop = nice_ceil(ymax * 1.05);
+        let mut c = Canvas::new(&format!(
+            "IOPS vs queue depth: {base} (median of {} rounds)",
+            self.info.rounds
+        ));
+        let g = c.g;
+        let xs = |q: f64| g.x(((q.log2() - lo) / (hi - lo)).clamp(0.0, 1.0));
+        // x grid: powers of two
+        let mut q = 1u32;
+        while q <= qmax {
+            if q >= qmin {
+                let x = xs(f64::from(q));
+                c.vline(x, &q.to_string());
+            }
+            q *= 2;
+        }
+        for i in 0..=5 {
+            let v = ytop * f64::from(i) / 5.0;
+            let y = g.y(v / ytop);
+            c.hline(y, &fmt_iops(v));
+        }
+        c.axis_labels("queue depth (requests in flight, 1 queue)", "IOPS");
+        for (k, pts) in &series {
+            let p: Vec<(f64, f64)> = pts
+                .iter()
+                .map(|(q, v)| (xs(f64::from(*q)), g.y(v / ytop)))
+                .collect();
+            c.polyline(&p, color(*k), true);
+        }
+        c.legend(&series.iter().map(|(k, _)| *k).collect::<Vec<_>>());
+        Some(c.finish())
+    }
+
+    pub fn cdf_svg(&self) -> Option<String> {
+        let (s, w) = self.cdf_source()?;
+        let hists: Vec<(Kind, Histogram)> = self
+            .kinds(s, &w)
+            .into_iter()
+            .filter_map(|k| Some((k, self.cell(s, &w, k).merged_hist()?)))
+            .filter(|(_, h)| h.count() > 0)
+            .collect();
+        if hists.is_empty() {
+            return None;
+        }
+        let lo_ns = hists.iter().map(|(_, h)| h.quantile(0.0005)).min()? as f64;
+        let hi_ns = hists.iter().map(|(_, h)| h.quantile(0.999)).max()? as f64;
+        let (lo, hi) = nice_log_range(lo_ns / 1000.0, hi_ns / 1000.0);
+        let mut c = Canvas::new(&format!("Latency CDF: {} (all rounds merged)", w.label()));
+        let g = c.g;
+        let xs =
+            |us: f64| g.x(((us.log10() - lo.log10()) / (hi.log10() - lo.log10())).clamp(0.0, 1.0));
+        for t in log_ticks(lo, hi) {
+            let x = xs(t);
+            c.vline(x, &fmt_tick(t));
+        }
+        for i in 0..=5 {
+            let f = f64::from(i) / 5.0;
+            let y = g.y(f);
+            c.hline(y, &format!("{:.0}%", f * 100.0));
+        }
+        c.axis_labels("latency (µs, log scale)", "fraction of I/Os ≤ latency");
+        for (k, h) in &hists {
+            let mut pts = Vec::new();
+            let mut prev = 0.0;
+            for (ns, frac) in h.cdf() {
+                let x = xs(ns as f64 / 1000.0);
+                pts.push((x, g.y(prev)));
+                pts.push((x, g.y(frac)));
+                prev = frac;
+            }
+            c.polyline(&pts, color(*k), false);
+        }
+        c.legend(&hists.iter().map(|(k, _)| *k).collect::<Vec<_>>());
+        Some(c.finish())
+    }
+
+    pub fn csv(&self) -> String {
+        let mut o = String::from(
+            "section,workload,round,target,iops,mib_s,mean_us,p50_us,p99_us,p999_us,backend_cpu_us_per_io,client_cpu_us_per_io,error\n",
+        );
+        for r in self.records {
+            let sec = match r.section {
+                Section::Main => "main",
+                Section::QdScaling => "qd",
+                Section::QueueScaling => "queues",
+            };
+            let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
+            match &r.result {
+                Ok(x) => {
+                    let _ = writeln!(
+                        o,
+                        "{sec},{},{},{},{:.1},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},",
+                        r.w.label(),
+                        r.round,
+                        r.kind.name(),
+                        x.iops(),
+                        x.mib_s(),
+                        x.mean_ns / 1e3,
+                        x.p50_ns / 1e3,
+                        x.p99_ns / 1e3,
+                        x.p999_ns / 1e3,
+                        f(x.backend_us_per_io()),
+                        f(x.client_us_per_io()),
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        o,
+                        "{sec},{},{},{},,,,,,,,,\"{}\"",
+                        r.w.label(),
+                        r.round,
+                        r.kind.name(),
+                        one_line(e, 400).replace('"', "'")
+                    );
+                }
+            }
+        }
+        o
+    }
+
+    /// Write results.md, the SVGs and results.csv into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let put = |name: &str, body: &str| {
+            std::fs::write(dir.join(name), body)
+                .map_err(|e| format!("writing {}: {e}", dir.join(name).display()))
+        };
+        put("results.md", &self.markdown(""))?;
+        put("results.csv", &self.csv())?;
+        match self.iops_svg() {
+            Some(s) => put(IOPS_SVG, &s)?,
+            None => {
+                let _ = std::fs::remove_file(dir.join(IOPS_SVG));
+            }
+        }
+        match self.cdf_svg() {
+            Some(s) => put(CDF_SVG, &s)?,
+            None => {
+                let _ = std::fs::remove_file(dir.join(CDF_SVG));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Kind {
+    fn has_cpu(&self) -> bool {
+        crate::targets::has_backend(*self)
+    }
+}
+
+/// Seconds with up to three decimals, trailing zeros trimmed.
+fn secs(d: std::time::Duration) -> String {
+    let s = format!("{:.3}", d.as_secs_f64());
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok {
+        "✅"
+    } else {
+        "❌"
+    }
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let s: String = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "/");
+    if s.chars().count() > max {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
+    } else {
+        s
+    }
+}
+
+fn scaling_base_label(w: &Workload, s: Section) -> String {
+    let mut w = *w;
+    match s {
+        Section::QdScaling => {
+            // "4k randread" without the QD.
+            w.qd = 1;
+            w.label().trim_end_matches(" QD1").to_string()
+        }
+        _ => {
+            w.queues = 1;
+            format!("{} per queue", w.label())
+        }
+    }
+}
+
+fn nice_ceil(v: f64) -> f64 {
+    if v <= 0.0 {
+        return 1.0;
+    }
+    let p = 10f64.powf(v.log10().floor());
+    for m in [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0] {
+        if m * p >= v {
+            return m * p;
+        }
+    }
+    10.0 * p
+}
+
+/// A log range covering [lo, hi] with a little room, snapped to 1-2-5 values.
+fn nice_log_range(lo: f64, hi: f64) -> (f64, f64) {
+    let lo = lo.max(0.1);
+    let hi = hi.max(lo * 2.0);
+    let snap_down = |v: f64| {
+        let p = 10f64.powf(v.log10().floor());
+        [5.0, 2.0, 1.0]
+            .into_iter()
+            .map(|m| m * p)
+            .find(|c| *c <= v)
+            .unwrap_or(p)
+    };
+    let snap_up = |v: f64| {
+        let p = 10f64.powf(v.log10().floor());
+        [1.0, 2.0, 5.0, 10.0]
+            .into_iter()
+            .map(|m| m * p)
+            .find(|c| *c >= v)
+            .unwrap_or(10.0 * p)
+    };
+    (snap_down(lo), snap_up(hi))
+}
+
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut p = 10f64.powf(lo.log10().floor());
+    while p <= hi * 1.0001 {
+        for m in [1.0, 2.0, 5.0] {
+            let t = m * p;
+            if t >= lo * 0.9999 && t <= hi * 1.0001 {
+                out.push(t);
+            }
+        }
+        p *= 10.0;
+    }
+    out
+}
+
+fn fmt_tick(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{}ms", us / 1000.0)
+    } else {
+        format!("{us}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Plot geometry: the SVG size and the margins around the plot area.
+#[derive(Clone, Copy)]
+struct Geom {
+    w: f64,
+    h: f64,
+    left: f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+}
+
+impl Geom {
+    /// Plot-area x for a fraction 0..1.
+    fn x(&self, f: f64) -> f64 {
+        self.left + f * (self.w - self.left - self.right)
+    }
+
+    fn y(&self, f: f64) -> f64 {
+        self.h - self.bottom - f * (self.h - self.top - self.bottom)
+    }
+}
+
+/// A minimal SVG plot.
+struct Canvas {
+    out: String,
+    g: Geom,
+}
+
+impl Canvas {
+    fn new(title: &str) -> Canvas {
+        let (w, h) = (760.0, 440.0);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(out, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+            w / 2.0,
+            esc(title)
+        );
+        Canvas {
+            out,
+            g: Geom {
+                w,
+                h,
+                left: 80.0,
+                right: 150.0,
+                top: 40.0,
+                bottom: 55.0,
+            },
+        }
+    }
+
+    fn vline(&mut self, x: f64, label: &str) {
+        let _ = writeln!(
+            self.out,
+            r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#dddddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            self.g.top,
+            self.g.h - self.g.bottom,
+            self.g.h - self.g.bottom + 16.0,
+            esc(label)
+        );
+    }
+
+    fn hline(&mut self, y: f64, label: &str) {
+        let _ = writeln!(
+            self.out,
+            r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#dddddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            self.g.left,
+            self.g.w - self.g.right,
+            self.g.left - 6.0,
+            y + 4.0,
+            esc(label)
+        );
+    }
+
+    fn axis_labels(&mut self, x: &str, y: &str) {
+        let _ = writeln!(
+            self.out,
+            r##"<rect x="{}" y="{}" width="{}" height="{}" fill="none" stroke="#888888"/>"##,
+            self.g.left,
+            self.g.top,
+            self.g.w - self.g.left - self.g.right,
+            self.g.h - self.g.top - self.g.bottom
+        );
+        let _ = writeln!(
+            self.out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            (self.g.left + self.g.w - self.g.right) / 2.0,
+            self.g.h - 14.0,
+            esc(x)
+        );
+        let cy = (self.g.top + self.g.h - self.g.bottom) / 2.0;
+        let _ = writeln!(
+            self.out,
+            r#"<text x="18" y="{cy:.1}" text-anchor="middle" transform="rotate(-90 18 {cy:.1})">{}</text>"#,
+            esc(y)
+        );
+    }
+
+    fn polyline(&mut self, pts: &[(f64, f64)], color: &str, markers: bool) {
+        let p: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let _ = writeln!(
+            self.out,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+            p.join(" ")
+        );
+        if markers {
+            for (x, y) in pts {
+                let _ = writeln!(
+                    self.out,
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{color}"/>"#
+                );
+            }
+        }
+    }
+
+    fn legend(&mut self, kinds: &[Kind]) {
+        let x = self.g.w - self.g.right + 15.0;
+        for (i, k) in kinds.iter().enumerate() {
+            let y = self.g.top + 10.0 + 20.0 * i as f64;
+            let _ = writeln!(
+                self.out,
+                r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+                x + 22.0,
+                color(*k),
+                x + 28.0,
+                y + 4.0,
+                k.name()
+            );
+        }
+    }
+
+    fn finish(mut self) -> String {
+        self.out.push_str("</svg>\n");
+        self.out
+    }
+}
+
+/// Splice `block` between the README's result markers.
+pub fn update_readme(readme: &Path, block: &str) -> Result<(), String> {
+    const BEGIN: &str = "<!-- blkbench:results:begin -->";
+    const END: &str = "<!-- blkbench:results:end -->";
+    let text = std::fs::read_to_string(readme)
+        .map_err(|e| format!("reading {}: {e}", readme.display()))?;
+    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+        return Err(format!("{} has no result markers", readme.display()));
+    };
+    if e < b {
+        return Err(format!("{}: result markers out of order", readme.display()));
+    }
+    let new = format!(
+        "{}{BEGIN}\n{}\n{}",
+        &text[..b],
+        block.trim_end(),
+        &text[e..]
+    );
+    std::fs::write(readme, new).map_err(|e| format!("writing {}: {e}", readme.display()))
+}
+
+/// Self-check of the helpers for test mode.
+pub fn self_check() -> Result<(), String> {
+    if median(vec![3.0, 1.0, 2.0]) != Some(2.0) || median(vec![1.0, 2.0]) != Some(1.5) {
+        return Err("median".into());
+    }
+    if nice_log_range(13.0, 480.0) != (10.0, 500.0) || log_ticks(10.0, 500.0).len() != 6 {
+        return Err("log ticks".into());
+    }
+    Ok(())
+}
