@@ -31,6 +31,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use seccompiler::{apply_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use ringfence::guest_map::{FixedBufferMap, MAX_FIXED_BUFFER};
+use ringfence::ring::builder::vectored_fixed_supported;
 use ringfence::ring::{build_ring, RingPolicy, RingSetup};
 
 /// Size of the scratch image (fixed file 0) and of the fixed buffer of the ringfence ring.
@@ -155,9 +156,13 @@ impl Demo {
                 )
                 .map_err(|e| format!("fixed buffer map: {e}"))?;
                 let files = [(image.as_raw_fd(), "scratch image".to_string())];
-                // A writable disk with FLUSH and DISCARD/WRITE_ZEROES negotiated: the broadest
-                // policy the daemon ever builds a ring with.
-                let policy = RingPolicy::for_device(true, true, true);
+                // A writable disk with FLUSH and DISCARD/WRITE_ZEROES negotiated, plus the
+                // vectored fixed-buffer opcodes where the kernel has them: the broadest policy
+                // the daemon ever builds a ring with.
+                let mut policy = RingPolicy::for_device(true, true, true);
+                if vectored_fixed_supported() {
+                    policy = policy.with_vectored();
+                }
                 let ring = build_ring(&RingSetup {
                     label: "demo",
                     entries: 8,
