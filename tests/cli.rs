@@ -1,0 +1,541 @@
+//! The ringfence binary as an operator meets it: mistakes on the command line end with one
+//! clear line on stderr and a non-zero exit (never a panic), and the lifecycle of the process
+//! (image creation, capabilities, signals, reconnecting VMMs, an inherited socket) works.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use ringfence_guest_tests::daemon::Daemon;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ringfence-cli")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// The binary with a clean environment for error tests: no log filter (so the default output
+/// is what an operator sees), and backtraces on, so that a panic could not hide.
+fn ringfence() -> Command {
+    let mut c = Command::new(ringfence_bin());
+    c.env_remove("RUST_LOG").env("RUST_BACKTRACE", "1");
+    c
+}
+
+/// Run and check the CLI-error contract: non-zero exit (not a signal), stderr is exactly one
+/// non-empty line, no panic or backtrace. Returns that line.
+#[track_caller]
+fn expect_one_line_error(cmd: &mut Command, case: &str) -> String {
+    let f = run_to_exit(cmd);
+    let code = f.status.code();
+    assert!(
+        code.is_some() && code != Some(0),
+        "{case}: expected a non-zero exit, got {:?}; stderr:\n{}",
+        f.status,
+        f.stderr
+    );
+    for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(
+            !f.stderr.contains(bad),
+            "{case}: stderr has '{bad}':\n{}",
+            f.stderr
+        );
+    }
+    let text = f.stderr.trim_end();
+    assert!(!text.trim().is_empty(), "{case}: stderr is empty");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{case}: expected one line on stderr, got {}:\n{}",
+        lines.len(),
+        f.stderr
+    );
+    lines[0].to_string()
+}
+
+fn sparse(path: &Path, size: u64) {
+    create_image(path, size, None);
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+// ------------------------------------------------------------------------------------------
+// Errors at startup
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn missing_image_without_create_size() {
+    let d = tempdir();
+    let img = d.path().join("nope.img");
+    let sock = d.path().join("s.sock");
+    let line = expect_one_line_error(
+        ringfence().args(["--socket-path", s(&sock), "--blk-file", s(&img)]),
+        "missing image",
+    );
+    assert!(line.contains(s(&img)), "the error names the image: {line}");
+    assert!(!img.exists(), "no image was created without --create-size");
+}
+
+#[test]
+fn unreadable_image() {
+    let d = tempdir();
+    let img = d.path().join("secret.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = ringfence();
+    cmd.args(["--socket-path", s(&sock), "--blk-file", s(&img)]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root reads anything: run as nobody, with the directory open to it for the socket.
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        cmd.uid(65534).gid(65534);
+    }
+    let line = expect_one_line_error(&mut cmd, "unreadable image");
+    assert!(line.contains(s(&img)), "the error names the image: {line}");
+}
+
+#[test]
+fn image_size_not_a_multiple_of_512() {
+    let d = tempdir();
+    let sock = d.path().join("s.sock");
+    for size in [1000u64, 4 * MIB + 1] {
+        let img = d.path().join(format!("odd-{size}.img"));
+        std::fs::write(&img, vec![0u8; size as usize]).unwrap();
+        let line = expect_one_line_error(
+            ringfence().args(["--socket-path", s(&sock), "--blk-file", s(&img)]),
+            &format!("image of {size} bytes"),
+        );
+        assert!(line.contains(s(&img)), "the error names the image: {line}");
+        assert!(line.contains("512"), "the error says what is wrong: {line}");
+    }
+}
+
+#[test]
+fn empty_image() {
+    let d = tempdir();
+    let img = d.path().join("empty.img");
+    std::fs::write(&img, b"").unwrap();
+    let line = expect_one_line_error(
+        ringfence().args([
+            "--socket-path",
+            s(&d.path().join("s.sock")),
+            "--blk-file",
+            s(&img),
+        ]),
+        "empty image",
+    );
+    assert!(line.contains(s(&img)), "the error names the image: {line}");
+}
+
+#[test]
+fn image_is_a_directory() {
+    let d = tempdir();
+    let line = expect_one_line_error(
+        ringfence().args([
+            "--socket-path",
+            s(&d.path().join("s.sock")),
+            "--blk-file",
+            s(d.path()),
+        ]),
+        "image is a directory",
+    );
+    assert!(
+        line.contains(s(d.path())),
+        "the error names the image: {line}"
+    );
+}
+
+#[test]
+fn socket_in_use_by_a_live_listener() {
+    let d = tempdir();
+    let (img1, img2) = (d.path().join("1.img"), d.path().join("2.img"));
+    let sock = d.path().join("s.sock");
+    sparse(&img1, 4 * MIB);
+    sparse(&img2, 4 * MIB);
+    let first = Daemon::ringfence_at(ringfence_bin(), &sock, &["--blk-file", s(&img1)]);
+    let line = expect_one_line_error(
+        ringfence().args(["--socket-path", s(&sock), "--blk-file", s(&img2)]),
+        "second ringfence on the same socket",
+    );
+    assert!(
+        line.contains(s(&sock)),
+        "the error names the socket: {line}"
+    );
+    // The first one is undisturbed: its socket still works.
+    let mut c = Client::connect(&sock, ClientOpts::default()).unwrap_or_else(|e| {
+        panic!(
+            "the first ringfence no longer serves: {e}; stderr:\n{}",
+            first.stderr()
+        )
+    });
+    assert_eq!(c.capacity(), 4 * MIB);
+    c.q().write(0, &[7; 512]).unwrap();
+    assert_eq!(
+        read_file_at(&img1, 0, 512),
+        vec![7; 512],
+        "served from the first image"
+    );
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    // A socket file nobody listens on (a crashed daemon's) does not block a new start.
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    drop(UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let daemon = Daemon::ringfence_at(ringfence_bin(), &sock, &["--blk-file", s(&img)]);
+    let c = Client::connect(&sock, ClientOpts::default())
+        .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()));
+    assert_eq!(c.capacity(), 4 * MIB);
+}
+
+#[test]
+fn image_already_served_by_another_ringfence() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let (s1, s2) = (d.path().join("1.sock"), d.path().join("2.sock"));
+    sparse(&img, 4 * MIB);
+    let first = Daemon::ringfence_at(ringfence_bin(), &s1, &["--blk-file", s(&img)]);
+    let line = expect_one_line_error(
+        ringfence().args(["--socket-path", s(&s2), "--blk-file", s(&img)]),
+        "second ringfence on the same image",
+    );
+    assert!(line.contains(s(&img)), "the error names the image: {line}");
+    let c = Client::connect(&s1, ClientOpts::default()).unwrap_or_else(|e| {
+        panic!(
+            "the first ringfence no longer serves: {e}; stderr:\n{}",
+            first.stderr()
+        )
+    });
+    assert_eq!(c.capacity(), 4 * MIB);
+    // Read-only does not get around the lock either: the writer could change data under it.
+    expect_one_line_error(
+        ringfence().args([
+            "--socket-path",
+            s(&s2),
+            "--blk-file",
+            s(&img),
+            "--read-only",
+        ]),
+        "read-only ringfence on an image already served",
+    );
+}
+
+#[test]
+fn bad_option_values() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    let base = ["--socket-path", s(&sock), "--blk-file", s(&img)];
+    let long_serial = "x".repeat(21);
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("--num-queues 0", vec!["--num-queues", "0"]),
+        ("--num-queues 65", vec!["--num-queues", "65"]),
+        ("--num-queues abc", vec!["--num-queues", "abc"]),
+        ("--queue-size 100", vec!["--queue-size", "100"]),
+        ("--queue-size 2048", vec!["--queue-size", "2048"]),
+        ("--queue-size 1", vec!["--queue-size", "1"]),
+        ("--create-size 513", vec!["--create-size", "513"]),
+        ("--create-size 12Q", vec!["--create-size", "12Q"]),
+        ("--create-size 0", vec!["--create-size", "0"]),
+        ("--serial of 21 bytes", vec!["--serial", &long_serial]),
+        ("--cache bogus", vec!["--cache", "bogus"]),
+        ("--sandbox bogus", vec!["--sandbox", "bogus"]),
+        ("unknown option", vec!["--frobnicate"]),
+    ];
+    for (case, extra) in cases {
+        let line = expect_one_line_error(ringfence().args(base).args(extra), case);
+        assert!(!sock.exists(), "{case}: left a socket behind ({line})");
+    }
+    // Options missing altogether.
+    expect_one_line_error(ringfence().args(["--blk-file", s(&img)]), "no socket");
+    expect_one_line_error(
+        ringfence().args(["--socket-path", s(&sock)]),
+        "no --blk-file",
+    );
+    expect_one_line_error(
+        ringfence().args([
+            "--socket-path",
+            s(&sock),
+            "--fd",
+            "3",
+            "--blk-file",
+            s(&img),
+        ]),
+        "--socket-path and --fd together",
+    );
+    // --fd that is not a listening unix socket: not open, a regular file.
+    expect_one_line_error(
+        ringfence().args(["--fd", "987", "--blk-file", s(&img)]),
+        "--fd not open",
+    );
+    let file = std::fs::File::open(&img).unwrap();
+    let fd = file.as_raw_fd();
+    let mut cmd = ringfence();
+    cmd.args(["--fd", &fd.to_string(), "--blk-file", s(&img)]);
+    inherit_fd(&mut cmd, fd);
+    expect_one_line_error(&mut cmd, "--fd of a regular file");
+}
+
+/// Let the child inherit `fd` under the same number.
+fn inherit_fd(cmd: &mut Command, fd: i32) {
+    // SAFETY: the hook runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe, on an fd the parent keeps open until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Lifecycle
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn create_size_creates_a_sparse_image() {
+    let d = tempdir();
+    let img = d.path().join("new.img");
+    let sock = d.path().join("s.sock");
+    let daemon = Daemon::ringfence_at(
+        ringfence_bin(),
+        &sock,
+        &["--blk-file", s(&img), "--create-size", "64M"],
+    );
+    let m = std::fs::metadata(&img).expect("the image was created");
+    assert!(m.is_file());
+    assert_eq!(m.len(), 64 * MIB, "image size");
+    assert!(
+        m.blocks() * 512 < MIB,
+        "the new image is sparse: {} bytes allocated",
+        m.blocks() * 512
+    );
+    let mut c = Client::connect(&sock, ClientOpts::default())
+        .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()));
+    assert_eq!(c.capacity(), 64 * MIB);
+    assert_eq!(
+        c.q().read(32 * MIB, 4096).unwrap(),
+        vec![0; 4096],
+        "a new image reads zeroes"
+    );
+}
+
+#[test]
+fn create_size_leaves_an_existing_image_alone() {
+    let d = tempdir();
+    let img = d.path().join("old.img");
+    let sock = d.path().join("s.sock");
+    create_image(&img, 8 * MIB, Some(21));
+    let daemon = Daemon::ringfence_at(
+        ringfence_bin(),
+        &sock,
+        &["--blk-file", s(&img), "--create-size", "64M"],
+    );
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        8 * MIB,
+        "not resized"
+    );
+    let mut c = Client::connect(&sock, ClientOpts::default())
+        .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()));
+    assert_eq!(c.capacity(), 8 * MIB);
+    assert_same(
+        "existing data",
+        0,
+        &c.q().read(0, 64 * 1024).unwrap(),
+        &pattern(21, 0, 64 * 1024),
+    );
+}
+
+#[test]
+fn print_capabilities() {
+    // Works without an image or a socket, as vhost-user backend conventions require.
+    let f = run_to_exit(ringfence().arg("--print-capabilities"));
+    assert_eq!(f.status.code(), Some(0), "stderr:\n{}", f.stderr);
+    let compact: String = f.stdout.chars().filter(|c| !c.is_whitespace()).collect();
+    assert!(
+        compact.starts_with('{') && compact.ends_with('}'),
+        "a JSON object: {}",
+        f.stdout
+    );
+    assert!(
+        compact.contains("\"type\":\"block-device\""),
+        "\"type\": \"block-device\" in {}",
+        f.stdout
+    );
+}
+
+/// Send `sig` to a running ringfence and check it exits promptly with status 0, removing its
+/// socket; a new ringfence then starts on the same path.
+fn exits_cleanly_on(sig: i32, with_client: bool) {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    let daemon = Daemon::ringfence_at(ringfence_bin(), &sock, &["--blk-file", s(&img)]);
+    let client = with_client.then(|| {
+        let mut c = Client::connect(&sock, ClientOpts::default())
+            .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()));
+        c.q().write(0, &[9; 4096]).unwrap();
+        c
+    });
+    let pid = daemon.pid();
+    let pidfd = pidfd_open(pid);
+    send_signal(pid, sig);
+    assert!(
+        wait_readable(pidfd.as_raw_fd(), EXIT_TIMEOUT),
+        "ringfence did not exit within {EXIT_TIMEOUT:?} of signal {sig}; stderr:\n{}",
+        daemon.stderr()
+    );
+    let stderr = daemon.stderr();
+    let code = daemon.terminate(); // only reaps: it has exited
+    assert_eq!(
+        code,
+        Some(0),
+        "exit status after signal {sig}; stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "stderr:\n{stderr}");
+    drop(client);
+    assert!(!sock.exists(), "the socket file is removed on exit");
+    if with_client {
+        assert_eq!(
+            read_file_at(&img, 0, 4096),
+            vec![9; 4096],
+            "data written before the signal"
+        );
+    }
+    let again = Daemon::ringfence_at(ringfence_bin(), &sock, &["--blk-file", s(&img)]);
+    let c = Client::connect(&sock, ClientOpts::default()).unwrap_or_else(|e| {
+        panic!(
+            "restart on the same socket: {e}; stderr:\n{}",
+            again.stderr()
+        )
+    });
+    assert_eq!(c.capacity(), 4 * MIB);
+}
+
+#[test]
+fn sigterm_exits_cleanly() {
+    exits_cleanly_on(libc::SIGTERM, false);
+}
+
+#[test]
+fn sigterm_with_a_connected_client_exits_cleanly() {
+    exits_cleanly_on(libc::SIGTERM, true);
+}
+
+#[test]
+fn sigint_exits_cleanly() {
+    exits_cleanly_on(libc::SIGINT, true);
+}
+
+#[test]
+fn a_new_vmm_connection_is_accepted_after_one_disconnects() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 8 * MIB);
+    let mut daemon = Daemon::ringfence_at(ringfence_bin(), &sock, &["--blk-file", s(&img)]);
+    let connect = |daemon: &Daemon| {
+        Client::connect(&sock, ClientOpts::default())
+            .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()))
+    };
+    for round in 0..4u64 {
+        // Some VMMs go away before starting the device, or right after negotiating.
+        match round {
+            1 => {
+                let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+                b.set_str("path", s(&sock)).unwrap();
+                b.connect().unwrap();
+                drop(b);
+            }
+            2 => drop(std::os::unix::net::UnixStream::connect(&sock).unwrap()),
+            _ => {}
+        }
+        let mut c = connect(&daemon);
+        let off = round * MIB;
+        let data = pattern(round, off, 8192);
+        c.q().write(off, &data).unwrap();
+        for r in 0..=round {
+            assert_same(
+                &format!("round {round}: data of round {r}"),
+                r * MIB,
+                &c.q().read(r * MIB, 8192).unwrap(),
+                &pattern(r, r * MIB, 8192),
+            );
+        }
+        drop(c);
+        assert!(
+            daemon.is_alive(),
+            "round {round}: ringfence exited; stderr:\n{}",
+            daemon.stderr()
+        );
+    }
+}
+
+#[test]
+fn once_exits_after_the_first_connection() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    let daemon = Daemon::ringfence_at(ringfence_bin(), &sock, &["--blk-file", s(&img), "--once"]);
+    let pidfd = pidfd_open(daemon.pid());
+    let mut c = Client::connect(&sock, ClientOpts::default())
+        .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()));
+    c.q().write(0, &[3; 512]).unwrap();
+    drop(c);
+    assert!(
+        wait_readable(pidfd.as_raw_fd(), EXIT_TIMEOUT),
+        "--once: still running after the client left; stderr:\n{}",
+        daemon.stderr()
+    );
+    let stderr = daemon.stderr();
+    assert_eq!(daemon.terminate(), Some(0), "stderr:\n{stderr}");
+    assert_eq!(read_file_at(&img, 0, 512), vec![3; 512]);
+}
+
+#[test]
+fn serves_an_inherited_listening_socket() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock: PathBuf = d.path().join("activated.sock");
+    sparse(&img, 4 * MIB);
+    let listener = UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(ringfence_bin());
+    cmd.args(["--fd", &fd.to_string(), "--blk-file", s(&img)])
+        .env("RUST_LOG", "info");
+    inherit_fd(&mut cmd, fd);
+    let p = Proc::spawn_until_ready(&mut cmd);
+    drop(listener); // ringfence has its own copy
+    let mut c = Client::connect(&sock, ClientOpts::default()).unwrap_or_else(|e| {
+        panic!(
+            "connect through the inherited socket: {e}; stderr:\n{}",
+            p.stderr()
+        )
+    });
+    assert_eq!(c.capacity(), 4 * MIB);
+    let data = pattern(5, 4096, 8192);
+    c.q().write(4096, &data).unwrap();
+    assert_eq!(c.q().read(4096, 8192).unwrap(), data);
+    assert_same("image file", 4096, &read_file_at(&img, 4096, 8192), &data);
+}
