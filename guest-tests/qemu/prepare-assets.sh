@@ -72,6 +72,8 @@ for c in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio modinfo blkdisc
     ldd ldconfig; do
     command -v "$c" >/dev/null 2>&1 || die "$c not found after installing packages"
 done
+qemu-system-x86_64 --version >/dev/null ||
+    die "qemu-system-x86_64 does not run: apt-get install --reinstall qemu-system-x86"
 # busybox-static's binary (it conflicts with the dynamic busybox package, so this is the static one).
 busybox_bin=/bin/busybox
 if ldd "$busybox_bin" >/dev/null 2>&1; then
