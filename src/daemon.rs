@@ -135,17 +135,23 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             ready_printed = true;
         }
 
-        if let Err(e) = daemon.start(&mut listener) {
-            error!("accepting a VMM connection failed: {e}");
-            continue;
-        }
-        info!("VMM connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => info!("VMM disconnected"),
-            Err(e) => warn!("VMM connection ended: {e}"),
+        match daemon.start(&mut listener) {
+            Ok(()) => {
+                info!("VMM connected");
+                match daemon.wait() {
+                    Ok(())
+                    | Err(vhost_user_backend::Error::HandleRequest(
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage,
+                    )) => info!("VMM disconnected"),
+                    Err(e) => warn!("VMM connection ended: {e}"),
+                }
+            }
+            Err(e) => {
+                error!("accepting a VMM connection failed: {e}");
+                // E.g. out of file descriptors: do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         for h in &handlers {
             h.send_exit_event();
