@@ -67,11 +67,15 @@ struct Opts {
     #[arg(long, value_enum, default_value_t = FioMode::Auto)]
     fio: FioMode,
 
-    /// Rounds per workload [default: 3; 2 with --quick].
+    /// Rounds per matrix workload [default: 5; 2 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: Option<u32>,
 
-    /// Measured seconds per matrix run [default: 3; 1 with --quick].
+    /// Rounds per scaling point [default: 3; 2 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    scale_rounds: Option<u32>,
+
+    /// Measured seconds per matrix run [default: 2; 1 with --quick].
     #[arg(long, value_parser = parse_secs)]
     duration: Option<f64>,
 
@@ -87,7 +91,7 @@ struct Opts {
     #[arg(long, value_parser = parse_secs)]
     scale_warmup: Option<f64>,
 
-    /// Short runs for development: 2 rounds, 1 s points, 0.5 s scaling points.
+    /// Short runs for development: 2 rounds, 1 s matrix points, 0.5 s scaling points.
     #[arg(long)]
     quick: bool,
 
@@ -225,6 +229,7 @@ struct Plan {
     section: Section,
     w: Workload,
     t: Timing,
+    rounds: u32,
 }
 
 fn main() {
@@ -307,13 +312,14 @@ fn self_check() -> Result<String, String> {
 }
 
 fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
-    let rounds = o.rounds.unwrap_or(if o.quick { 2 } else { 3 });
+    let rounds = o.rounds.unwrap_or(if o.quick { 2 } else { 5 });
+    let scale_rounds = o.scale_rounds.unwrap_or(if o.quick { 2 } else { 3 });
     let secs = |v: Option<f64>, normal: f64, quick: f64| {
         Duration::from_secs_f64(v.unwrap_or(if o.quick { quick } else { normal }))
     };
     let main_t = Timing {
         warmup: secs(o.warmup, 0.5, 0.25),
-        duration: secs(o.duration, 3.0, 1.0),
+        duration: secs(o.duration, 2.0, 1.0),
     };
     let scale_t = Timing {
         warmup: secs(o.scale_warmup, 0.25, 0.1),
@@ -335,6 +341,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
             section: Section::Main,
             w,
             t: main_t,
+            rounds,
         }));
     }
     let base = Workload::parse(&o.scaling_job).map_err(|e| format!("--scaling-job: {e}"))?;
@@ -347,6 +354,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 ..base
             },
             t: scale_t,
+            rounds: scale_rounds,
         });
     }
     for queues in parse_list("queue-scaling", &o.queue_scaling, 64)? {
@@ -358,6 +366,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 ..base
             },
             t: scale_t,
+            rounds: scale_rounds,
         });
     }
     if plan.is_empty() {
@@ -463,18 +472,19 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
 
     let total_runs: usize = plan
         .iter()
-        .map(|p| rounds as usize * kinds.iter().filter(|k| k.applies_to(&p.w)).count())
+        .map(|p| p.rounds as usize * kinds.iter().filter(|k| k.applies_to(&p.w)).count())
         .sum();
     let per_run_overhead = Duration::from_millis(250);
     let mut remaining: Duration = plan
         .iter()
         .map(|p| {
             (p.t.warmup + p.t.duration + per_run_overhead)
-                * (rounds * kinds.iter().filter(|k| k.applies_to(&p.w)).count() as u32)
+                * (p.rounds * kinds.iter().filter(|k| k.applies_to(&p.w)).count() as u32)
         })
         .sum();
     eprintln!(
-        "blkbench: {} workloads × {rounds} rounds × [{}] = {total_runs} runs, about {}",
+        "blkbench: {} workloads × {rounds} rounds ({scale_rounds} for scaling points) × [{}] = \
+         {total_runs} runs, about {}",
         plan.len(),
         kinds
             .iter()
@@ -490,7 +500,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     let mut dropped: Vec<Kind> = Vec::new();
     let mut done = 0usize;
     'outer: for p in &plan {
-        for round in 1..=rounds {
+        for round in 1..=p.rounds {
             for &k in &kinds {
                 if !k.applies_to(&p.w) || dropped.contains(&k) {
                     continue;
@@ -528,9 +538,10 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                     }
                 };
                 eprintln!(
-                    "[{done:>3}/{total_runs} {:>5} left] {:<24} round {round}/{rounds}  {:<9} {status}",
+                    "[{done:>3}/{total_runs} {:>5} left] {:<24} round {round}/{}  {:<9} {status}",
                     fmt_dur(remaining),
                     p.w.label(),
+                    p.rounds,
                     k.name(),
                 );
                 let _ = t0;
@@ -578,6 +589,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     let info = RunInfo {
         command: cmd,
         rounds,
+        scale_rounds,
         main: main_t,
         scale: scale_t,
         image: image_desc,

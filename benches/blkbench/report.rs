@@ -28,6 +28,7 @@ pub struct Record {
 pub struct RunInfo {
     pub command: String,
     pub rounds: u32,
+    pub scale_rounds: u32,
     pub main: Timing,
     pub scale: Timing,
     pub image: String,
@@ -223,15 +224,16 @@ impl<'a> Report<'a> {
         );
         let _ = writeln!(
             o,
-            "Command: `{}`. {} rounds, targets interleaved round by round; matrix runs {} s \
-             after {} s warm-up, scaling points {} s after {} s. Values are medians \
+            "Command: `{}`. Targets interleaved round by round; matrix: {} of {} s \
+             after {} s warm-up; scaling points: {} of {} s after {} s. Values are medians \
              over rounds; \"vs native\" is the median of the per-round IOPS ratios to native \
              (each round's ratio in parentheses). Latencies in µs; CPU/IO is the backend \
              process's user+system CPU time per I/O in µs (from /proc/PID/stat).\n",
             i.command,
-            i.rounds,
+            rounds(i.rounds),
             secs(i.main.duration),
             secs(i.main.warmup),
+            rounds(i.scale_rounds),
             secs(i.scale.duration),
             secs(i.scale.warmup)
         );
@@ -281,7 +283,8 @@ impl<'a> Report<'a> {
                         opt(c.med(|r| Some(r.p99_ns)), fmt_us),
                         opt(c.med(|r| Some(r.p999_ns)), fmt_us),
                         opt(c.med(RunResult::backend_us_per_io), |v| format!("{v:.2}")),
-                        self.ratio_text(Section::Main, w, k, Kind::Native),
+                        self.ratio_text(Section::Main, w, k, Kind::Native)
+                            + &failed_note(c.errors.len()),
                     );
                 }
             }
@@ -591,8 +594,8 @@ impl<'a> Report<'a> {
         );
         let ytop = nice_ceil(ymax * 1.05);
         let mut c = Canvas::new(&format!(
-            "IOPS vs queue depth: {base} (median of {} rounds)",
-            self.info.rounds
+            "IOPS vs queue depth: {base} (median of {})",
+            rounds(self.info.scale_rounds)
         ));
         let g = c.g;
         let xs = |q: f64| g.x(((q.log2() - lo) / (hi - lo)).clamp(0.0, 1.0));
@@ -744,6 +747,22 @@ impl Kind {
 fn secs(d: std::time::Duration) -> String {
     let s = format!("{:.3}", d.as_secs_f64());
     s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn rounds(n: u32) -> String {
+    if n == 1 {
+        "1 round".into()
+    } else {
+        format!("{n} rounds")
+    }
+}
+
+fn failed_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        1 => " · 1 run failed".into(),
+        n => format!(" · {n} runs failed"),
+    }
 }
 
 fn mark(ok: bool) -> &'static str {

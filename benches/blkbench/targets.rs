@@ -110,6 +110,7 @@ pub fn run_once(kind: Kind, env: &Env, w: &Workload, t: &Timing) -> Result<RunRe
             let log = daemon.stderr();
             stop(kind, daemon);
             let _ = std::fs::remove_file(&sock);
+            wait_image_unlocked(&env.image);
             match r {
                 Ok(r) if !died => Ok(r),
                 Ok(_) => Err(format!(
@@ -209,6 +210,35 @@ fn stop(kind: Kind, mut d: Daemon) {
             std::thread::sleep(Duration::from_millis(50));
             reap(pid);
         }
+    }
+}
+
+/// Wait (up to 10 s) until no process holds a lock on the image. Backends lock it (ringfence
+/// a whole-file OFD lock, qemu-storage-daemon its permission bytes), and a backend's io_uring
+/// rings can keep its open file, and so the lock, alive for a moment after the process is gone:
+/// the next backend would find the image locked.
+pub fn wait_image_unlocked(image: &Path) {
+    let Ok(f) = std::fs::File::open(image) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: an all-zero flock is a valid value of this plain C struct.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: F_OFD_GETLK on an open descriptor; it writes only into `fl`.
+        let rc = unsafe {
+            libc::fcntl(
+                std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                libc::F_OFD_GETLK,
+                &mut fl,
+            )
+        };
+        if rc != 0 || fl.l_type == libc::F_UNLCK as libc::c_short || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
