@@ -392,6 +392,15 @@ fn assert_passed(run: &GuestRun, expected: &[&str], daemon: &Daemon) {
     if run.exit != Some(0) {
         problems.push(format!("run-guest.sh exited with {:?}", run.exit));
     }
+    // The guest is a well-behaved driver: nothing it does should make the backend complain
+    // (e.g. declare a ring corrupt and stop serving it).
+    for line in daemon.stderr().lines() {
+        if line.contains("[ringfence warn]") || line.contains("[ringfence error]") {
+            problems.push(format!(
+                "the backend complained about a well-behaved guest: {line}"
+            ));
+        }
+    }
     if !problems.is_empty() {
         let stderr = daemon.stderr();
         let stderr: Vec<&str> = stderr.lines().collect();
