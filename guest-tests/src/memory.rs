@@ -272,14 +272,25 @@ impl GuestMemory {
             let now = self.read(*base, len);
             let mut i = 0;
             while i < len {
+                // Skip equal 4 KiB blocks with one comparison each (fast even unoptimized).
+                if i % 4096 == 0 && i + 4096 <= len && now[i..i + 4096] == old[i..i + 4096] {
+                    i += 4096;
+                    continue;
+                }
                 if now[i] == old[i] {
                     i += 1;
                     continue;
                 }
+                // A run ends after 64 equal bytes (coincidentally equal bytes don't split it).
                 let start = i;
-                while i < len && now[i] != old[i] {
+                let mut last = i;
+                while i < len && i - last <= 64 {
+                    if now[i] != old[i] {
+                        last = i;
+                    }
                     i += 1;
                 }
+                i = last + 1;
                 // Split the differing run into its parts outside the allowed ranges.
                 let (s, e) = (*base + start as u64, *base + i as u64);
                 for (rs, re) in subtract((s, e), allowed) {

@@ -722,7 +722,14 @@ pub fn run_case(build: impl FnOnce(&mut Session) -> Plan) {
 /// `build` lay out the hostile requests, publish and kick, wait (bounded), then check
 /// the answers, the connection, a fresh connection, guest RAM and the image.
 pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
+    let trace_t = Instant::now();
+    let trace = |what: &str| {
+        if std::env::var_os("RINGFENCE_HOSTILE_TRACE").is_some() {
+            eprintln!("[{:?}] {what}", trace_t.elapsed());
+        }
+    };
     let mut rig = Rig::start(opts.rig);
+    trace("rig started");
     let mut s = rig.session(&opts.session);
     // The path works before we attack it (and leaves the queue in a used state).
     match s.read(0, PROBE_OFFSET, 4096) {
@@ -733,6 +740,7 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
         ),
         Err(e) => panic!("pre-check: a valid read failed: {e}\n{}", rig.stderr_tail()),
     }
+    trace("pre-check done");
     s.clear_writable();
     let base_avail: Vec<u16> = s.queues.iter().map(|q| q.avail_idx).collect();
     let plan = build(&mut s);
@@ -771,30 +779,32 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
         (0..plan.subs.len()).map(|_| None).collect();
     let sock = s.fe.as_raw_fd();
     let mut closed = false;
+    let mut stray_used: Vec<(usize, crate::virtq::Used)> = Vec::new();
     // With nothing to answer (e.g. a corrupt avail index), watch the rings for the whole window.
     'wait: while plan.subs.is_empty() || answered.iter().any(Option::is_none) {
         let mut progressed = false;
         for qi in 0..s.queues.len() {
             while let Some(u) = s.queues[qi].pop_used(&s.mem) {
                 progressed = true;
-                match plan
-                    .subs
-                    .iter()
-                    .enumerate()
-                    .find(|(i, sub)| sub.queue == qi && u32::from(sub.head) == u.id && answered[*i].is_none())
-                {
+                match plan.subs.iter().enumerate().find(|(i, sub)| {
+                    sub.queue == qi && u32::from(sub.head) == u.id && answered[*i].is_none()
+                }) {
                     Some((i, _)) => answered[i] = Some(u),
-                    None => rig.fail(format!(
-                        "queue {qi}: used element {{id {}, len {}}} answers no request that was made available",
-                        u.id, u.len
-                    )),
+                    None => stray_used.push((qi, u)),
                 }
             }
         }
         if progressed {
             continue;
         }
-        if Instant::now() >= deadline {
+        // Legal requests that must be served get the honest timeout, not the hostile one.
+        let must_wait = plan
+            .subs
+            .iter()
+            .zip(&answered)
+            .any(|(sub, a)| sub.must_succeed && a.is_none());
+        let now = Instant::now();
+        if now >= deadline && !(must_wait && now < t0 + HONEST_TIMEOUT) {
             break;
         }
         if s.fe.peer_hung_up() {
@@ -833,6 +843,20 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
         crate::frontend::eventfd_drain(s.queues[q0].call.as_raw_fd());
     }
     let waited = t0.elapsed();
+    trace("wait done");
+    if !stray_used.is_empty() {
+        let first: Vec<String> = stray_used
+            .iter()
+            .take(3)
+            .map(|(q, u)| format!("queue {q} {{id {}, len {}}}", u.id, u.len))
+            .collect();
+        rig.fail(format!(
+            "{} used element(s) answer no request that was made available: {}{}",
+            stray_used.len(),
+            first.join(", "),
+            if stray_used.len() > 3 { ", ..." } else { "" }
+        ));
+    }
     let cpu_after = thread_cpu(rig.daemon.pid());
 
     // A stalled queue must not be a spinning one.
@@ -939,8 +963,10 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
         .flat_map(|q| q.writable.iter().copied().chain([q.used_range()]))
         .chain(plan.mem_writes.iter().copied())
         .collect();
+    trace("judged");
     drop(fe);
     rig.health_check();
+    trace("health checked");
 
     // Only now (the backend has moved on to a new connection) compare guest RAM and image.
     for f in mem.stray_writes(&snap, &writable) {
@@ -963,5 +989,7 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
     }
     drop(queues);
     drop(mem);
+    trace("memory checked");
     rig.finish();
+    trace("finished");
 }
