@@ -751,6 +751,12 @@ fn helper_client_writing_until_killed() {
     }
 }
 
+/// A client SIGKILLed with writes in flight; then a fresh client must be served at once (its
+/// connection waits in the listen backlog while the old session is torn down) and see the
+/// image intact outside what the dead client was writing.
+///
+/// qemu-storage-daemon 10.0 fails this about one run in three: the first connection after the
+/// kill is reset and the socket then refuses connections for good (seen for 10 s).
 #[test]
 fn backend_keeps_serving_after_a_client_is_killed_mid_io() {
     let size = 16 * MIB;
@@ -838,10 +844,18 @@ fn serial_is_reported_by_get_id() {
         eprintln!("skipped: the qemu-storage-daemon launcher cannot set a serial");
         return;
     }
-    for serial in ["rf-it-0042", "01234567890123456789"] {
+    // Without --serial, the image's file name (README).
+    for (serial, extra) in [
+        ("rf-it-0042", vec!["--serial", "rf-it-0042"]),
+        (
+            "01234567890123456789",
+            vec!["--serial", "01234567890123456789"],
+        ),
+        ("disk.img", vec![]),
+    ] {
         let b = Backend::start(BackendOpts {
             size: MIB,
-            extra: vec!["--serial".into(), serial.into()],
+            extra: extra.into_iter().map(String::from).collect(),
             ..Default::default()
         });
         // blkio has no GET_ID request; the raw driver sends one.
@@ -856,4 +870,121 @@ fn serial_is_reported_by_get_id() {
             "GET_ID answer (NUL-padded to 20 bytes)"
         );
     }
+}
+
+#[test]
+fn unknown_request_types_are_unsupported() {
+    let b = Backend::start(BackendOpts {
+        size: MIB,
+        fill_seed: Some(12),
+        ..Default::default()
+    });
+    let mut raw = RawClient::connect(&b.socket).expect("raw driver connects");
+    // 2 and 3 are legacy SCSI types, 0x42 and u32::MAX nothing at all.
+    for t in [2u32, 3, 0x42, u32::MAX] {
+        let (st, _) = raw.request(t, 0, &[], 512);
+        assert_eq!(st, VIRTIO_BLK_S_UNSUPP, "request type {t:#x}");
+    }
+    let (st, data) = raw.request(VIRTIO_BLK_T_IN, 1, &[], 512);
+    assert_eq!(st, VIRTIO_BLK_S_OK, "a read after the unsupported requests");
+    assert_same("read", 512, &data, &pattern(12, 512, 512));
+}
+
+/// Connect and start on another thread: a backend that never answers a vhost-user message
+/// must fail the test, not hang it.
+fn connect_bounded(socket: &std::path::Path, opts: ClientOpts) -> blkio::Result<Client> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(Client::connect(&socket, opts));
+    });
+    rx.recv_timeout(IO_TIMEOUT)
+        .unwrap_or_else(|_| panic!("connect/start did not finish within {IO_TIMEOUT:?}"))
+}
+
+#[test]
+fn queue_size_bounds_the_rings_and_seg_max() {
+    if target() == Target::Qsd {
+        eprintln!("skipped: the qemu-storage-daemon launcher cannot set a queue size");
+        return;
+    }
+    let b = Backend::start(BackendOpts {
+        size: 8 * MIB,
+        extra: vec!["--queue-size".into(), "64".into()],
+        ..Default::default()
+    });
+    // A ring larger than --queue-size is refused, and the refusal is an error, not a hang.
+    let r = connect_bounded(
+        &b.socket,
+        ClientOpts {
+            queue_size: Some(128),
+            ..Default::default()
+        },
+    );
+    assert!(
+        r.is_err(),
+        "a 128-entry ring was accepted by a --queue-size 64 backend"
+    );
+    drop(r);
+    let mut c = connect_bounded(
+        &b.socket,
+        ClientOpts {
+            queue_size: Some(64),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("64-entry ring: {e}; stderr:\n{}", b.stderr()));
+    let seg_max = c.blkio.get_i32("max-segments").unwrap();
+    assert_eq!(seg_max, 62, "seg_max is the queue size - 2");
+    let segs: Vec<usize> = (0..62)
+        .map(|i| if i % 2 == 1 { 1000 } else { 24 })
+        .collect();
+    let total: usize = segs.iter().sum();
+    let data = pattern(13, 4096, total);
+    c.q().writev(4096, &segs, &data).unwrap();
+    assert_eq!(c.q().readv(4096, &segs).unwrap(), data);
+    // A full small ring, many times over.
+    let reqs: Vec<(u64, usize, usize)> = (0..300)
+        .map(|i| (i as u64 * 4096, i * 4096, 4096))
+        .collect();
+    let rets = c.q().read_many(&reqs);
+    assert!(rets.iter().all(|&r| r == 0), "{rets:?}");
+}
+
+#[test]
+fn writeback_cache_mode() {
+    if target() == Target::Qsd {
+        eprintln!("skipped: ringfence's --cache option");
+        return;
+    }
+    let size = 16 * MIB;
+    let b = Backend::start(BackendOpts {
+        size,
+        fill_seed: Some(14),
+        extra: vec!["--cache".into(), "writeback".into()],
+        ..Default::default()
+    });
+    let mut c = b.connect(ClientOpts::default());
+    let mut model = pattern(14, 0, size as usize);
+    for (i, &(off, len)) in [(0u64, 4096usize), (MIB + 512, 65536), (size - 1536, 1536)]
+        .iter()
+        .enumerate()
+    {
+        let d = pattern(140 + i as u64, off, len);
+        c.q().write(off, &d).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&d);
+    }
+    let d = pattern(150, 3 * MIB, 4096);
+    c.q().writev(3 * MIB, &[1, 4000, 95], &d).unwrap();
+    model[3 * MIB as usize..3 * MIB as usize + 4096].copy_from_slice(&d);
+    c.q().write_zeroes(5 * MIB, 8192, true).unwrap();
+    model[5 * MIB as usize..5 * MIB as usize + 8192].fill(0);
+    c.q().flush().unwrap();
+    assert_disk_is(&mut c, &model, "disk in writeback mode");
+    assert_same(
+        "image file in writeback mode",
+        0,
+        &b.read_image(0, size as usize),
+        &model,
+    );
 }

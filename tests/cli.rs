@@ -30,35 +30,39 @@ fn ringfence() -> Command {
 }
 
 /// Run and check the CLI-error contract: non-zero exit (not a signal), stderr is exactly one
-/// non-empty line, no panic or backtrace. Returns that line.
-#[track_caller]
-fn expect_one_line_error(cmd: &mut Command, case: &str) -> String {
+/// non-empty line, no panic or backtrace. Returns that line, or what is wrong.
+fn one_line_error(cmd: &mut Command, case: &str) -> Result<String, String> {
     let f = run_to_exit(cmd);
     let code = f.status.code();
-    assert!(
-        code.is_some() && code != Some(0),
-        "{case}: expected a non-zero exit, got {:?}; stderr:\n{}",
-        f.status,
-        f.stderr
-    );
+    if code.is_none() || code == Some(0) {
+        return Err(format!(
+            "{case}: expected a non-zero exit, got {:?}; stderr:\n{}",
+            f.status, f.stderr
+        ));
+    }
     for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
-        assert!(
-            !f.stderr.contains(bad),
-            "{case}: stderr has '{bad}':\n{}",
-            f.stderr
-        );
+        if f.stderr.contains(bad) {
+            return Err(format!("{case}: stderr has '{bad}':\n{}", f.stderr));
+        }
     }
     let text = f.stderr.trim_end();
-    assert!(!text.trim().is_empty(), "{case}: stderr is empty");
+    if text.trim().is_empty() {
+        return Err(format!("{case}: stderr is empty"));
+    }
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{case}: expected one line on stderr, got {}:\n{}",
-        lines.len(),
-        f.stderr
-    );
-    lines[0].to_string()
+    if lines.len() != 1 {
+        return Err(format!(
+            "{case}: expected one line on stderr, got {}:\n{}",
+            lines.len(),
+            f.stderr
+        ));
+    }
+    Ok(lines[0].to_string())
+}
+
+#[track_caller]
+fn expect_one_line_error(cmd: &mut Command, case: &str) -> String {
+    one_line_error(cmd, case).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn sparse(path: &Path, size: u64) {
@@ -236,6 +240,120 @@ fn image_already_served_by_another_ringfence() {
 }
 
 #[test]
+fn two_read_only_servers_share_an_image() {
+    // README: the lock is shared with --read-only.
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let (s1, s2) = (d.path().join("1.sock"), d.path().join("2.sock"));
+    create_image(&img, 4 * MIB, Some(31));
+    let a = Daemon::ringfence_at(
+        ringfence_bin(),
+        &s1,
+        &["--blk-file", s(&img), "--read-only"],
+    );
+    let b = Daemon::ringfence_at(
+        ringfence_bin(),
+        &s2,
+        &["--blk-file", s(&img), "--read-only"],
+    );
+    for (sock, daemon) in [(&s1, &a), (&s2, &b)] {
+        let ro = ClientOpts {
+            read_only: true,
+            ..Default::default()
+        };
+        let mut c = Client::connect(sock, ro)
+            .unwrap_or_else(|e| panic!("connect: {e}; stderr:\n{}", daemon.stderr()));
+        assert_same(
+            "read-only data",
+            0,
+            &c.q().read(0, 8192).unwrap(),
+            &pattern(31, 0, 8192),
+        );
+    }
+    // ...but not with a writer.
+    expect_one_line_error(
+        ringfence().args([
+            "--socket-path",
+            s(&d.path().join("3.sock")),
+            "--blk-file",
+            s(&img),
+        ]),
+        "read-write ringfence on an image served read-only",
+    );
+}
+
+/// Refuse io_uring_setup with EPERM in the child, as `kernel.io_uring_disabled=2` (or a
+/// container runtime's seccomp profile) does.
+#[cfg(target_arch = "x86_64")]
+fn deny_io_uring_setup(cmd: &mut Command) {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ld_abs = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    // seccomp_data: nr at offset 0, arch at offset 4.
+    let filter: &'static [libc::sock_filter] = Box::leak(Box::new([
+        stmt(ld_abs, 4),
+        jeq(AUDIT_ARCH_X86_64, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(ld_abs, 0),
+        jeq(libc::SYS_io_uring_setup as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ]));
+    let prog: &'static libc::sock_fprog = Box::leak(Box::new(libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    }));
+    // An address, so that the hook is Send; the program is leaked, so it stays valid.
+    let prog = prog as *const libc::sock_fprog as usize;
+    // SAFETY: the hook runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe, with a filter program leaked for the life of the test process.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn io_uring_refused_by_the_kernel() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    let mut cmd = ringfence();
+    cmd.args(["--socket-path", s(&sock), "--blk-file", s(&img)]);
+    deny_io_uring_setup(&mut cmd);
+    let line = expect_one_line_error(&mut cmd, "io_uring_setup refused with EPERM");
+    assert!(
+        line.contains("io_uring"),
+        "the error names io_uring: {line}"
+    );
+    assert!(!sock.exists(), "no socket left behind ({line})");
+}
+
+#[test]
 fn bad_option_values() {
     let d = tempdir();
     let img = d.path().join("d.img");
@@ -256,19 +374,29 @@ fn bad_option_values() {
         ("--serial of 21 bytes", vec!["--serial", &long_serial]),
         ("--cache bogus", vec!["--cache", "bogus"]),
         ("--sandbox bogus", vec!["--sandbox", "bogus"]),
+        ("--poll-us abc", vec!["--poll-us", "abc"]),
         ("unknown option", vec!["--frobnicate"]),
     ];
+    // Every case runs; the failures are reported together.
+    let mut failures = Vec::new();
+    let mut check = |cmd: &mut Command, case: &str| match one_line_error(cmd, case) {
+        Ok(line) if sock.exists() => {
+            failures.push(format!("{case}: left a socket behind ({line})"));
+            let _ = std::fs::remove_file(&sock);
+        }
+        Ok(_) => {}
+        Err(e) => failures.push(e),
+    };
     for (case, extra) in cases {
-        let line = expect_one_line_error(ringfence().args(base).args(extra), case);
-        assert!(!sock.exists(), "{case}: left a socket behind ({line})");
+        check(ringfence().args(base).args(extra), case);
     }
     // Options missing altogether.
-    expect_one_line_error(ringfence().args(["--blk-file", s(&img)]), "no socket");
-    expect_one_line_error(
+    check(ringfence().args(["--blk-file", s(&img)]), "no socket");
+    check(
         ringfence().args(["--socket-path", s(&sock)]),
         "no --blk-file",
     );
-    expect_one_line_error(
+    check(
         ringfence().args([
             "--socket-path",
             s(&sock),
@@ -280,7 +408,7 @@ fn bad_option_values() {
         "--socket-path and --fd together",
     );
     // --fd that is not a listening unix socket: not open, a regular file.
-    expect_one_line_error(
+    check(
         ringfence().args(["--fd", "987", "--blk-file", s(&img)]),
         "--fd not open",
     );
@@ -289,7 +417,13 @@ fn bad_option_values() {
     let mut cmd = ringfence();
     cmd.args(["--fd", &fd.to_string(), "--blk-file", s(&img)]);
     inherit_fd(&mut cmd, fd);
-    expect_one_line_error(&mut cmd, "--fd of a regular file");
+    check(&mut cmd, "--fd of a regular file");
+    assert!(
+        failures.is_empty(),
+        "{} of the cases fail:\n\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Let the child inherit `fd` under the same number.

@@ -492,6 +492,8 @@ pub struct ClientOpts {
     pub read_only: bool,
     /// Bytes of shared buffer memory per queue.
     pub buf_len: usize,
+    /// Virtqueue size (blkio's default, 256, if `None`).
+    pub queue_size: Option<i32>,
 }
 
 impl Default for ClientOpts {
@@ -500,6 +502,7 @@ impl Default for ClientOpts {
             num_queues: 1,
             read_only: false,
             buf_len: 4 * MIB as usize,
+            queue_size: None,
         }
     }
 }
@@ -519,6 +522,9 @@ impl Client {
         b.set_bool("read-only", opts.read_only)?;
         b.connect()?;
         b.set_i32("num-queues", opts.num_queues as i32)?;
+        if let Some(n) = opts.queue_size {
+            b.set_i32("queue-size", n)?;
+        }
         let started = b.start()?;
         let region = b.alloc_mem_region(opts.num_queues * opts.buf_len)?;
         b.map_mem_region(&region)?;
