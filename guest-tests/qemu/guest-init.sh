@@ -176,15 +176,15 @@ identity() {
 # --- scenarios ---------------------------------------------------------------------------------
 
 # Non-overlapping (offset:length) ranges in [0, 64 MiB) and at the very end of the disk: sector
-# but not always page aligned, from one sector to 8 KiB, plus one 2 MiB + 512 B request (above
-# the 1 MiB segment limit, so the guest splits it).
+# but not always page aligned, from one sector to 8 KiB, plus one 2 MiB + 512 B request at
+# 120 MiB (above the 1 MiB segment limit, so the guest splits it). fio uses [64 MiB, 120 MiB).
 pattern_ranges() {
     i=0
     while [ "$i" -lt 32 ]; do
         echo "$((i * 2 * MiB + (i % 8) * 512 + (i % 3) * 4096)):$((512 * (1 + (i * 7) % 16)))"
         i=$((i + 1))
     done
-    echo "$((100 * MiB)):$((2 * MiB + 512))"
+    echo "$((120 * MiB)):$((2 * MiB + 512))"
     echo "$((rf_size - 4096)):4096"
 }
 
@@ -232,6 +232,10 @@ run_fio() { # check-name fio-args...
 }
 
 integrity() {
+    if [ "$rf_fio_mb" -gt 56 ] || [ "$rf_size" -lt $((128 * MiB)) ]; then
+        check integrity_layout FAIL "needs rf_fio_mb <= 56 and a disk of at least 128 MiB"
+        return
+    fi
     write_patterns
     drop_caches
     verify_patterns pattern_readback

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use ringfence_guest_tests::daemon::{workspace_root, Daemon};
 
 const MIB: u64 = 1 << 20;
-/// Every test disk: large enough for the guest's layout (patterns in the first 64 MiB, fio from
-/// 64 MiB, a 2 MiB write at 100 MiB, the last 4 KiB), small enough to stay cheap.
+/// Every test disk: large enough for the guest's layout (patterns in the first 64 MiB, fio in
+/// [64 MiB, 120 MiB), a 2 MiB write at 120 MiB, the last 4 KiB), small enough to stay cheap.
 const DISK_SIZE: u64 = 128 * MIB;
 /// What both backends report without being told otherwise.
 const LOGICAL_BLOCK_SIZE: u32 = 512;
@@ -451,7 +451,7 @@ fn pattern_ranges() -> Vec<(u64, u64)> {
             )
         })
         .collect();
-    v.push((100 * MIB, 2 * MIB + 512));
+    v.push((120 * MIB, 2 * MIB + 512));
     v.push((DISK_SIZE - 4096, 4096));
     v
 }
@@ -461,7 +461,7 @@ fn guest_data_integrity_with_o_direct_patterns_and_fio_verify() {
     let disk = Disk::new("integrity", false, 1);
     let daemon = disk.start();
     let seed = seed();
-    let run = boot(&disk, "integrity", &[("seed", seed), ("fio_mb", 16)]);
+    let run = boot(&disk, "integrity", &[("seed", seed), ("fio_mb", 48)]);
     assert_passed(
         &run,
         &with_identity(&[
@@ -545,7 +545,7 @@ fn read_only_export_refuses_guest_writes() {
 fn multiqueue_guest_uses_both_queues() {
     let disk = Disk::new("multiqueue", false, 2);
     let daemon = disk.start();
-    let run = boot(&disk, "multiqueue", &[("seed", seed()), ("fio_mb", 8)]);
+    let run = boot(&disk, "multiqueue", &[("seed", seed()), ("fio_mb", 16)]);
     assert_passed(
         &run,
         &with_identity(&["mq_parallel_fio_verify", "mq_both_queues_used"]),
