@@ -59,6 +59,10 @@ struct Opts {
     #[arg(long, hide = true)]
     bench: bool,
 
+    /// Bench-name filters as in `cargo bench NAME`; ignored (use --job).
+    #[arg(hide = true)]
+    filters: Vec<String>,
+
     /// Targets, interleaved in this order every round.
     #[arg(long, value_delimiter = ',', default_value = "native,ringfence,qsd")]
     targets: Vec<String>,
@@ -267,6 +271,12 @@ fn main() {
         return;
     }
     let opts = Opts::parse();
+    if !opts.filters.is_empty() {
+        eprintln!(
+            "blkbench: ignoring filter {:?} (select workloads with --job)",
+            opts.filters
+        );
+    }
     if let Err(e) = run(opts, &args) {
         eprintln!("blkbench: {e}");
         std::process::exit(1);
