@@ -877,6 +877,12 @@ impl RawClient {
         self.transport.get_features()
     }
 
+    /// The device's config space.
+    pub fn config(&self) -> virtio_driver::VirtioBlkConfig {
+        use virtio_driver::VirtioTransport;
+        self.transport.get_config().expect("GET_CONFIG")
+    }
+
     /// Send one request: `out` is the device-readable payload, `in_len` bytes come back.
     /// Returns the status byte and the bytes the device wrote.
     pub fn request(
