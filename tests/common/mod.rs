@@ -435,18 +435,34 @@ impl Backend {
     pub fn stop(&mut self) -> Option<i32> {
         let d = self.daemon.take().expect("backend is running");
         let pid = d.pid();
+        // The pidfd keeps naming this process even once it is gone and its pid reused.
         let pidfd = pidfd_open(pid);
         self.last_stderr.push_str(&d.stderr());
-        send_signal(pid, libc::SIGTERM);
-        if !wait_readable(pidfd.as_raw_fd(), EXIT_TIMEOUT) {
-            // Dropping `d` kills it.
-            panic!(
-                "{:?} backend did not exit within {EXIT_TIMEOUT:?} of SIGTERM; stderr:\n{}",
-                self.target, self.last_stderr
-            );
+        match self.target {
+            // Our child: it stays a zombie until reaped, so its pid cannot be reused; signal
+            // it, wait (bounded), then terminate() only reaps it.
+            Target::Ringfence => {
+                send_signal(pid, libc::SIGTERM);
+                self.wait_gone(&pidfd);
+                d.terminate()
+            }
+            // Daemonized: terminate() sends the one SIGTERM and forgets the pid, so nothing
+            // signals it again once it may have been reused.
+            Target::Qsd => {
+                let code = d.terminate();
+                self.wait_gone(&pidfd);
+                code
+            }
         }
-        // Already exited: terminate() only reaps it.
-        d.terminate()
+    }
+
+    fn wait_gone(&self, pidfd: &OwnedFd) {
+        assert!(
+            wait_readable(pidfd.as_raw_fd(), EXIT_TIMEOUT),
+            "{:?} backend did not exit within {EXIT_TIMEOUT:?} of SIGTERM; stderr:\n{}",
+            self.target,
+            self.last_stderr
+        );
     }
 
     pub fn restart(&mut self) {
