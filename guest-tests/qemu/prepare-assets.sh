@@ -32,6 +32,9 @@ die() { printf 'prepare-assets: ERROR: %s\n' "$*" >&2; exit 1; }
 # One preparer at a time (parallel test binaries, several developers' shells).
 exec 9>"$cache/.lock"
 flock 9
+# Leftovers of an interrupted earlier run (nobody else works here while we hold the lock).
+find "$cache" -maxdepth 1 \( -name '.kernel.*' -o -name '.initramfs.*' -o -name '*.cpio.tmp' \) \
+    -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------------
 # Host packages.
@@ -236,9 +239,10 @@ case "$accel" in
 tcg | kvm) ;;
 auto)
     qver=$(qemu-system-x86_64 --version | head -n 1)
-    key=$(printf '%s\n' "$(uname -r)" "$qver" "$kpkg" "$stamp" | sha256sum | cut -c1-16)
+    key=$(printf '%s\n' "$(uname -r)" "$qver" "$kpkg" | sha256sum | cut -c1-16)
     probe=$cache/accel-$key
     if [ ! -s "$probe" ]; then
+        find "$cache" -maxdepth 1 -name 'accel-*' -delete
         accel=tcg
         if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
             log "probing whether KVM boots the guest (up to 30 s)"
