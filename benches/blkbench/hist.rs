@@ -125,7 +125,7 @@ impl Histogram {
             }
             seen += c;
             let (low, width) = bucket_range(idx);
-            let top = (low + width - 1).clamp(self.min, self.max);
+            let top = (low + (width - 1)).clamp(self.min, self.max);
             out.push((top, seen as f64 / self.total as f64));
         }
         out
@@ -139,7 +139,7 @@ pub fn self_check() -> Result<(), String> {
     for idx in 0..BUCKETS {
         let (low, width) = bucket_range(idx);
         let tight = width == 1 || (width as f64) / (low as f64) <= 1.0 / 64.0 + 1e-12;
-        if low != last_end || !tight || index(low) != idx || index(low + width - 1) != idx {
+        if low != last_end || !tight || index(low) != idx || index(low + (width - 1)) != idx {
             return Err(format!("histogram bucket {idx} is malformed"));
         }
         last_end = low.wrapping_add(width);

@@ -492,9 +492,15 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 * (p.rounds * kinds.iter().filter(|k| k.applies_to(&p.w)).count() as u32)
         })
         .sum();
+    let scaling = plan.iter().any(|p| p.section != Section::Main);
+    let matrix = plan.iter().any(|p| p.section == Section::Main);
+    let rounds_text = match (matrix, scaling) {
+        (true, true) => format!("{rounds} rounds ({scale_rounds} for scaling points)"),
+        (true, false) => format!("{rounds} rounds"),
+        _ => format!("{scale_rounds} rounds"),
+    };
     eprintln!(
-        "blkbench: {} workloads × {rounds} rounds ({scale_rounds} for scaling points) × [{}] = \
-         {total_runs} runs, about {}",
+        "blkbench: {} workloads × {rounds_text} × [{}] = {total_runs} runs, about {}",
         plan.len(),
         kinds
             .iter()
