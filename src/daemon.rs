@@ -45,6 +45,12 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         serial: serial_bytes(opts.serial.as_deref(), &default_serial),
         physical_block_exp: image.physical_block_exp(),
     };
+    // Fail now, with the reason and the fix, if the kernel refuses io_uring.
+    crate::ring::builder::probe_io_uring()?;
+    crate::ring::builder::kernel_release();
+    crate::ring::builder::vectored_fixed_supported();
+
+    let (mut listener, socket_path) = listen(opts)?;
     info!(
         "serving {} ({} bytes, {}, {}), {} queue(s) of up to {} entries",
         image.path.display(),
@@ -63,12 +69,6 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         spec.queue_size
     );
 
-    // Fail now, with the reason and the fix, if the kernel refuses io_uring.
-    crate::ring::builder::probe_io_uring()?;
-    crate::ring::builder::kernel_release();
-    crate::ring::builder::vectored_fixed_supported();
-
-    let (mut listener, socket_path) = listen(opts)?;
     sandbox::block_signals();
     spawn_signal_thread(socket_path.clone(), image.clone());
 
@@ -268,6 +268,10 @@ fn spawn_signal_thread(socket: Option<PathBuf>, image: Arc<Image>) {
             if !image.read_only {
                 let _ = image.buffered.sync_data();
             }
+            // Rings hold references to the image's open file description, and the kernel
+            // tears them down asynchronously after exit: release the lock now so that a
+            // restarted daemon can take it at once.
+            image.unlock();
             std::process::exit(0);
         })
         .map(drop)

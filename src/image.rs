@@ -113,6 +113,16 @@ impl Image {
         })
     }
 
+    /// Release the image lock (before exiting).
+    pub fn unlock(&self) {
+        // SAFETY: an all-zero flock is a valid value of this plain C struct.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_UNLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: F_OFD_SETLK reads the flock struct we pass.
+        unsafe { libc::fcntl(self.buffered.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    }
+
     /// log2 of the physical block size in 512-byte sectors, for the topology config.
     pub fn physical_block_exp(&self) -> u8 {
         let sectors = (self.dio_offset_align / 512).max(1);

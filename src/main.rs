@@ -4,7 +4,22 @@ use clap::Parser;
 use ringfence::cli::Options;
 
 fn main() {
-    let opts = Options::parse();
+    let opts = match Options::try_parse() {
+        Ok(o) => o,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version: print as clap formats them.
+            let _ = e.print();
+            return;
+        }
+        Err(e) => {
+            // One line: clap's first line, without its usage and help hints.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("ringfence: error: {first} (see --help)");
+            std::process::exit(1);
+        }
+    };
     if opts.print_capabilities {
         println!("{}", ringfence::cli::capabilities_json());
         return;

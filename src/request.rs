@@ -216,7 +216,7 @@ fn parse_body<M: GuestMemory>(
                 return Err((IOERR, Reason::ReadOnly));
             }
             let payload = r_total - HEADER_LEN;
-            if payload == 0 || payload % DISCARD_SEG_LEN != 0 {
+            if payload == 0 || !payload.is_multiple_of(DISCARD_SEG_LEN) {
                 return Err((IOERR, Reason::BadDiscardPayload));
             }
             let n = payload / DISCARD_SEG_LEN;
@@ -237,7 +237,7 @@ fn parse_body<M: GuestMemory>(
 /// Check a read or write: whole sectors, within the segment limits and the capacity.
 /// Returns the byte offset in the image.
 fn check_rw(sector: u64, len: u64, segs: &[Segment], limits: &Limits) -> Result<u64, Failure> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err((IOERR, Reason::Unaligned));
     }
     if segs.len() > limits.seg_max as usize {

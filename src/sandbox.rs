@@ -11,6 +11,7 @@
 //!   loop makes (io_uring_enter on its existing ring, eventfd read/write, epoll_wait, futex,
 //!   memory management without PROT_EXEC, close). `io_uring_setup` and `io_uring_register`
 //!   are among what they cannot do.
+//!
 //! The control thread (vhost-user messages) keeps `io_uring_setup`/`io_uring_register`: it
 //! must build new rings when the memory table changes. It never interprets guest data beyond
 //! the vring addresses the VMM sends, and every ring it builds is restricted before any

@@ -307,6 +307,8 @@ impl QueueState {
     }
 
     fn take_requests(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap, shared: &Shared) {
+        // Rounds in a row that popped nothing although the avail index said "more".
+        let mut empty_rounds = 0;
         loop {
             if let Err(e) = vs.disable_notification() {
                 debug!("queue {}: disable_notification: {e}", self.index);
@@ -323,17 +325,22 @@ impl QueueState {
                 }));
                 self.start(head, vs, mem, shared);
             }
+            // Re-enabling reports whether requests arrived meanwhile (the guest may have seen
+            // notifications off and not kicked): if so, go round again.
             match vs.enable_notification() {
-                // More requests arrived while notifications were off.
-                Ok(true) if popped > 0 => continue,
                 Ok(true) => {
-                    // The avail index says "more", yet nothing can be popped: the ring is
-                    // corrupt (e.g. the index jumped by more than the queue size).
-                    warn!(
-                        "queue {}: avail ring is inconsistent; stopping until the next kick",
-                        self.index
-                    );
-                    break;
+                    empty_rounds = if popped == 0 { empty_rounds + 1 } else { 0 };
+                    if empty_rounds >= 3 {
+                        // The index says "more" yet nothing can be popped: the ring is corrupt
+                        // (e.g. the index jumped by more than the queue size).
+                        warn!(
+                            "queue {}: avail index {:?} is inconsistent with the ring; waiting for \
+                             the next kick",
+                            self.index,
+                            vs.get_queue().avail_idx(mem, Ordering::Acquire).ok()
+                        );
+                        break;
+                    }
                 }
                 Ok(false) => break,
                 Err(e) => {
@@ -529,7 +536,7 @@ impl QueueState {
 
     /// Whether every piece of the current request meets the O_DIRECT alignment.
     fn direct_ok(&self, offset: u64, shared: &Shared) -> bool {
-        offset % shared.dio_offset_align == 0
+        offset.is_multiple_of(shared.dio_offset_align)
             && self.pieces.iter().all(|p| {
                 p.host % shared.dio_mem_align == 0
                     && u64::from(p.len) % shared.dio_offset_align == 0
