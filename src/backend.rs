@@ -39,6 +39,8 @@ pub type ThreadInit = Arc<dyn Fn(usize) + Send + Sync>;
 struct QueueSlot {
     state: Mutex<QueueState>,
     drained: Condvar,
+    /// Raised while the control thread waits for the queue: the worker stops polling.
+    stop: AtomicBool,
 }
 
 /// The device as one connection sees it.
@@ -75,6 +77,7 @@ impl BlkBackend {
                 Ok(QueueSlot {
                     state: Mutex::new(QueueState::new(i, spec.queue_size, max_poll)?),
                     drained: Condvar::new(),
+                    stop: AtomicBool::new(false),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -227,7 +230,9 @@ impl BlkBackend {
         }
         let limits = self.limits(&policy);
         for (q, e) in self.queues.iter().zip(engines) {
+            q.stop.store(true, Ordering::Relaxed);
             let mut st = lock(&q.state);
+            q.stop.store(false, Ordering::Relaxed);
             st.install(e, limits);
             // Requests may have arrived while no ring existed: have the worker look.
             let _ = st.completion_fd().write(1);
@@ -375,6 +380,7 @@ impl VhostUserBackend for Backend {
             return Ok(());
         };
         let deadline = Instant::now() + DRAIN_TIMEOUT;
+        q.stop.store(true, Ordering::Relaxed);
         let mut st = lock(&q.state);
         while st.inflight_requests() > 0 {
             let now = Instant::now();
@@ -391,6 +397,7 @@ impl VhostUserBackend for Backend {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+        q.stop.store(false, Ordering::Relaxed);
         debug!("queue {queue_index} stopped");
         Ok(())
     }
@@ -414,7 +421,7 @@ impl VhostUserBackend for Backend {
         let mem = self.0.mem.memory();
         let mut st = lock(&q.state);
         let completion = device_event == self.0.completion_event();
-        st.run(vring, &mem, &self.0.shared, completion);
+        st.run(vring, &mem, &self.0.shared, completion, &q.stop);
         if st.inflight_requests() == 0 {
             q.drained.notify_all();
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
@@ -39,6 +39,9 @@ const KIND_FSYNC: u64 = 1;
 const KIND_ZERO_RANGE: u64 = 2;
 const KIND_PUNCH: u64 = 3;
 const KIND_DISCARD: u64 = 4;
+
+/// Longest a worker keeps polling in one go before it returns to epoll, however busy.
+const MAX_POLL_STRETCH: Duration = Duration::from_millis(2);
 
 fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
     u64::from(head) | kind << 16 | ((idx as u64) & 0xff) << 24 | u64::from(len) << 32
@@ -89,6 +92,16 @@ impl PollWindow {
             }
         };
     }
+}
+
+/// Counters of one queue, logged when its connection ends: they show whether batching and
+/// polling work (SQEs per io_uring_enter, wakeups per request).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub wakeups: u64,
+    pub requests: u64,
+    pub sqes: u64,
+    pub enters: u64,
 }
 
 /// One restricted ring and the memory layout it was registered with.
@@ -157,6 +170,7 @@ pub struct QueueState {
     zero_range_unsupported: bool,
     used_added: bool,
     poll: PollWindow,
+    stats: Stats,
     completion_fd: EventFd,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
@@ -178,6 +192,7 @@ impl QueueState {
             zero_range_unsupported: false,
             used_added: false,
             poll: PollWindow::new(max_poll),
+            stats: Stats::default(),
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
             descs: Vec::new(),
             segs: Vec::new(),
@@ -191,6 +206,10 @@ impl QueueState {
     /// watches it.
     pub fn completion_fd(&self) -> &EventFd {
         &self.completion_fd
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
     }
 
     pub fn inflight_requests(&self) -> usize {
@@ -217,15 +236,19 @@ impl QueueState {
         self.limits = None;
     }
 
-    /// Handle one wakeup of the worker: reap completions, take new requests, then keep
-    /// polling for a short, adaptive window while the queue is busy (see [`PollWindow`]).
+    /// Handle one wakeup of the worker: reap completions, take new requests, and while the
+    /// queue is busy keep polling (see [`PollWindow`]) with guest kicks and completion
+    /// eventfd signals switched off, so that a busy queue costs no wakeups at all. `stop`
+    /// is raised by the control thread when it needs the queue (GET_VRING_BASE, a new ring).
     pub fn run(
         &mut self,
         vring: &Vring,
         mem: &GuestMemoryMmap,
         shared: &Shared,
         completion_event: bool,
+        stop: &AtomicBool,
     ) {
+        self.stats.wakeups += 1;
         if completion_event {
             // Reset the eventfd before reaping, so a completion that lands after the reap
             // wakes us again.
@@ -236,44 +259,69 @@ impl QueueState {
             && self.limits.is_some()
             && vs.get_queue().ready()
             && vs.is_enabled();
-        self.step(&mut vs, mem, shared, serving);
-        self.notify(&mut vs);
-        if !serving {
-            return;
-        }
-        let budget = self.poll.budget();
+        let budget = if serving { self.poll.budget() } else { Duration::ZERO };
         if budget.is_zero() {
+            self.step(&mut vs, mem, shared, serving, true);
+            self.notify(&mut vs);
             return;
         }
-        let start = Instant::now();
+
+        self.set_completion_signals(false);
+        let entered = Instant::now();
+        let mut last = entered;
         let mut found = false;
-        while start.elapsed() < budget {
+        // The first step handles what woke us; progress after it is what polling bought.
+        self.step(&mut vs, mem, shared, true, false);
+        self.notify(&mut vs);
+        loop {
             if self.has_completions() || self.has_requests(&vs, mem) {
-                self.step(&mut vs, mem, shared, true);
+                self.step(&mut vs, mem, shared, true, false);
                 self.notify(&mut vs);
+                last = Instant::now();
                 found = true;
-                if self.inflight_reqs == 0 && !self.has_requests(&vs, mem) {
-                    break;
-                }
+            } else if last.elapsed() >= budget {
+                break;
+            }
+            if stop.load(Ordering::Relaxed) || entered.elapsed() >= MAX_POLL_STRETCH {
+                break;
             }
             std::hint::spin_loop();
         }
+        // Back to sleeping: signals on, then one more look so that nothing that arrived
+        // before they were on is left behind.
+        self.set_completion_signals(true);
+        self.step(&mut vs, mem, shared, true, true);
+        self.notify(&mut vs);
         self.poll.record(found);
     }
 
-    /// Reap, take new requests, submit them, and reap what already completed.
+    /// Reap, take new requests, submit them, and reap what already completed. With
+    /// `rearm`, guest notifications are re-enabled after taking requests; without, they stay
+    /// off (the guest does not kick while we poll).
     fn step(
         &mut self,
         vs: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
         shared: &Shared,
         serving: bool,
+        rearm: bool,
     ) {
         self.reap(vs, mem);
         if serving {
-            self.take_requests(vs, mem, shared);
+            self.take_requests(vs, mem, shared, rearm);
             self.submit(vs, mem);
             self.reap(vs, mem);
+        }
+    }
+
+    fn set_completion_signals(&mut self, on: bool) {
+        for e in self.engine.iter_mut().chain(self.retiring.iter_mut()) {
+            let cq = e.ring.completion();
+            if on {
+                cq.enable_eventfd();
+            } else {
+                cq.disable_eventfd();
+            }
         }
     }
 
@@ -306,7 +354,13 @@ impl QueueState {
         }
     }
 
-    fn take_requests(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap, shared: &Shared) {
+    fn take_requests(
+        &mut self,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        rearm: bool,
+    ) {
         // Rounds in a row that popped nothing although the avail index said "more".
         let mut empty_rounds = 0;
         loop {
@@ -324,6 +378,9 @@ impl QueueState {
                     writable: d.is_write_only(),
                 }));
                 self.start(head, vs, mem, shared);
+            }
+            if !rearm {
+                break;
             }
             // Re-enabling reports whether requests arrived meanwhile (the guest may have seen
             // notifications off and not kicked): if so, go round again.
@@ -360,6 +417,7 @@ impl QueueState {
         shared: &Shared,
     ) {
         let Some(limits) = self.limits else { return };
+        self.stats.requests += 1;
         let hi = usize::from(head);
         if hi >= self.slots.len() || usize::from(head) >= usize::from(vs.get_queue().size()) {
             warn!(
@@ -572,6 +630,7 @@ impl QueueState {
             // kernel), which `Engine::_mem` keeps mapped while the ring lives.
             if unsafe { engine.ring.submission().push(&e) }.is_ok() {
                 engine.inflight += 1;
+                self.stats.sqes += 1;
                 return;
             }
             self.submit(vs, mem);
@@ -591,6 +650,7 @@ impl QueueState {
             if engine.ring.submission().is_empty() {
                 return;
             }
+            self.stats.enters += 1;
             match engine.ring.submit() {
                 Ok(_) => continue,
                 Err(e) => match e.raw_os_error() {
@@ -692,6 +752,18 @@ impl QueueState {
             debug!("queue {}: add_used({head}): {e}", self.index);
         }
         self.used_added = true;
+    }
+}
+
+impl Drop for QueueState {
+    fn drop(&mut self) {
+        let s = self.stats;
+        if s.requests > 0 {
+            info!(
+                "queue {}: {} requests, {} SQEs in {} io_uring_enter calls, {} wakeups",
+                self.index, s.requests, s.sqes, s.enters, s.wakeups
+            );
+        }
     }
 }
 
