@@ -512,9 +512,18 @@ impl Frontend {
         Ok(())
     }
 
-    /// A bounded liveness probe: GET_FEATURES must be answered within the timeout.
+    /// A bounded liveness probe: GET_FEATURES must be answered within the timeout. Replies
+    /// to earlier (hostile) messages still in the socket are skipped.
     pub fn ping(&self) -> FeResult<u64> {
-        self.get_features()
+        self.send(code::GET_FEATURES, 0, &[], &[])?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = self.recv(left)?;
+            if m.code == code::GET_FEATURES && m.flags & FLAG_REPLY != 0 && m.payload.len() == 8 {
+                return m.u64();
+            }
+        }
     }
 
     /// Whether the backend closed the connection, waiting at most `timeout` for it.
@@ -641,6 +650,15 @@ impl Frontend {
     /// GET_CONFIG with an arbitrary payload; parses the reply.
     pub fn get_config_raw(&self, payload: &[u8]) -> FeResult<ConfigReply> {
         let r = self.call(code::GET_CONFIG, payload, &[])?;
+        if r.payload.is_empty() {
+            // libvhost-user's way of saying no: a reply without any payload.
+            return Ok(ConfigReply {
+                offset: 0,
+                size: 0,
+                flags: 0,
+                data: Vec::new(),
+            });
+        }
         if r.payload.len() < 12 {
             return Err(FeError::Protocol(format!(
                 "GET_CONFIG reply of {} bytes",

@@ -5,6 +5,7 @@
 //! there are snapshots: take one before a request, and [`GuestMemory::stray_writes`] lists
 //! every byte that changed outside the ranges the request was allowed to write.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
@@ -116,13 +117,20 @@ impl Region {
 }
 
 /// Guest RAM: a set of non-overlapping regions.
+///
+/// Every write the test makes through it is logged, so that comparing with a snapshot
+/// reports only what the device wrote: the test's own later writes are replayed onto the
+/// snapshot first.
 pub struct GuestMemory {
     pub regions: Vec<Region>,
+    log: RefCell<Vec<(u64, Vec<u8>)>>,
 }
 
 /// A copy of all of guest RAM at one moment.
 pub struct Snapshot {
     regions: Vec<(u64, Vec<u8>)>,
+    /// Length of the write log when the snapshot was taken.
+    mark: usize,
 }
 
 impl Snapshot {
@@ -151,7 +159,10 @@ impl GuestMemory {
                     .expect("memfd for guest RAM"),
             })
             .collect();
-        GuestMemory { regions }
+        GuestMemory {
+            regions,
+            log: RefCell::new(Vec::new()),
+        }
     }
 
     /// The honest memory table and its fds, one per region.
@@ -188,6 +199,7 @@ impl GuestMemory {
 
     pub fn write(&self, gpa: u64, data: &[u8]) {
         let p = self.host_or_panic(gpa, data.len() as u64);
+        self.log.borrow_mut().push((gpa, data.to_vec()));
         // SAFETY: `p..p+len` lies in a live shared mapping of ours (checked by host()); the
         // backend may write the same memory concurrently, which only makes the bytes racy.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
@@ -204,6 +216,7 @@ impl GuestMemory {
 
     pub fn fill(&self, gpa: u64, len: usize, byte: u8) {
         let p = self.host_or_panic(gpa, len as u64);
+        self.log.borrow_mut().push((gpa, vec![byte; len]));
         // SAFETY: as in write().
         unsafe { std::ptr::write_bytes(p, byte, len) };
     }
@@ -226,6 +239,7 @@ impl GuestMemory {
     pub fn store_u16(&self, gpa: u64, v: u16) {
         assert_eq!(gpa % 2, 0, "test bug: unaligned ring index");
         let p = self.host_or_panic(gpa, 2);
+        self.log.borrow_mut().push((gpa, v.to_le_bytes().to_vec()));
         fence(Ordering::SeqCst);
         // SAFETY: aligned, inside our mapping; volatile because another process reads it.
         unsafe { std::ptr::write_volatile(p as *mut u16, v.to_le()) };
@@ -256,6 +270,7 @@ impl GuestMemory {
                 .iter()
                 .map(|r| (r.gpa, self.read(r.gpa, r.mem.len())))
                 .collect(),
+            mark: self.log.borrow().len(),
         }
     }
 
@@ -263,7 +278,15 @@ impl GuestMemory {
     /// `(gpa, len)` ranges. Empty if nothing strayed.
     pub fn stray_writes(&self, snap: &Snapshot, allowed: &[(u64, u64)]) -> Vec<String> {
         let mut out = Vec::new();
-        for (base, old) in &snap.regions {
+        // What memory should hold if only we wrote to it since the snapshot.
+        let mut expected = Snapshot {
+            regions: snap.regions.clone(),
+            mark: snap.mark,
+        };
+        for (gpa, data) in &self.log.borrow()[snap.mark..] {
+            expected.note_write(*gpa, data);
+        }
+        for (base, old) in &expected.regions {
             let Some(region) = self.regions.iter().find(|r| r.gpa == *base) else {
                 continue;
             };
@@ -352,9 +375,27 @@ mod tests {
     #[test]
     fn snapshot_finds_stray_writes_only_outside_allowed() {
         let m = GuestMemory::new(&[(0x1000, 0x1000), (0x4000, 0x1000)]);
+        // The "device": writes through the memfd, not through our mapping's logged API.
+        let dev = |gpa: u64, data: &[u8]| {
+            let r = m
+                .regions
+                .iter()
+                .find(|r| gpa >= r.gpa && gpa < r.end())
+                .unwrap();
+            // SAFETY: pwrite from a valid buffer into our own memfd, inside its size.
+            let n = unsafe {
+                libc::pwrite(
+                    r.mem.fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    (gpa - r.gpa) as i64,
+                )
+            };
+            assert_eq!(n, data.len() as isize);
+        };
         let snap = m.snapshot();
-        m.write(0x1010, &[1, 2, 3]);
-        m.write(0x4ff0, &[9]);
+        dev(0x1010, &[1, 2, 3]);
+        dev(0x4ff0, &[9]);
         assert!(m
             .stray_writes(&snap, &[(0x1010, 3), (0x4ff0, 1)])
             .is_empty());
@@ -362,6 +403,11 @@ mod tests {
         assert_eq!(s.len(), 2, "{s:?}");
         assert!(s[0].contains("0x1011..0x1013"), "{s:?}");
         assert!(!m.contains(0x1ff0, 0x20));
+        // Our own writes after the snapshot are not the device's.
+        let snap2 = m.snapshot();
+        m.write(0x1100, &[7; 8]);
+        m.store_u16(0x1200, 9);
+        assert!(m.stray_writes(&snap2, &[]).is_empty());
         assert!(m.contains(0x4000, 0x1000));
     }
 }

@@ -218,6 +218,31 @@ impl Session {
         })
     }
 
+    /// A session over parts set up by hand (for tests that lie during the setup). Buffers
+    /// are allocated from `heap` up to the end of the region holding it.
+    pub fn from_parts(
+        fe: Frontend,
+        mem: GuestMemory,
+        queues: Vec<SplitQueue>,
+        heap: u64,
+    ) -> Session {
+        let heap_end = mem
+            .regions
+            .iter()
+            .find(|r| heap >= r.gpa && heap < r.end())
+            .map(|r| r.end())
+            .expect("test bug: heap outside guest RAM");
+        Session {
+            fe,
+            mem,
+            queues,
+            features: 0,
+            protocol: 0,
+            heap,
+            heap_end,
+        }
+    }
+
     /// Reserve `len` bytes of guest RAM for buffers (zeroed), aligned to `align`.
     pub fn alloc(&mut self, len: u64, align: u64) -> u64 {
         let a = (self.heap + align - 1) & !(align - 1);
@@ -272,6 +297,19 @@ impl Session {
         out: &[u8],
         in_len: usize,
     ) -> Result<(u8, Vec<u8>), String> {
+        self.io_within(q, t, sector, out, in_len, HONEST_TIMEOUT)
+    }
+
+    /// [`Session::io`] with an explicit bound on the wait.
+    pub fn io_within(
+        &mut self,
+        q: usize,
+        t: u32,
+        sector: u64,
+        out: &[u8],
+        in_len: usize,
+        timeout: Duration,
+    ) -> Result<(u8, Vec<u8>), String> {
         let hdr = self.put(&blk::header(t, sector));
         let mut segs = vec![Desc::r(hdr, 16)];
         if !out.is_empty() {
@@ -289,11 +327,11 @@ impl Session {
         segs.push(Desc::w(st, 1));
         let head = self.chain(q, &segs);
         self.kick(q);
-        let deadline = Instant::now() + HONEST_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let fd = self.fe.as_raw_fd();
         match self.queues[q].wait_used(&self.mem, deadline, Some(fd)) {
             None if self.fe.peer_hung_up() => Err("the backend closed the connection".into()),
-            None => Err(format!("no answer within {HONEST_TIMEOUT:?}")),
+            None => Err(format!("no answer within {timeout:?}")),
             Some(u) if u.id != u32::from(head) => Err(format!("used id {} for head {head}", u.id)),
             Some(_) => {
                 let data = din.map(|d| self.mem.read(d, in_len)).unwrap_or_default();
@@ -359,6 +397,35 @@ fn thread_cpu(pid: i32) -> Vec<(String, u64)> {
         let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         out.push((name, ticks));
+    }
+    out
+}
+
+/// One line per thread of a process: tid, name, state, wait channel, current syscall
+/// (for hang reports).
+pub fn thread_dump(pid: i32) -> String {
+    let mut out = String::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(process gone)\n".into();
+    };
+    let mut tids: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+    tids.sort();
+    for t in tids {
+        let rd = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+        let stat = rd("stat");
+        let name = rd("comm").trim().to_string();
+        let state = stat
+            .rfind(')')
+            .and_then(|r| stat[r + 2..].split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        let sys = rd("syscall");
+        let nr = sys.split(' ').next().unwrap_or("?").trim().to_string();
+        out.push_str(&format!(
+            "  tid {} {name:<16} state {state} wchan {:<24} syscall {nr}\n",
+            t.file_name().unwrap().to_string_lossy(),
+            rd("wchan"),
+        ));
     }
     out
 }
@@ -565,9 +632,10 @@ impl Rig {
         let mut s = match Session::establish(fe, &cfg) {
             Ok(s) => s,
             Err(e) => {
+                let dump = thread_dump(self.daemon.pid());
                 return self.fail(format!(
-                    "health check: a fresh connection's setup failed: {e}"
-                ))
+                    "health check: a fresh connection's setup failed: {e}; daemon threads at that moment:\n{dump}"
+                ));
             }
         };
         let r = (|| -> Result<(), String> {
@@ -585,10 +653,77 @@ impl Rig {
             Ok(())
         })();
         if let Err(e) = r {
-            self.fail(format!("health check on a fresh connection: {e}"));
+            let dump = thread_dump(self.daemon.pid());
+            self.fail(format!(
+                "health check on a fresh connection: {e}; daemon threads at that moment:\n{dump}"
+            ));
         }
         drop(s);
         self.dead_finding();
+    }
+
+    /// Compare guest RAM with `snap` outside `allowed`; every stray write is a finding.
+    /// Call after [`Rig::health_check`], so that the backend has moved on.
+    pub fn check_memory(&mut self, mem: &GuestMemory, snap: &Snapshot, allowed: &[(u64, u64)]) {
+        for f in mem.stray_writes(snap, allowed) {
+            self.fail(f);
+        }
+    }
+
+    /// CPU time the backend's threads used so far, in clock ticks (1/100 s), io_uring
+    /// submission-poll threads excluded.
+    pub fn cpu_ticks(&self) -> u64 {
+        thread_cpu(self.daemon.pid())
+            .iter()
+            .filter(|(n, _)| !n.starts_with("iou-"))
+            .map(|(_, t)| t)
+            .sum()
+    }
+
+    /// Number of open fds of the backend process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.daemon.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// The backend's open fds by kind (the target of /proc/PID/fd/N, numbers stripped).
+    pub fn fd_kinds(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        if let Ok(d) = std::fs::read_dir(format!("/proc/{}/fd", self.daemon.pid())) {
+            for e in d.flatten() {
+                let t = std::fs::read_link(e.path())
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let kind: String = t.chars().filter(|c| !c.is_ascii_digit()).collect();
+                *m.entry(kind).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    /// Resident set size of the backend process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.daemon.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Whether the backend process is still running (a finding if not).
+    pub fn alive(&mut self, when: &str) -> bool {
+        if self.daemon.is_alive() {
+            return true;
+        }
+        let st = self.daemon.exit_status();
+        self.fail(format!(
+            "{when}: the backend process died (exit status {st:?})"
+        ));
+        false
     }
 
     /// Final checks (health check unless done, image, process alive); panics with every
@@ -604,14 +739,26 @@ impl Rig {
         }
         if !self.findings.is_empty() {
             let name = test_name();
+            // Debugging aid: keep the daemon around to attach a debugger.
+            if let Some(secs) = std::env::var("RINGFENCE_HOSTILE_PAUSE_ON_FAIL")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                eprintln!(
+                    "HOSTILE-PAUSE {name}: daemon pid {} kept for {secs} s",
+                    self.daemon.pid()
+                );
+                std::thread::sleep(Duration::from_secs(secs));
+            }
             for f in &self.findings {
                 eprintln!("HOSTILE-FAIL {name}: {f}");
             }
             panic!(
-                "{name} against {:?}: {} finding(s):\n  - {}\n{}",
+                "{name} against {:?}: {} finding(s):\n  - {}\n--- daemon threads ---\n{}{}",
                 self.target,
                 self.findings.len(),
                 self.findings.join("\n  - "),
+                thread_dump(self.daemon.pid()),
                 self.stderr_tail()
             );
         }

@@ -95,6 +95,8 @@ pub struct SplitQueue {
     pub last_used: u16,
     /// Every `(gpa, len)` written with F_WRITE, in the table or in indirect tables.
     pub writable: Vec<(u64, u64)>,
+    /// Every head ever made available (pushed).
+    pub heads: Vec<u16>,
 }
 
 impl SplitQueue {
@@ -118,6 +120,7 @@ impl SplitQueue {
             avail_idx: 0,
             last_used: 0,
             writable: Vec::new(),
+            heads: Vec::new(),
         }
     }
 
@@ -216,6 +219,7 @@ impl SplitQueue {
     pub fn push(&mut self, mem: &GuestMemory, head: u16) {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         mem.write_u16(slot, head);
+        self.heads.push(head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 

@@ -1,0 +1,2307 @@
+//! The hostile driver, vhost-user message level (issue 4): a compromised VMM process lies in
+//! its messages. Every test ends with the common checks of `Rig::finish`: the backend is
+//! alive, a fresh connection serves a valid write and read, the image is unchanged outside
+//! the ranges allowed, and (where guest RAM was shared) no guest byte outside the
+//! device-writable buffers changed. A refused message (nack, closed connection) is always
+//! fine; a message left unanswered (a hang) or a crash is a failure.
+//!
+//! `RINGFENCE_HOSTILE_TARGET=qsd` runs the same cases against qemu-storage-daemon.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use ringfence_guest_tests::blk::*;
+use ringfence_guest_tests::frontend::*;
+use ringfence_guest_tests::image;
+use ringfence_guest_tests::memory::{GuestMemory, MemFd, Snapshot};
+use ringfence_guest_tests::rig::*;
+use ringfence_guest_tests::virtq::{Desc, SplitQueue};
+
+fn start() -> Rig {
+    Rig::start(RigOpts::default())
+}
+
+/// A new connection with features negotiated honestly (REPLY_ACK included).
+fn negotiated(rig: &mut Rig) -> Frontend {
+    let mut fe = match Frontend::connect(&rig.socket) {
+        Ok(fe) => fe,
+        Err(e) => {
+            if rig.alive("connecting") {
+                rig.fail(format!("connecting failed: {e}"));
+            }
+            rig_abort(rig)
+        }
+    };
+    match Session::negotiate(&mut fe, &SessionCfg::default()) {
+        Ok(_) => fe,
+        Err(e) => {
+            rig.fail(format!(
+                "a new connection could not negotiate features: {e}"
+            ));
+            rig_abort(rig)
+        }
+    }
+}
+
+/// Give up on the test: report what was found so far.
+fn rig_abort(rig: &mut Rig) -> ! {
+    panic!(
+        "giving up after findings:\n  - {}\n--- daemon stderr ---\n{}",
+        rig.findings().join("\n  - "),
+        rig.daemon.stderr()
+    )
+}
+
+/// After a hostile message: keep the connection if it still answers, else open a new one.
+fn after(rig: &mut Rig, fe: Frontend, what: &str) -> Frontend {
+    if rig.responsive(&fe, what) {
+        fe
+    } else {
+        drop(fe);
+        if !rig.alive(what) {
+            rig_abort(rig);
+        }
+        negotiated(rig)
+    }
+}
+
+/// Send a SET-style message asking for an ack and judge the outcome.
+/// Returns whether the connection is still usable.
+fn set_judged(
+    rig: &mut Rig,
+    fe: &Frontend,
+    code: u32,
+    payload: &[u8],
+    fds: &[RawFd],
+    what: &str,
+) -> bool {
+    let r = fe.set_acked(code, payload, fds);
+    rig.judge(what, &r)
+}
+
+/// A snapshot of a session's guest RAM, to compare at the end of the test. Allowed to
+/// change: every device-writable buffer the session ever made available, its used rings,
+/// and `extra`.
+struct Probe {
+    snap: Snapshot,
+    extra: Vec<(u64, u64)>,
+}
+
+fn watch(s: &Session) -> Probe {
+    Probe {
+        snap: s.mem.snapshot(),
+        extra: vec![],
+    }
+}
+
+/// Make a valid read of the probe sector available on queue 0 (kicked by `kick`) and wait
+/// (bounded) for it. An answer must be correct; no answer is fine (the backend may have
+/// refused the setup). Completions of requests made available earlier are skipped.
+/// Returns a snapshot taken just before the kick.
+fn probe_with(rig: &mut Rig, s: &mut Session, what: &str, kick: &dyn Fn(&Session)) -> Probe {
+    let sector = PROBE_OFFSET / SECTOR;
+    let hdr = s.put(&header(T_IN, sector));
+    let d = s.alloc(4096, 512);
+    let st = s.status();
+    let head = s.chain(0, &[Desc::r(hdr, 16), Desc::w(d, 4096), Desc::w(st, 1)]);
+    let p = watch(s);
+    s.queues[0].publish(&s.mem);
+    kick(s);
+    let deadline = Instant::now() + hostile_wait();
+    let fd = s.fe.as_raw_fd();
+    loop {
+        match s.queues[0].wait_used(&s.mem, deadline, Some(fd)) {
+            None => rig.note(format!("{what}: the probe read was not answered")),
+            Some(u) if u.id == u32::from(head) => {
+                let stv = s.mem.read_u8(st);
+                rig.note(format!(
+                    "{what}: probe read answered {} (len {})",
+                    status_name(stv),
+                    u.len
+                ));
+                if stv == S_OK && s.mem.read(d, 4096) != image::pattern(PROBE_OFFSET, 4096) {
+                    rig.fail(format!(
+                        "{what}: the probe read answered OK with wrong data"
+                    ));
+                }
+            }
+            Some(u) if s.queues[0].heads.iter().any(|&h| u32::from(h) == u.id) => continue,
+            Some(u) => rig.fail(format!(
+                "{what}: used element {{id {}, len {}}} answers no request ever made available",
+                u.id, u.len
+            )),
+        }
+        break;
+    }
+    p
+}
+
+fn probe(rig: &mut Rig, s: &mut Session, what: &str) -> Probe {
+    probe_with(rig, s, what, &|s: &Session| s.queues[0].kick())
+}
+
+/// A session whose connection is closed, kept for the final guest RAM comparison.
+struct Retired {
+    mem: GuestMemory,
+    _queues: Vec<SplitQueue>,
+    snap: Snapshot,
+    allowed: Vec<(u64, u64)>,
+}
+
+/// Close the session's connection now (the backend serves one connection at a time);
+/// keep its guest RAM and what the device may have written.
+fn retire(s: Session, p: Probe) -> Retired {
+    let mut allowed = s.writable();
+    allowed.extend(p.extra.iter().copied());
+    let Session {
+        fe, mem, queues, ..
+    } = s;
+    drop(fe);
+    Retired {
+        mem,
+        _queues: queues,
+        snap: p.snap,
+        allowed,
+    }
+}
+
+/// Run the health check, then compare each retired session's guest RAM with its
+/// snapshot, and finish.
+fn finish(mut rig: Rig, watched: Vec<Retired>) {
+    rig.health_check();
+    for r in &watched {
+        rig.check_memory(&r.mem, &r.snap, &r.allowed);
+    }
+    drop(watched);
+    rig.finish();
+}
+
+/// SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE for `q`, each judged. Returns whether the
+/// connection survived.
+fn start_queue_judged(
+    rig: &mut Rig,
+    fe: &Frontend,
+    mem: &GuestMemory,
+    q: &SplitQueue,
+    what: &str,
+) -> bool {
+    let i = q.index;
+    set_judged(
+        rig,
+        fe,
+        code::SET_VRING_NUM,
+        &vring_state(i, u32::from(q.size)),
+        &[],
+        &format!("{what}: SET_VRING_NUM"),
+    ) && set_judged(
+        rig,
+        fe,
+        code::SET_VRING_BASE,
+        &vring_state(i, 0),
+        &[],
+        &format!("{what}: SET_VRING_BASE"),
+    ) && set_judged(
+        rig,
+        fe,
+        code::SET_VRING_ADDR,
+        &vring_addr(
+            i,
+            0,
+            mem.uaddr(q.desc),
+            mem.uaddr(q.used),
+            mem.uaddr(q.avail),
+            0,
+        ),
+        &[],
+        &format!("{what}: SET_VRING_ADDR"),
+    ) && set_judged(
+        rig,
+        fe,
+        code::SET_VRING_CALL,
+        &u64::from(i).to_ne_bytes(),
+        &[q.call.as_raw_fd()],
+        &format!("{what}: SET_VRING_CALL"),
+    ) && set_judged(
+        rig,
+        fe,
+        code::SET_VRING_KICK,
+        &u64::from(i).to_ne_bytes(),
+        &[q.kick.as_raw_fd()],
+        &format!("{what}: SET_VRING_KICK"),
+    ) && set_judged(
+        rig,
+        fe,
+        code::SET_VRING_ENABLE,
+        &vring_state(i, 1),
+        &[],
+        &format!("{what}: SET_VRING_ENABLE"),
+    )
+}
+
+/// On a negotiated connection: share `mem` with the honest table, start queue 0 at the
+/// start of the first region, and wrap it all in a session (buffers from first region +
+/// 1 MiB). `None` if the backend closed the connection on the way.
+fn continue_session(rig: &mut Rig, fe: Frontend, mem: GuestMemory, what: &str) -> Option<Session> {
+    let (table, fds) = mem.table();
+    if !set_judged(
+        rig,
+        &fe,
+        code::SET_MEM_TABLE,
+        &mem_table_payload(&table),
+        &fds,
+        &format!("{what}: SET_MEM_TABLE"),
+    ) {
+        return None;
+    }
+    let base = mem.regions[0].gpa;
+    let q = SplitQueue::new(&mem, 0, 256, base);
+    if !start_queue_judged(rig, &fe, &mem, &q, what) {
+        return None;
+    }
+    Some(Session::from_parts(fe, mem, vec![q], base + 0x10_0000))
+}
+
+fn std_memory() -> GuestMemory {
+    GuestMemory::new(&[RAM_A, RAM_B, RAM_C])
+}
+
+// =======================================================================================
+// Framing: unknown codes, bad flags, wrong sizes, truncated messages, stray fds.
+
+#[test]
+fn unknown_request_codes() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    for c in [0u32, 26, 27, 28, 33, 41, 44, 45, 99, 1000, 0xffff, u32::MAX] {
+        for payload in [&[][..], &[0u8; 8][..], &[0xffu8; 64][..]] {
+            let what = format!("request code {c} with {} payload bytes", payload.len());
+            let _ = fe.send(c, FLAG_NEED_REPLY, payload, &[]);
+            fe = after(&mut rig, fe, &what);
+        }
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn bad_header_flags() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    for flags in [
+        0u32,
+        2,
+        3,
+        VERSION | FLAG_REPLY,
+        VERSION | 0xffff_fff0,
+        u32::MAX,
+    ] {
+        let what = format!("GET_PROTOCOL_FEATURES with flags {flags:#x}");
+        let _ = fe.send_raw(&message(code::GET_PROTOCOL_FEATURES, flags, 0, &[]), &[]);
+        fe = after(&mut rig, fe, &what);
+        let what = format!("SET_VRING_NUM with flags {flags:#x}");
+        let p = vring_state(0, 64);
+        let _ = fe.send_raw(
+            &message(code::SET_VRING_NUM, flags, p.len() as u32, &p),
+            &[],
+        );
+        fe = after(&mut rig, fe, &what);
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn payload_sizes_that_do_not_fit_the_request() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    let m = MemFd::new("lie", 1 << 20).unwrap();
+    let region = MemRegion {
+        gpa: 0,
+        size: 1 << 20,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    };
+    let mut two_claimed = mem_table_payload(&[region]);
+    two_claimed[0..4].copy_from_slice(&2u32.to_ne_bytes());
+    let mut one_claimed = mem_table_payload(&[
+        region,
+        MemRegion {
+            gpa: 1 << 20,
+            ..region
+        },
+    ]);
+    one_claimed[0..4].copy_from_slice(&1u32.to_ne_bytes());
+    let mfd = [m.fd()];
+    let cases: Vec<(u32, Vec<u8>, &[RawFd], &str)> = vec![
+        (
+            code::SET_FEATURES,
+            vec![0; 4],
+            &[],
+            "SET_FEATURES with 4 bytes",
+        ),
+        (
+            code::SET_FEATURES,
+            vec![0; 16],
+            &[],
+            "SET_FEATURES with 16 bytes",
+        ),
+        (
+            code::SET_PROTOCOL_FEATURES,
+            vec![0; 2],
+            &[],
+            "SET_PROTOCOL_FEATURES with 2 bytes",
+        ),
+        (
+            code::SET_VRING_NUM,
+            vec![0; 4],
+            &[],
+            "SET_VRING_NUM with 4 bytes",
+        ),
+        (
+            code::SET_VRING_NUM,
+            vec![0; 12],
+            &[],
+            "SET_VRING_NUM with 12 bytes",
+        ),
+        (
+            code::SET_VRING_BASE,
+            vec![0; 3],
+            &[],
+            "SET_VRING_BASE with 3 bytes",
+        ),
+        (
+            code::SET_VRING_ADDR,
+            vec![0; 8],
+            &[],
+            "SET_VRING_ADDR with 8 bytes",
+        ),
+        (
+            code::SET_VRING_ADDR,
+            vec![0; 48],
+            &[],
+            "SET_VRING_ADDR with 48 bytes",
+        ),
+        (
+            code::SET_VRING_KICK,
+            vec![0; 4],
+            &[],
+            "SET_VRING_KICK with 4 bytes",
+        ),
+        (
+            code::SET_VRING_CALL,
+            vec![0; 16],
+            &[],
+            "SET_VRING_CALL with 16 bytes",
+        ),
+        (
+            code::SET_VRING_ENABLE,
+            vec![1],
+            &[],
+            "SET_VRING_ENABLE with 1 byte",
+        ),
+        (
+            code::GET_VRING_BASE,
+            vec![0; 2],
+            &[],
+            "GET_VRING_BASE with 2 bytes",
+        ),
+        (
+            code::SET_OWNER,
+            vec![0; 100],
+            &[],
+            "SET_OWNER with 100 bytes",
+        ),
+        (
+            code::GET_FEATURES,
+            vec![0; 8],
+            &[],
+            "GET_FEATURES with 8 bytes",
+        ),
+        (
+            code::GET_CONFIG,
+            config_payload(0, 60, 0, &[]),
+            &[],
+            "GET_CONFIG of 60 carrying 0",
+        ),
+        (
+            code::GET_CONFIG,
+            config_payload(0, 8, 0, &[0; 60]),
+            &[],
+            "GET_CONFIG of 8 carrying 60",
+        ),
+        (code::GET_CONFIG, vec![0; 4], &[], "GET_CONFIG with 4 bytes"),
+        (
+            code::SET_CONFIG,
+            config_payload(32, 1, 0, &[]),
+            &[],
+            "SET_CONFIG of 1 carrying 0",
+        ),
+        (
+            code::SET_MEM_TABLE,
+            vec![0; 4],
+            &[],
+            "SET_MEM_TABLE with 4 bytes",
+        ),
+        (
+            code::SET_MEM_TABLE,
+            two_claimed,
+            &mfd,
+            "SET_MEM_TABLE claiming 2 regions, carrying 1",
+        ),
+        (
+            code::SET_MEM_TABLE,
+            one_claimed,
+            &mfd,
+            "SET_MEM_TABLE claiming 1 region, carrying 2",
+        ),
+        (
+            code::ADD_MEM_REG,
+            vec![0; 16],
+            &mfd,
+            "ADD_MEM_REG with 16 bytes",
+        ),
+        (
+            code::REM_MEM_REG,
+            vec![0; 8],
+            &[],
+            "REM_MEM_REG with 8 bytes",
+        ),
+        (
+            code::GET_MAX_MEM_SLOTS,
+            vec![0; 8],
+            &[],
+            "GET_MAX_MEM_SLOTS with 8 bytes",
+        ),
+    ];
+    for (c, payload, fds, what) in cases {
+        let _ = fe.send(c, FLAG_NEED_REPLY, &payload, fds);
+        fe = after(&mut rig, fe, what);
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn announced_payload_larger_than_any_message_then_eof() {
+    let mut rig = start();
+    for size in [0x1001u32, 0x10_0000, 0x7fff_ffff, u32::MAX] {
+        let fe = rig.connect();
+        let _ = fe.send_raw(&message(code::SET_FEATURES, VERSION, size, &[0u8; 64]), &[]);
+        // The backend may refuse at once or wait for the rest; the rest never comes.
+        fe.shutdown_write();
+        if !fe.wait_closed(HONEST_TIMEOUT) {
+            rig.fail(format!(
+                "a message announcing {size:#x} payload bytes, then EOF: the connection was not closed within {HONEST_TIMEOUT:?}"
+            ));
+        }
+        drop(fe);
+        if !rig.alive(&format!("payload size {size:#x}")) {
+            break;
+        }
+    }
+    rig.finish();
+}
+
+#[test]
+fn messages_cut_short_by_eof() {
+    let mut rig = start();
+    let m = MemFd::new("lie", 1 << 20).unwrap();
+    let table = mem_table_payload(&[MemRegion {
+        gpa: 0,
+        size: 1 << 20,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    }]);
+    let msgs: Vec<(Vec<u8>, Vec<RawFd>, &str)> = vec![
+        (
+            message(code::SET_FEATURES, VERSION, 8, &1u64.to_ne_bytes()),
+            vec![],
+            "SET_FEATURES",
+        ),
+        (
+            message(code::SET_MEM_TABLE, VERSION, table.len() as u32, &table),
+            vec![m.fd()],
+            "SET_MEM_TABLE",
+        ),
+        (
+            message(
+                code::SET_VRING_ADDR,
+                VERSION,
+                40,
+                &vring_addr(0, 0, 1, 2, 3, 0),
+            ),
+            vec![],
+            "SET_VRING_ADDR",
+        ),
+        (
+            message(
+                code::GET_CONFIG,
+                VERSION,
+                72,
+                &config_payload(0, 60, 0, &[0; 60]),
+            ),
+            vec![],
+            "GET_CONFIG",
+        ),
+    ];
+    for (bytes, fds, what) in msgs {
+        for cut in [6, 12, 12 + (bytes.len() - 12) / 2, bytes.len() - 1] {
+            let fe = negotiated(&mut rig);
+            let _ = fe.send_raw(&bytes[..cut], &fds);
+            fe.shutdown_write();
+            if !fe.wait_closed(HONEST_TIMEOUT) {
+                rig.fail(format!(
+                    "{what} cut after {cut} of {} bytes, then EOF: the connection was not closed within {HONEST_TIMEOUT:?}",
+                    bytes.len()
+                ));
+            }
+            drop(fe);
+            if !rig.alive(&format!("{what} cut after {cut} bytes")) {
+                rig_abort(&mut rig);
+            }
+        }
+    }
+    rig.finish();
+}
+
+#[test]
+fn fds_attached_to_messages_that_take_none_are_not_kept() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    let m = MemFd::new("stray", 4096).unwrap();
+    let strays = |rig: &Rig| {
+        rig.fd_kinds()
+            .iter()
+            .filter(|(k, _)| k.contains("memfd:stray"))
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    };
+    for i in 0..64 {
+        let fds = [m.fd(); 8];
+        let r = fe.call(code::GET_FEATURES, &[], &fds).map(|_| ());
+        if !rig.judge(&format!("GET_FEATURES #{i} carrying 8 fds"), &r) {
+            fe = negotiated(&mut rig);
+        }
+    }
+    let r = fe.set_acked(code::SET_VRING_NUM, &vring_state(0, 64), &[m.fd(); 4]);
+    rig.judge("SET_VRING_NUM carrying 4 fds", &r);
+    fe = after(&mut rig, fe, "SET_VRING_NUM carrying 4 fds");
+    let kept = strays(&rig);
+    if kept > 0 {
+        rig.fail(format!(
+            "the backend keeps {kept} of the 516 fds sent with messages that take none (connection still open)"
+        ));
+    }
+    drop(fe);
+    // A new connection answered means the old one is torn down.
+    let fe = negotiated(&mut rig);
+    let kept = strays(&rig);
+    if kept > 0 {
+        rig.fail(format!(
+            "the backend still holds {kept} stray fds after the connection closed"
+        ));
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn connections_do_not_leak_fds() {
+    let mut rig = start();
+    // Baseline: one negotiated connection open, the previous ones torn down.
+    let fe = negotiated(&mut rig);
+    let (before, kinds_before) = (rig.fd_count(), rig.fd_kinds());
+    drop(fe);
+    for i in 0..32 {
+        let mut s = rig.session(&SessionCfg::default());
+        if i % 2 == 0 {
+            let _ = probe(&mut rig, &mut s, "I/O on a short-lived connection");
+        }
+        drop(s);
+    }
+    let fe = negotiated(&mut rig);
+    let (after, kinds_after) = (rig.fd_count(), rig.fd_kinds());
+    if after > before + 4 {
+        rig.fail(format!(
+            "open fds grew from {before} to {after} over 32 connections (before: {kinds_before:?}; after: {kinds_after:?})"
+        ));
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn messages_missing_their_fds() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    let m = MemFd::new("lie", 1 << 20).unwrap();
+    let region = MemRegion {
+        gpa: 0,
+        size: 1 << 20,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    };
+    let two = [
+        region,
+        MemRegion {
+            gpa: 1 << 20,
+            ..region
+        },
+    ];
+    let cases: Vec<(u32, Vec<u8>, Vec<RawFd>, &str)> = vec![
+        (
+            code::SET_MEM_TABLE,
+            mem_table_payload(&[region]),
+            vec![],
+            "SET_MEM_TABLE without its fd",
+        ),
+        (
+            code::SET_MEM_TABLE,
+            mem_table_payload(&two),
+            vec![m.fd()],
+            "SET_MEM_TABLE of 2 regions with 1 fd",
+        ),
+        (
+            code::SET_MEM_TABLE,
+            mem_table_payload(&[region]),
+            vec![m.fd(), m.fd(), m.fd()],
+            "SET_MEM_TABLE of 1 region with 3 fds",
+        ),
+        (
+            code::SET_VRING_KICK,
+            0u64.to_ne_bytes().to_vec(),
+            vec![],
+            "SET_VRING_KICK without fd or NOFD flag",
+        ),
+        (
+            code::SET_VRING_CALL,
+            0u64.to_ne_bytes().to_vec(),
+            vec![],
+            "SET_VRING_CALL without fd or NOFD flag",
+        ),
+        (
+            code::SET_VRING_ERR,
+            0u64.to_ne_bytes().to_vec(),
+            vec![],
+            "SET_VRING_ERR without fd or NOFD flag",
+        ),
+        (
+            code::ADD_MEM_REG,
+            single_region_payload(&region),
+            vec![],
+            "ADD_MEM_REG without fd",
+        ),
+        (code::SET_LOG_FD, vec![], vec![], "SET_LOG_FD without fd"),
+    ];
+    for (c, payload, fds, what) in cases {
+        let r = fe.set_acked(c, &payload, &fds);
+        rig.judge(what, &r);
+        fe = after(&mut rig, fe, what);
+    }
+    // The connection (or a new one) still sets up and serves a read.
+    let s = continue_session(&mut rig, fe, std_memory(), "after the lies");
+    let watched = s
+        .map(|mut s| {
+            let p = probe(&mut rig, &mut s, "after the lies");
+            vec![retire(s, p)]
+        })
+        .unwrap_or_default();
+    finish(rig, watched);
+}
+
+#[test]
+fn connect_and_hang_up_at_every_step() {
+    let mut rig = start();
+    // Close after each prefix of an honest setup.
+    for steps in 0..8 {
+        let mut fe = rig.connect();
+        let mem = std_memory();
+        let q = SplitQueue::new(&mem, 0, 256, RAM_A.0);
+        let r = (|| -> FeResult<()> {
+            if steps > 0 {
+                Session::negotiate(&mut fe, &SessionCfg::default())?;
+            }
+            if steps > 1 {
+                let (t, fds) = mem.table();
+                fe.set_mem_table(&t, &fds)?;
+            }
+            if steps > 2 {
+                fe.set_vring_num(0, 256)?;
+            }
+            if steps > 3 {
+                fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))?;
+            }
+            if steps > 4 {
+                fe.set_vring_fd(code::SET_VRING_KICK, 0, Some(q.kick.as_raw_fd()))?;
+            }
+            if steps > 5 {
+                fe.set_vring_fd(code::SET_VRING_CALL, 0, Some(q.call.as_raw_fd()))?;
+            }
+            if steps > 6 {
+                fe.set_vring_enable(0, true)?;
+                q.kick();
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            rig.fail(format!("honest setup step {steps} failed: {e}"));
+        }
+        drop(fe);
+        if !rig.alive(&format!("hang-up after {steps} setup steps")) {
+            break;
+        }
+    }
+    rig.finish();
+}
+
+// =======================================================================================
+// Features.
+
+/// A session whose SET_FEATURES (after honest negotiation) is `features`, exactly.
+fn with_features(rig: &mut Rig, features: u64, what: &str) -> Vec<Retired> {
+    let fe = negotiated(rig);
+    if !set_judged(
+        rig,
+        &fe,
+        code::SET_FEATURES,
+        &features.to_ne_bytes(),
+        &[],
+        what,
+    ) {
+        return vec![];
+    }
+    let Some(mut s) = continue_session(rig, fe, std_memory(), what) else {
+        return vec![];
+    };
+    let p = probe(rig, &mut s, what);
+    vec![retire(s, p)]
+}
+
+#[test]
+fn set_features_with_unoffered_bits() {
+    let mut rig = start();
+    let offered = rig.connect().get_features().unwrap();
+    let lie = offered
+        | vfeat::RING_PACKED
+        | vfeat::IN_ORDER
+        | vfeat::ACCESS_PLATFORM
+        | vfeat::RING_RESET
+        | 1 << 63
+        | 1 << 50;
+    let w = with_features(
+        &mut rig,
+        lie & !offered | vfeat::VERSION_1 | vfeat::PROTOCOL_FEATURES,
+        "SET_FEATURES with unoffered bits (packed ring, in-order, ...)",
+    );
+    finish(rig, w);
+}
+
+#[test]
+fn set_features_all_ones() {
+    let mut rig = start();
+    let w = with_features(&mut rig, u64::MAX, "SET_FEATURES 0xffffffffffffffff");
+    finish(rig, w);
+}
+
+#[test]
+fn set_features_without_version_1() {
+    let mut rig = start();
+    let w = with_features(
+        &mut rig,
+        vfeat::PROTOCOL_FEATURES,
+        "SET_FEATURES without VERSION_1",
+    );
+    finish(rig, w);
+}
+
+#[test]
+fn set_features_changed_while_queue_runs() {
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    let p0 = probe(&mut rig, &mut s, "before the change");
+    let f = s.features ^ vfeat::RING_EVENT_IDX ^ vfeat::RING_INDIRECT_DESC;
+    let r = s.fe.set_acked(code::SET_FEATURES, &f.to_ne_bytes(), &[]);
+    let mut watched = vec![];
+    if rig.judge(
+        "SET_FEATURES toggling EVENT_IDX and INDIRECT_DESC on a running queue",
+        &r,
+    ) {
+        let p = probe(&mut rig, &mut s, "after the change");
+        watched.push(retire(s, p));
+    } else {
+        watched.push(retire(s, p0));
+    }
+    finish(rig, watched);
+}
+
+#[test]
+fn set_protocol_features_with_unoffered_bits() {
+    let mut rig = start();
+    let mut fe = rig.connect();
+    let offered = fe.get_features().unwrap();
+    let _ = fe.get_protocol_features();
+    // Without REPLY_ACK negotiated yet the ack is optional: send, then ping.
+    let _ = fe.send(code::SET_PROTOCOL_FEATURES, 0, &u64::MAX.to_ne_bytes(), &[]);
+    if !rig.responsive(&fe, "SET_PROTOCOL_FEATURES 0xffffffffffffffff") {
+        drop(fe);
+        return rig.finish();
+    }
+    // Carry on without asking for acks (we cannot know what the backend accepted).
+    fe.reply_ack = false;
+    let r = (|| -> FeResult<()> {
+        fe.set_owner()?;
+        fe.set_features(offered & WANTED_FEATURES)?;
+        Ok(())
+    })();
+    if !rig.judge("owner and features after the lie", &r) {
+        return rig.finish();
+    }
+    let mem = std_memory();
+    let (t, fds) = mem.table();
+    let q = SplitQueue::new(&mem, 0, 256, RAM_A.0);
+    let r = fe
+        .set_mem_table(&t, &fds)
+        .and_then(|_| Session::start_queue(&fe, &mem, &q, true));
+    rig.judge("memory and queue after the lie", &r);
+    let mut s = Session::from_parts(fe, mem, vec![q], HEAP_START);
+    let mut watched = vec![];
+    if rig.responsive(&s.fe, "after setting up the queue") {
+        let p = probe(&mut rig, &mut s, "with all protocol features claimed");
+        watched.push(retire(s, p));
+    }
+    finish(rig, watched);
+}
+
+#[test]
+fn owner_and_device_resets_mid_session() {
+    let mut rig = start();
+    let mut watched = vec![];
+    for (c, what) in [
+        (code::SET_OWNER, "a second SET_OWNER"),
+        (code::RESET_OWNER, "RESET_OWNER"),
+        (code::RESET_DEVICE, "RESET_DEVICE (not offered)"),
+    ] {
+        let mut s = rig.session(&SessionCfg::default());
+        // I/O in flight while the reset arrives.
+        for _ in 0..16 {
+            let hdr = s.put(&header(T_IN, 0));
+            let d = s.alloc(65536, 4096);
+            let st = s.status();
+            s.chain(0, &[Desc::r(hdr, 16), Desc::w(d, 65536), Desc::w(st, 1)]);
+        }
+        let snap = s.mem.snapshot();
+        s.kick(0);
+        let r = s.fe.set_acked(c, &[], &[]);
+        if rig.judge(what, &r) {
+            let _ = probe(&mut rig, &mut s, &format!("after {what}"));
+            // Guest RAM: the in-flight reads may land too.
+            watched.push(retire(
+                s,
+                Probe {
+                    snap,
+                    extra: vec![],
+                },
+            ));
+        } else {
+            watched.push(retire(
+                s,
+                Probe {
+                    snap,
+                    extra: vec![],
+                },
+            ));
+        }
+    }
+    finish(rig, watched);
+}
+
+#[test]
+fn log_and_inflight_messages_without_their_features() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    let m = MemFd::new("log", 4096).unwrap();
+    let log_base = {
+        let mut p = (1u64 << 40).to_ne_bytes().to_vec();
+        p.extend_from_slice(&0u64.to_ne_bytes());
+        p
+    };
+    let inflight = {
+        let mut p = (1u64 << 40).to_ne_bytes().to_vec(); // mmap_size
+        p.extend_from_slice(&0u64.to_ne_bytes()); // mmap_offset
+        p.extend_from_slice(&0xffffu16.to_ne_bytes()); // num_queues
+        p.extend_from_slice(&0xffffu16.to_ne_bytes()); // queue_size
+        p.extend_from_slice(&[0; 4]);
+        p
+    };
+    let cases: Vec<(u32, Vec<u8>, Vec<RawFd>, &str)> = vec![
+        (
+            code::SET_LOG_BASE,
+            log_base,
+            vec![m.fd()],
+            "SET_LOG_BASE of 1 TiB over a 4 KiB memfd",
+        ),
+        (code::SET_LOG_FD, vec![], vec![m.fd()], "SET_LOG_FD"),
+        (
+            code::SET_INFLIGHT_FD,
+            inflight.clone(),
+            vec![m.fd()],
+            "SET_INFLIGHT_FD of 1 TiB",
+        ),
+        (
+            code::SET_VRING_ENDIAN,
+            vring_state(0, 1),
+            vec![],
+            "SET_VRING_ENDIAN big",
+        ),
+        (
+            code::SET_STATUS,
+            0xffu64.to_ne_bytes().to_vec(),
+            vec![],
+            "SET_STATUS 0xff",
+        ),
+        (
+            code::VRING_KICK,
+            vring_state(0, 0),
+            vec![],
+            "in-band VRING_KICK",
+        ),
+        (
+            code::SET_DEVICE_STATE_FD,
+            vec![0; 8],
+            vec![m.fd()],
+            "SET_DEVICE_STATE_FD",
+        ),
+        (code::IOTLB_MSG, vec![0xff; 64], vec![], "IOTLB_MSG"),
+    ];
+    for (c, payload, fds, what) in cases {
+        let r = fe.set_acked(c, &payload, &fds);
+        rig.judge(what, &r);
+        fe = after(&mut rig, fe, what);
+    }
+    let r = fe.call(code::GET_INFLIGHT_FD, &inflight, &[]).map(|_| ());
+    rig.judge("GET_INFLIGHT_FD for 0xffff queues of 0xffff", &r);
+    fe = after(&mut rig, fe, "GET_INFLIGHT_FD");
+    let r = fe.call(code::GET_STATUS, &[], &[]).map(|_| ());
+    rig.judge("GET_STATUS", &r);
+    fe = after(&mut rig, fe, "GET_STATUS");
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn backend_channel_without_the_feature_is_not_used() {
+    // A socket whose other end nobody reads: a backend that writes to it blocks forever.
+    let mut rig = start();
+    let fe = negotiated(&mut rig);
+    let mut sv = [0; 2];
+    // SAFETY: socketpair fills two fds into a valid array.
+    assert_eq!(
+        unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+                sv.as_mut_ptr(),
+            )
+        },
+        0
+    );
+    // SAFETY: two fresh fds nobody else owns.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let r = fe.set_acked(code::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()]);
+    drop(theirs);
+    rig.judge("SET_BACKEND_REQ_FD without BACKEND_REQ", &r);
+    let mut watched = vec![];
+    if rig.responsive(&fe, "SET_BACKEND_REQ_FD") {
+        if let Some(mut s) =
+            continue_session(&mut rig, fe, std_memory(), "after SET_BACKEND_REQ_FD")
+        {
+            let p = probe(&mut rig, &mut s, "after SET_BACKEND_REQ_FD");
+            watched.push(retire(s, p));
+        }
+    }
+    finish(rig, watched);
+    drop(ours);
+}
+
+// =======================================================================================
+// Config space.
+
+#[test]
+fn config_reads_outside_the_config_space_are_refused() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    // Inside: the capacity.
+    match fe.get_config(0, 8) {
+        Ok(c) if c.data.len() == 8 => {
+            let cap = u64::from_le_bytes(c.data[..8].try_into().unwrap());
+            if cap != CAPACITY {
+                rig.fail(format!(
+                    "GET_CONFIG capacity {cap}, image has {CAPACITY} sectors"
+                ));
+            }
+        }
+        other => rig.fail(format!("GET_CONFIG of the capacity failed: {other:?}")),
+    }
+    for (off, size) in [
+        (0u32, 61u32),
+        (56, 8),
+        (59, 2),
+        (60, 1),
+        (0, 256),
+        (0, 4096),
+        (0x100, 8),
+        (0x1000, 8),
+        (0xffff_fff0, 0x20),
+        (u32::MAX, 1),
+        (1 << 31, 8),
+    ] {
+        let what = format!("GET_CONFIG offset {off:#x} size {size}");
+        match fe.get_config(off, size) {
+            Ok(c) if c.size == 0 && c.data.is_empty() => rig.note(format!("{what}: refused")),
+            Ok(c) => {
+                let n = c.data.len().min(16);
+                rig.fail(format!(
+                    "{what} reaches past the 60-byte config space, yet was answered with size {} and {} bytes: {:02x?}...",
+                    c.size,
+                    c.data.len(),
+                    &c.data[..n]
+                ));
+            }
+            Err(FeError::Closed) => {
+                rig.note(format!("{what}: connection closed"));
+                fe = negotiated(&mut rig);
+            }
+            Err(e) => {
+                rig.fail(format!("{what}: {e}"));
+                fe = after(&mut rig, fe, &what);
+            }
+        }
+    }
+    // Size 0 and a payload shorter than announced.
+    for (payload, what) in [
+        (config_payload(0, 0, 0, &[]), "GET_CONFIG of size 0"),
+        (
+            config_payload(0, 60, 0xffff_ffff, &[0; 60]),
+            "GET_CONFIG with flags 0xffffffff",
+        ),
+    ] {
+        match fe.get_config_raw(&payload) {
+            Ok(c) if c.data.is_empty() => rig.note(format!("{what}: refused")),
+            Ok(c) => rig.note(format!("{what}: answered {} bytes", c.data.len())),
+            Err(e) => {
+                rig.note(format!("{what}: {e}"));
+                fe = after(&mut rig, fe, what);
+            }
+        }
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn config_writes_cannot_change_the_capacity() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    let huge = (u64::MAX / 1024).to_le_bytes();
+    for (off, data, what) in [
+        (0u32, huge.to_vec(), "SET_CONFIG capacity = 2^54"),
+        (0, vec![0xff; 60], "SET_CONFIG of all 60 bytes"),
+        (56, vec![0xff; 16], "SET_CONFIG across the end"),
+        (u32::MAX, vec![1], "SET_CONFIG at offset 0xffffffff"),
+        (34, vec![0xff, 0xff], "SET_CONFIG num_queues = 0xffff"),
+    ] {
+        let r = fe.set_acked(
+            code::SET_CONFIG,
+            &config_payload(off, data.len() as u32, 1, &data),
+            &[],
+        );
+        rig.judge(what, &r);
+        fe = after(&mut rig, fe, what);
+    }
+    drop(fe);
+    // A fresh session still sees the true capacity, and writes past it fail.
+    let mut s = rig.session(&SessionCfg::default());
+    match s.fe.get_config(0, 8) {
+        Ok(c) if c.data.len() == 8 => {
+            let cap = u64::from_le_bytes(c.data[..8].try_into().unwrap());
+            if cap != CAPACITY {
+                rig.fail(format!("after SET_CONFIG lies, GET_CONFIG reports capacity {cap}, the image has {CAPACITY} sectors"));
+            }
+        }
+        other => rig.fail(format!("GET_CONFIG of the capacity failed: {other:?}")),
+    }
+    match s.io(0, T_OUT, CAPACITY + 8, &[0x66; 4096], 0) {
+        Ok((S_OK, _)) => {
+            rig.fail("after SET_CONFIG lies, a write past the true capacity answered OK")
+        }
+        other => rig.note(format!("write past the capacity: {other:?}")),
+    }
+    drop(s);
+    rig.finish();
+}
+
+// =======================================================================================
+// Memory tables.
+
+/// Send `table` with `fds` as SET_MEM_TABLE on a new negotiated connection; then, if the
+/// connection survives, an honest memory table and a probe read on the same connection.
+fn mem_table_lie(rig: &mut Rig, table: &[MemRegion], fds: &[RawFd], what: &str) -> Vec<Retired> {
+    let fe = negotiated(rig);
+    let r = fe.set_acked(code::SET_MEM_TABLE, &mem_table_payload(table), fds);
+    if !rig.judge(what, &r) {
+        return vec![];
+    }
+    if !rig.responsive(&fe, what) {
+        return vec![];
+    }
+    let Some(mut s) = continue_session(rig, fe, std_memory(), &format!("after {what}")) else {
+        return vec![];
+    };
+    let p = probe(rig, &mut s, &format!("honest table after {what}"));
+    vec![retire(s, p)]
+}
+
+#[test]
+fn mem_table_without_regions() {
+    let mut rig = start();
+    let w = mem_table_lie(&mut rig, &[], &[], "SET_MEM_TABLE with 0 regions");
+    finish(rig, w);
+}
+
+#[test]
+fn mem_table_with_too_many_regions() {
+    let mut rig = start();
+    let mut w = vec![];
+    for n in [9usize, 33, 64] {
+        let fds: Vec<MemFd> = (0..n)
+            .map(|i| MemFd::new(&format!("r{i}"), 1 << 16).unwrap())
+            .collect();
+        let table: Vec<MemRegion> = fds
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MemRegion {
+                gpa: (i as u64) << 20,
+                size: 1 << 16,
+                uaddr: m.addr(),
+                mmap_offset: 0,
+            })
+            .collect();
+        let raw: Vec<RawFd> = fds.iter().map(|m| m.fd()).collect();
+        w.extend(mem_table_lie(
+            &mut rig,
+            &table,
+            &raw,
+            &format!("SET_MEM_TABLE with {n} regions"),
+        ));
+    }
+    // A count far above what the payload carries.
+    let m = MemFd::new("r", 1 << 16).unwrap();
+    let mut p = mem_table_payload(&[MemRegion {
+        gpa: 0,
+        size: 1 << 16,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    }]);
+    p[0..4].copy_from_slice(&100_000u32.to_ne_bytes());
+    let fe = negotiated(&mut rig);
+    let r = fe.set_acked(code::SET_MEM_TABLE, &p, &[m.fd()]);
+    rig.judge("SET_MEM_TABLE claiming 100000 regions", &r);
+    let _ = after(&mut rig, fe, "SET_MEM_TABLE claiming 100000 regions");
+    finish(rig, w);
+}
+
+#[test]
+fn mem_table_with_invalid_regions() {
+    let mut rig = start();
+    let m = MemFd::new("r", 1 << 20).unwrap();
+    let ok = MemRegion {
+        gpa: 0x10_0000,
+        size: 1 << 20,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    };
+    let mut w = vec![];
+    for (r, what) in [
+        (MemRegion { size: 0, ..ok }, "region of size 0"),
+        (
+            MemRegion {
+                gpa: u64::MAX - 0xfff,
+                ..ok
+            },
+            "region whose guest end overflows",
+        ),
+        (
+            MemRegion {
+                gpa: u64::MAX - 0xfffff,
+                ..ok
+            },
+            "region ending exactly at 2^64",
+        ),
+        (
+            MemRegion {
+                uaddr: u64::MAX - 0xfff,
+                ..ok
+            },
+            "region whose user address end overflows",
+        ),
+        (
+            MemRegion {
+                mmap_offset: u64::MAX - 0xfff,
+                ..ok
+            },
+            "region whose mmap offset end overflows",
+        ),
+        (
+            MemRegion {
+                mmap_offset: 16 << 20,
+                ..ok
+            },
+            "mmap offset past the end of the fd",
+        ),
+        (
+            MemRegion {
+                mmap_offset: 1,
+                ..ok
+            },
+            "mmap offset not page aligned",
+        ),
+        (
+            MemRegion {
+                size: 1 << 46,
+                ..ok
+            },
+            "region of 64 TiB over a 1 MiB memfd",
+        ),
+        (
+            MemRegion {
+                size: (1 << 20) + 1,
+                ..ok
+            },
+            "region size not page aligned",
+        ),
+    ] {
+        w.extend(mem_table_lie(
+            &mut rig,
+            &[r],
+            &[m.fd()],
+            &format!("SET_MEM_TABLE: {what}"),
+        ));
+    }
+    finish(rig, w);
+}
+
+#[test]
+fn mem_table_with_overlapping_regions() {
+    let mut rig = start();
+    let a = MemFd::new("a", 2 << 20).unwrap();
+    let b = MemFd::new("b", 2 << 20).unwrap();
+    let ra = MemRegion {
+        gpa: 0x10_0000,
+        size: 2 << 20,
+        uaddr: a.addr(),
+        mmap_offset: 0,
+    };
+    let mut w = vec![];
+    for (rb, what) in [
+        (
+            MemRegion {
+                gpa: 0x20_0000,
+                uaddr: b.addr(),
+                ..ra
+            },
+            "guest ranges overlap",
+        ),
+        (
+            MemRegion {
+                gpa: 0x10_0000,
+                uaddr: b.addr(),
+                ..ra
+            },
+            "identical guest ranges",
+        ),
+        (
+            MemRegion {
+                gpa: 0x100_0000,
+                ..ra
+            },
+            "user address ranges identical",
+        ),
+        (
+            MemRegion {
+                gpa: 0x100_0000,
+                uaddr: a.addr() + (1 << 20),
+                ..ra
+            },
+            "user address ranges overlap",
+        ),
+    ] {
+        w.extend(mem_table_lie(
+            &mut rig,
+            &[ra, rb],
+            &[a.fd(), b.fd()],
+            &format!("SET_MEM_TABLE: {what}"),
+        ));
+    }
+    finish(rig, w);
+}
+
+#[test]
+fn mem_table_with_bad_fds() {
+    let mut rig = start();
+    let (pr, pw) = pipe();
+    let ev = eventfd();
+    let dir = std::fs::File::open("/").unwrap();
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(1 << 20).unwrap();
+    let m = MemFd::new("ro", 1 << 20).unwrap();
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", m.fd())).unwrap();
+    let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let region = MemRegion {
+        gpa: 0x10_0000,
+        size: 1 << 20,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    };
+    let mut w = vec![];
+    for (fd, what) in [
+        (pr.as_raw_fd(), "pipe read end"),
+        (pw.as_raw_fd(), "pipe write end"),
+        (ev.as_raw_fd(), "eventfd"),
+        (dir.as_raw_fd(), "directory"),
+        (ro.as_raw_fd(), "read-only memfd"),
+        (sock.as_raw_fd(), "socket"),
+        (devnull.as_raw_fd(), "/dev/null"),
+        (file.as_raw_fd(), "regular file"),
+    ] {
+        w.extend(mem_table_lie(
+            &mut rig,
+            &[region],
+            &[fd],
+            &format!("SET_MEM_TABLE backed by a {what}"),
+        ));
+    }
+    finish(rig, w);
+}
+
+/// Guest RAM whose region A is declared `declared` bytes long while its memfd has only
+/// `RAM_A.1`; I/O lands beyond the end of the fd.
+#[test]
+fn mem_table_region_larger_than_its_fd() {
+    let mut rig = start();
+    let fe = negotiated(&mut rig);
+    let mem = GuestMemory::new(&[RAM_A]);
+    let declared = 64 << 20;
+    let table = [MemRegion {
+        size: declared,
+        ..mem.regions[0].table_entry()
+    }];
+    let what = "region A declared 64 MiB over a 4 MiB memfd";
+    let r = fe.set_acked(
+        code::SET_MEM_TABLE,
+        &mem_table_payload(&table),
+        &[mem.regions[0].mem.fd()],
+    );
+    let mut watched = vec![];
+    if rig.judge(what, &r) && rig.responsive(&fe, what) {
+        let q = SplitQueue::new(&mem, 0, 256, RAM_A.0);
+        if start_queue_judged(&mut rig, &fe, &mem, &q, what) {
+            let mut s = Session::from_parts(fe, mem, vec![q], HEAP_START);
+            // Data and status beyond the end of the fd, inside the declared region.
+            let beyond = RAM_A.0 + RAM_A.1 + (8 << 20);
+            let hdr = s.put(&header(T_IN, 0));
+            s.chain(
+                0,
+                &[
+                    Desc::r(hdr, 16),
+                    Desc::w(beyond, 4096),
+                    Desc::w(beyond + 4096, 1),
+                ],
+            );
+            let hdr2 = s.put(&header(T_GET_ID, 0));
+            s.chain(
+                0,
+                &[
+                    Desc::r(hdr2, 16),
+                    Desc::w(beyond + 8192, 20),
+                    Desc::w(beyond + 8192 + 20, 1),
+                ],
+            );
+            // And a header beyond it.
+            s.chain(
+                0,
+                &[
+                    Desc::r(beyond + 12288, 16),
+                    Desc::w(beyond, 512),
+                    Desc::w(beyond + 4096, 1),
+                ],
+            );
+            let snap = s.mem.snapshot();
+            s.kick(0);
+            let deadline = Instant::now() + hostile_wait();
+            let fd = s.fe.as_raw_fd();
+            let mut answered = 0;
+            while answered < 3 && s.queues[0].wait_used(&s.mem, deadline, Some(fd)).is_some() {
+                answered += 1;
+            }
+            rig.note(format!(
+                "{what}: {answered} of 3 requests into the part past the fd answered"
+            ));
+            rig.alive(what);
+            let _ = probe(&mut rig, &mut s, what);
+            watched.push(retire(
+                s,
+                Probe {
+                    snap,
+                    extra: vec![],
+                },
+            ));
+        }
+    }
+    finish(rig, watched);
+}
+
+#[test]
+fn memfd_shrunk_under_a_running_queue() {
+    // The VMM truncates guest RAM's memfd after sharing it: the backend's mapping of the
+    // missing part now raises SIGBUS on access.
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    let p0 = probe(&mut rig, &mut s, "before the shrink");
+    // Rings stay (the first 64 KiB); buffers (from +1 MiB) vanish.
+    s.mem.regions[0].mem.truncate(0x1_0000).unwrap();
+    let beyond = HEAP_START + 0x8_0000;
+    let hdr = beyond;
+    let q = &mut s.queues[0];
+    let f = q.chain(
+        &s.mem,
+        &[
+            Desc::r(hdr, 16),
+            Desc::w(beyond + 4096, 4096),
+            Desc::w(beyond + 8192, 1),
+        ],
+    );
+    q.push(&s.mem, f);
+    let snap = s.mem.snapshot();
+    s.kick(0);
+    let deadline = Instant::now() + hostile_wait();
+    let fd = s.fe.as_raw_fd();
+    let u = s.queues[0].wait_used(&s.mem, deadline, Some(fd));
+    rig.note(format!("request into truncated memory: {u:?}"));
+    rig.alive("after a request into the truncated part of guest RAM");
+    let _ = p0;
+    finish(
+        rig,
+        vec![retire(
+            s,
+            Probe {
+                snap,
+                extra: vec![],
+            },
+        )],
+    );
+}
+
+#[test]
+fn memfd_shrunk_to_nothing_under_a_running_queue() {
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    let _ = probe(&mut rig, &mut s, "before the shrink");
+    s.mem.regions[0].mem.truncate(0).unwrap();
+    // The rings are gone too: the kick makes the backend read the avail ring.
+    s.queues[0].kick();
+    rig.responsive(&s.fe, "after the rings' memfd was truncated to 0");
+    rig.alive("after the rings' memfd was truncated to 0");
+    drop(s);
+    rig.finish();
+}
+
+#[test]
+fn mem_table_replaced_under_a_running_queue() {
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    let _ = probe(&mut rig, &mut s, "before the swap");
+    // New guest RAM elsewhere: the queue's addresses point nowhere now.
+    let other = GuestMemory::new(&[(0x8000_0000, 1 << 20)]);
+    let (t, fds) = other.table();
+    let r =
+        s.fe.set_acked(code::SET_MEM_TABLE, &mem_table_payload(&t), &fds);
+    let mut watched = vec![];
+    if rig.judge("SET_MEM_TABLE without the rings' region", &r) {
+        let p = probe(&mut rig, &mut s, "queue in memory that was removed");
+        watched.push(retire(s, p));
+    }
+    drop(other);
+    finish(rig, watched);
+}
+
+#[test]
+fn memory_slot_lies() {
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    if s.protocol & pfeat::CONFIGURE_MEM_SLOTS == 0 {
+        rig.note("CONFIGURE_MEM_SLOTS not offered: ADD/REM_MEM_REG lies skipped");
+        drop(s);
+        return rig.finish();
+    }
+    let slots = s.fe.get_max_mem_slots().unwrap_or(0);
+    rig.note(format!("GET_MAX_MEM_SLOTS = {slots}"));
+    let a = s.mem.regions[0].table_entry();
+    let extra = MemFd::new("extra", 1 << 20).unwrap();
+    let fresh = MemRegion {
+        gpa: 0x4000_0000,
+        size: 1 << 20,
+        uaddr: extra.addr(),
+        mmap_offset: 0,
+    };
+    let cases: Vec<(u32, MemRegion, bool, &str)> = vec![
+        (
+            code::ADD_MEM_REG,
+            MemRegion {
+                gpa: a.gpa + 0x1000,
+                ..fresh
+            },
+            true,
+            "ADD_MEM_REG overlapping region A",
+        ),
+        (code::ADD_MEM_REG, a, true, "ADD_MEM_REG of region A again"),
+        (
+            code::ADD_MEM_REG,
+            MemRegion {
+                size: 64 << 20,
+                ..fresh
+            },
+            true,
+            "ADD_MEM_REG of 64 MiB over a 1 MiB memfd",
+        ),
+        (
+            code::ADD_MEM_REG,
+            MemRegion {
+                gpa: u64::MAX - 0xfff,
+                ..fresh
+            },
+            true,
+            "ADD_MEM_REG whose end overflows",
+        ),
+        (
+            code::REM_MEM_REG,
+            MemRegion {
+                gpa: 0x7000_0000,
+                ..fresh
+            },
+            false,
+            "REM_MEM_REG of a region never added",
+        ),
+        (
+            code::REM_MEM_REG,
+            MemRegion { size: 4096, ..a },
+            false,
+            "REM_MEM_REG of part of region A",
+        ),
+    ];
+    for (c, r, with_fd, what) in cases {
+        let fds = if with_fd { vec![extra.fd()] } else { vec![] };
+        let res = s.fe.set_acked(c, &single_region_payload(&r), &fds);
+        rig.judge(what, &res);
+        if !rig.responsive(&s.fe, what) {
+            drop(s);
+            return rig.finish();
+        }
+    }
+    // More regions than there are slots.
+    let mut added = Vec::new();
+    for i in 0..slots.min(600) + 2 {
+        let m = MemFd::new("slot", 4096).unwrap();
+        let r = MemRegion {
+            gpa: 0x1_0000_0000 + (i << 20),
+            size: 4096,
+            uaddr: m.addr(),
+            mmap_offset: 0,
+        };
+        let res =
+            s.fe.set_acked(code::ADD_MEM_REG, &single_region_payload(&r), &[m.fd()]);
+        added.push(m);
+        match res {
+            Ok(()) => {}
+            Err(FeError::Nack(_)) => {
+                rig.note(format!("ADD_MEM_REG #{i} refused"));
+                break;
+            }
+            Err(e) => {
+                rig.judge(&format!("ADD_MEM_REG #{i}"), &Err(e));
+                break;
+            }
+        }
+    }
+    // Finally remove the region holding the rings while the queue runs, and kick.
+    let res =
+        s.fe.set_acked(code::REM_MEM_REG, &single_region_payload(&a), &[]);
+    let mut watched = vec![];
+    if rig.judge(
+        "REM_MEM_REG of the rings' region under a running queue",
+        &res,
+    ) {
+        let p = probe(&mut rig, &mut s, "queue whose region was removed");
+        watched.push(retire(s, p));
+    }
+    finish(rig, watched);
+}
+
+// =======================================================================================
+// Vrings.
+
+/// Honest negotiation and memory, then queue 0 set up with the given lies. Returns the
+/// session (if the connection survived) and the probe.
+struct VringLie {
+    num: Option<u32>,
+    base: Option<u32>,
+    /// (desc, used, avail) user addresses.
+    addr: Option<(u64, u64, u64)>,
+    /// Ring entries to lay out (defaults to 256).
+    layout: u16,
+}
+
+impl Default for VringLie {
+    fn default() -> Self {
+        VringLie {
+            num: None,
+            base: None,
+            addr: None,
+            layout: 256,
+        }
+    }
+}
+
+fn vring_lie(rig: &mut Rig, lie: VringLie, what: &str) -> Vec<Retired> {
+    let fe = negotiated(rig);
+    let mem = std_memory();
+    let (t, fds) = mem.table();
+    if let Err(e) = fe.set_mem_table(&t, &fds) {
+        rig.fail(format!("{what}: honest SET_MEM_TABLE failed: {e}"));
+        return vec![];
+    }
+    let q = SplitQueue::new(&mem, 0, lie.layout, RAM_A.0);
+    let num = lie.num.unwrap_or(u32::from(q.size));
+    let (d, u, a) = lie
+        .addr
+        .unwrap_or((mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail)));
+    let steps: Vec<(u32, Vec<u8>, Vec<RawFd>, String)> = vec![
+        (
+            code::SET_VRING_NUM,
+            vring_state(0, num),
+            vec![],
+            format!("{what}: SET_VRING_NUM {num}"),
+        ),
+        (
+            code::SET_VRING_BASE,
+            vring_state(0, lie.base.unwrap_or(0)),
+            vec![],
+            format!("{what}: SET_VRING_BASE"),
+        ),
+        (
+            code::SET_VRING_ADDR,
+            vring_addr(0, 0, d, u, a, 0),
+            vec![],
+            format!("{what}: SET_VRING_ADDR"),
+        ),
+        (
+            code::SET_VRING_CALL,
+            0u64.to_ne_bytes().to_vec(),
+            vec![q.call.as_raw_fd()],
+            format!("{what}: SET_VRING_CALL"),
+        ),
+        (
+            code::SET_VRING_KICK,
+            0u64.to_ne_bytes().to_vec(),
+            vec![q.kick.as_raw_fd()],
+            format!("{what}: SET_VRING_KICK"),
+        ),
+        (
+            code::SET_VRING_ENABLE,
+            vring_state(0, 1),
+            vec![],
+            format!("{what}: SET_VRING_ENABLE"),
+        ),
+    ];
+    for (c, p, fds, w) in steps {
+        if !set_judged(rig, &fe, c, &p, &fds, &w) {
+            return vec![];
+        }
+    }
+    // The device may write a used ring as large as it was told, wherever it was told.
+    let mut extra = Vec::new();
+    let used_len = 6 + 8 * u64::from(num.min(1 << 16));
+    for r in &mem.regions {
+        let ua = r.mem.addr();
+        if u >= ua && u < ua + r.mem.len() as u64 {
+            extra.push((r.gpa + (u - ua), used_len));
+        }
+    }
+    let mut s = Session::from_parts(fe, mem, vec![q], HEAP_START);
+    let mut p = probe(rig, &mut s, what);
+    p.extra.extend(extra);
+    vec![retire(s, p)]
+}
+
+#[test]
+fn vring_sizes_that_are_invalid() {
+    let mut rig = start();
+    let mut w = vec![];
+    for num in [
+        0u32,
+        1,
+        3,
+        255,
+        257,
+        512,
+        1024,
+        2048,
+        32768,
+        65535,
+        65536,
+        u32::MAX,
+    ] {
+        let layout = if (3..=1024).contains(&num) {
+            num as u16
+        } else {
+            256
+        };
+        let lie = VringLie {
+            num: Some(num),
+            layout,
+            ..VringLie::default()
+        };
+        w.extend(vring_lie(&mut rig, lie, &format!("vring size {num}")));
+    }
+    finish(rig, w);
+}
+
+#[test]
+fn vring_bases_that_are_invalid() {
+    let mut rig = start();
+    let mut w = vec![];
+    for base in [300u32, 0x8000, 0xffff, 0x1_0000, u32::MAX] {
+        let lie = VringLie {
+            base: Some(base),
+            ..VringLie::default()
+        };
+        w.extend(vring_lie(&mut rig, lie, &format!("vring base {base:#x}")));
+    }
+    finish(rig, w);
+}
+
+#[test]
+fn vring_addresses_outside_guest_memory() {
+    let mut rig = start();
+    let mem = std_memory();
+    let q = SplitQueue::new(&mem, 0, 256, RAM_A.0);
+    let (d, u, a) = (mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail));
+    let a_end_u = mem.uaddr(RAM_A.0) + RAM_A.1;
+    let gap_u = a_end_u + 0x1000; // not ours to share: nothing of the table covers it
+    let mut w = vec![];
+    for ((dd, uu, aa), what) in [
+        (
+            (0xdead_0000_0000, u, a),
+            "descriptor table outside guest RAM",
+        ),
+        ((d, 0xdead_0000_0000, a), "used ring outside guest RAM"),
+        ((d, u, 0xdead_0000_0000), "avail ring outside guest RAM"),
+        (
+            (a_end_u - 16, u, a),
+            "descriptor table across the end of region A",
+        ),
+        ((d, a_end_u - 8, a), "used ring across the end of region A"),
+        ((d, u, a_end_u - 4), "avail ring across the end of region A"),
+        ((gap_u, u, a), "descriptor table in unshared memory"),
+        (
+            (u64::MAX - 7, u, a),
+            "descriptor table address + size overflows",
+        ),
+        ((d + 1, u, a), "descriptor table misaligned"),
+        ((d, u + 2, a), "used ring misaligned"),
+        ((d, u, a + 1), "avail ring misaligned"),
+        ((d, d, d), "all three rings at one address"),
+        ((d, a, u), "used and avail rings swapped"),
+        ((0, 0, 0), "null ring addresses"),
+    ] {
+        let lie = VringLie {
+            addr: Some((dd, uu, aa)),
+            ..VringLie::default()
+        };
+        w.extend(vring_lie(&mut rig, lie, what));
+    }
+    drop(q);
+    drop(mem);
+    finish(rig, w);
+}
+
+#[test]
+fn vring_messages_for_queues_that_do_not_exist() {
+    let mut rig = start();
+    let mut fe = negotiated(&mut rig);
+    let ev = eventfd();
+    for idx in [1u32, 2, 63, 64, 255, 256, 0x1_0000, u32::MAX] {
+        let msgs: Vec<(u32, Vec<u8>, Vec<RawFd>, &str)> = vec![
+            (
+                code::SET_VRING_NUM,
+                vring_state(idx, 64),
+                vec![],
+                "SET_VRING_NUM",
+            ),
+            (
+                code::SET_VRING_BASE,
+                vring_state(idx, 0),
+                vec![],
+                "SET_VRING_BASE",
+            ),
+            (
+                code::SET_VRING_ADDR,
+                vring_addr(idx, 0, 0x1000, 0x2000, 0x3000, 0),
+                vec![],
+                "SET_VRING_ADDR",
+            ),
+            (
+                code::SET_VRING_ENABLE,
+                vring_state(idx, 1),
+                vec![],
+                "SET_VRING_ENABLE",
+            ),
+            (
+                code::SET_VRING_KICK,
+                u64::from(idx).to_ne_bytes().to_vec(),
+                vec![ev.as_raw_fd()],
+                "SET_VRING_KICK",
+            ),
+            (
+                code::SET_VRING_CALL,
+                u64::from(idx).to_ne_bytes().to_vec(),
+                vec![ev.as_raw_fd()],
+                "SET_VRING_CALL",
+            ),
+            (
+                code::SET_VRING_ERR,
+                u64::from(idx).to_ne_bytes().to_vec(),
+                vec![ev.as_raw_fd()],
+                "SET_VRING_ERR",
+            ),
+        ];
+        for (c, p, fds, name) in msgs {
+            let what = format!("{name} for vring {idx:#x}");
+            let r = fe.set_acked(c, &p, &fds);
+            rig.judge(&what, &r);
+            fe = after(&mut rig, fe, &what);
+        }
+        let what = format!("GET_VRING_BASE for vring {idx:#x}");
+        let r = fe
+            .call(code::GET_VRING_BASE, &vring_state(idx, 0), &[])
+            .map(|_| ());
+        rig.judge(&what, &r);
+        fe = after(&mut rig, fe, &what);
+    }
+    // Garbage in the high bits of the kick/call payload.
+    for v in [0xffff_ffff_ffff_fe00u64, 1 << 63 | 1 << 8] {
+        let what = format!("SET_VRING_KICK payload {v:#x}");
+        let r = fe.set_acked(code::SET_VRING_KICK, &v.to_ne_bytes(), &[ev.as_raw_fd()]);
+        rig.judge(&what, &r);
+        fe = after(&mut rig, fe, &what);
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn vring_enabled_and_kicked_before_it_is_configured() {
+    let mut rig = start();
+    // No memory table, no addresses: only a kick fd and an enable.
+    let fe = negotiated(&mut rig);
+    let kick = eventfd();
+    let call = eventfd();
+    let ok = set_judged(
+        &mut rig,
+        &fe,
+        code::SET_VRING_CALL,
+        &0u64.to_ne_bytes(),
+        &[call.as_raw_fd()],
+        "SET_VRING_CALL",
+    ) && set_judged(
+        &mut rig,
+        &fe,
+        code::SET_VRING_KICK,
+        &0u64.to_ne_bytes(),
+        &[kick.as_raw_fd()],
+        "SET_VRING_KICK first",
+    ) && set_judged(
+        &mut rig,
+        &fe,
+        code::SET_VRING_ENABLE,
+        &vring_state(0, 1),
+        &[],
+        "SET_VRING_ENABLE unconfigured",
+    );
+    if ok {
+        eventfd_signal(kick.as_raw_fd());
+        rig.responsive(&fe, "kick of an unconfigured vring");
+        // Memory arrives, addresses never do.
+        let mem = std_memory();
+        let (t, fds) = mem.table();
+        let r = fe.set_acked(code::SET_MEM_TABLE, &mem_table_payload(&t), &fds);
+        rig.judge("SET_MEM_TABLE after the enable", &r);
+        eventfd_signal(kick.as_raw_fd());
+        rig.responsive(&fe, "kick of a vring without addresses");
+    }
+    drop(fe);
+    rig.finish();
+}
+
+#[test]
+fn vring_enable_with_odd_values() {
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    for v in [2u32, 0xffff, u32::MAX] {
+        let r =
+            s.fe.set_acked(code::SET_VRING_ENABLE, &vring_state(0, v), &[]);
+        rig.judge(&format!("SET_VRING_ENABLE {v:#x}"), &r);
+    }
+    let p = probe(&mut rig, &mut s, "after odd enables");
+    finish(rig, vec![retire(s, p)]);
+}
+
+#[test]
+fn vring_stopped_and_restarted_with_a_lying_base() {
+    let mut rig = start();
+    let mut s = rig.session(&SessionCfg::default());
+    // I/O in flight, then GET_VRING_BASE (stop), then restart claiming 200 entries consumed.
+    for _ in 0..32 {
+        let hdr = s.put(&header(T_IN, 0));
+        let d = s.alloc(32768, 4096);
+        let st = s.status();
+        s.chain(0, &[Desc::r(hdr, 16), Desc::w(d, 32768), Desc::w(st, 1)]);
+    }
+    let snap = s.mem.snapshot();
+    s.kick(0);
+    match s.fe.get_vring_base(0) {
+        Ok(b) => rig.note(format!("GET_VRING_BASE with I/O in flight = {b}")),
+        Err(e) => rig.fail(format!("GET_VRING_BASE with I/O in flight: {e}")),
+    }
+    let q = &s.queues[0];
+    let fe = &s.fe;
+    let mem = &s.mem;
+    let r = fe
+        .set_vring_num(0, 256)
+        .and_then(|_| fe.set_vring_base(0, u32::from(q.avail_idx) + 200))
+        .and_then(|_| {
+            fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
+        })
+        .and_then(|_| fe.set_vring_fd(code::SET_VRING_KICK, 0, Some(q.kick.as_raw_fd())))
+        .and_then(|_| fe.set_vring_fd(code::SET_VRING_CALL, 0, Some(q.call.as_raw_fd())))
+        .and_then(|_| fe.set_vring_enable(0, true));
+    let mut watched = vec![];
+    if rig.judge("restart with base = avail idx + 200", &r) {
+        let _ = probe(&mut rig, &mut s, "after the lying restart");
+        watched.push(retire(
+            s,
+            Probe {
+                snap,
+                extra: vec![],
+            },
+        ));
+    } else {
+        watched.push(retire(
+            s,
+            Probe {
+                snap,
+                extra: vec![],
+            },
+        ));
+    }
+    finish(rig, watched);
+}
+
+// =======================================================================================
+// Kick and call fds that are not eventfds.
+
+/// Replace queue 0's kick (or call) fd of an honest session with `fd`; probe with `kick`.
+/// With `measure_idle`, also check that the backend then idles (no busy loop) for 1.5 s.
+fn fd_lie(
+    rig: &mut Rig,
+    call: bool,
+    fd: RawFd,
+    what: &str,
+    kick: &dyn Fn(&Session),
+    measure_idle: bool,
+) -> Vec<Retired> {
+    let mut s = rig.session(&SessionCfg::default());
+    let c = if call {
+        code::SET_VRING_CALL
+    } else {
+        code::SET_VRING_KICK
+    };
+    let r = s.fe.set_acked(c, &0u64.to_ne_bytes(), &[fd]);
+    if !rig.judge(what, &r) {
+        return vec![];
+    }
+    let before = rig.cpu_ticks();
+    let t0 = Instant::now();
+    let p = probe_with(rig, &mut s, what, kick);
+    // Whatever the backend does with the fd, it must stay responsive.
+    rig.responsive(&s.fe, what);
+    if measure_idle {
+        // A measurement window, not a synchronisation: an idle backend burns nothing.
+        poll_fd(
+            s.fe.as_raw_fd(),
+            libc::POLLRDHUP,
+            t0 + Duration::from_millis(1500),
+        );
+        let busy = rig.cpu_ticks().saturating_sub(before) * 10;
+        let wall = t0.elapsed().as_millis() as u64;
+        if busy * 10 >= wall * 5 {
+            rig.fail(format!(
+                "{what}: the backend burned {busy} ms of CPU in {wall} ms (busy loop)"
+            ));
+        } else {
+            rig.note(format!("{what}: {busy} ms of CPU in {wall} ms"));
+        }
+    }
+    vec![retire(s, p)]
+}
+
+#[test]
+fn kick_fd_that_is_a_pipe_with_odd_writes() {
+    let mut rig = start();
+    let (r, w) = pipe();
+    let wfd = w.as_raw_fd();
+    let kick = move |_: &Session| {
+        // Three bytes: not the 8 an eventfd read returns.
+        // SAFETY: writing 3 bytes from a valid buffer to our pipe.
+        unsafe { libc::write(wfd, [1u8, 2, 3].as_ptr().cast(), 3) };
+    };
+    let watched = fd_lie(
+        &mut rig,
+        false,
+        r.as_raw_fd(),
+        "kick fd = pipe (3-byte writes)",
+        &kick,
+        false,
+    );
+    finish(rig, watched);
+    drop(w);
+}
+
+#[test]
+fn kick_fd_that_is_always_readable() {
+    // /dev/zero and a pipe at EOF are readable forever: a backend that trusts them spins.
+    let mut rig = start();
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let (r, w) = pipe();
+    drop(w);
+    let mut watched = vec![];
+    for (fd, what) in [
+        (zero.as_raw_fd(), "kick fd = /dev/zero"),
+        (r.as_raw_fd(), "kick fd = pipe at EOF"),
+    ] {
+        watched.extend(fd_lie(&mut rig, false, fd, what, &|_| {}, true));
+    }
+    finish(rig, watched);
+}
+
+#[test]
+fn kick_fd_that_is_a_regular_file() {
+    let mut rig = start();
+    let f = tempfile::tempfile().unwrap();
+    let watched = fd_lie(
+        &mut rig,
+        false,
+        f.as_raw_fd(),
+        "kick fd = regular file",
+        &|_| {},
+        false,
+    );
+    finish(rig, watched);
+}
+
+#[test]
+fn call_fd_that_is_a_pipe_nobody_reads() {
+    // Writing to it raises SIGPIPE in the backend unless it is ignored.
+    let mut rig = start();
+    let (r, w) = pipe();
+    drop(r);
+    let watched = fd_lie(
+        &mut rig,
+        true,
+        w.as_raw_fd(),
+        "call fd = pipe without reader",
+        &|s| s.queues[0].kick(),
+        false,
+    );
+    finish(rig, watched);
+}
+
+#[test]
+fn call_fd_that_is_a_full_pipe() {
+    // A blocking write to it never returns while we hold the read end.
+    let mut rig = start();
+    let (r, w) = pipe();
+    let wfd = w.as_raw_fd();
+    // SAFETY: fcntl on our own pipe: fill it without blocking, then make it blocking again.
+    unsafe {
+        libc::fcntl(wfd, libc::F_SETFL, libc::O_NONBLOCK);
+        let chunk = [0u8; 4096];
+        while libc::write(wfd, chunk.as_ptr().cast(), chunk.len()) > 0 {}
+        libc::fcntl(wfd, libc::F_SETFL, 0);
+    }
+    let watched = fd_lie(
+        &mut rig,
+        true,
+        wfd,
+        "call fd = full pipe",
+        &|s| s.queues[0].kick(),
+        false,
+    );
+    // The read end stays open through the health check: the backend must not be stuck.
+    rig.health_check();
+    for r in &watched {
+        rig.check_memory(&r.mem, &r.snap, &r.allowed);
+    }
+    drop(r);
+    drop(watched);
+    rig.finish();
+}
+
+#[test]
+fn call_fd_that_is_a_regular_file() {
+    let mut rig = start();
+    let f = tempfile::tempfile().unwrap();
+    let watched = fd_lie(
+        &mut rig,
+        true,
+        f.as_raw_fd(),
+        "call fd = regular file",
+        &|s| s.queues[0].kick(),
+        false,
+    );
+    finish(rig, watched);
+}
+
+// =======================================================================================
+// Connections.
+
+#[test]
+fn disconnect_with_io_in_flight() {
+    let opts = RigOpts {
+        num_queues: 2,
+        ..RigOpts::default()
+    };
+    let mut rig = Rig::start(opts);
+    let cfg = SessionCfg {
+        queues: 2,
+        ..SessionCfg::default()
+    };
+    let mut s = rig.session(&cfg);
+    let mut image_writes = Vec::new();
+    for q in 0..2 {
+        for i in 0..20u64 {
+            let sector = (q as u64 * 20 + i) * 256;
+            let hdr = s.put(&header(if i % 2 == 0 { T_IN } else { T_OUT }, sector));
+            let d = s.alloc(65536, 4096);
+            s.mem.fill(d, 65536, 0x3c);
+            let st = s.status();
+            let data = if i % 2 == 0 {
+                Desc::w(d, 65536)
+            } else {
+                Desc::r(d, 65536)
+            };
+            if i % 2 == 1 {
+                image_writes.push((sector * SECTOR, 65536));
+            }
+            s.chain(q, &[Desc::r(hdr, 16), data, Desc::w(st, 1)]);
+        }
+    }
+    let snap = s.mem.snapshot();
+    s.kick(0);
+    s.kick(1);
+    // Hang up at once.
+    rig.image_writes.extend(image_writes);
+    finish(
+        rig,
+        vec![retire(
+            s,
+            Probe {
+                snap,
+                extra: vec![],
+            },
+        )],
+    );
+}
+
+#[test]
+fn second_connection_while_the_first_is_active() {
+    let mut rig = start();
+    let mut a = rig.session(&SessionCfg::default());
+    // B talks while A is being served; B may wait in the backlog or be served.
+    let b = rig.connect();
+    let bm = GuestMemory::new(&[(0, 1 << 20)]);
+    let (t, fds) = bm.table();
+    let _ = b.send(code::SET_OWNER, 0, &[], &[]);
+    let _ = b.send(code::SET_MEM_TABLE, 0, &mem_table_payload(&t), &fds);
+    let _ = b.send(code::SET_VRING_NUM, 0, &vring_state(0, 0), &[]);
+    let _ = b.send(code::RESET_OWNER, 0, &[], &[]);
+    match a.read(0, PROBE_OFFSET, 4096) {
+        Ok(d) if d == image::pattern(PROBE_OFFSET, 4096) => {}
+        Ok(_) => rig.fail(
+            "the first connection's read returned wrong data while a second connection talked",
+        ),
+        Err(e) => rig.fail(format!(
+            "the first connection stopped working while a second connection talked: {e}"
+        )),
+    }
+    let p = probe(&mut rig, &mut a, "first connection");
+    drop(b);
+    drop(bm);
+    finish(rig, vec![retire(a, p)]);
+}
+
+#[test]
+fn many_connections_opened_and_dropped() {
+    let mut rig = start();
+    for i in 0..100 {
+        let fe = rig.connect();
+        if i % 3 == 0 {
+            let _ = fe.send(code::GET_FEATURES, 0, &[], &[]);
+        }
+        if i % 5 == 0 {
+            let _ = fe.send_raw(&[1, 0, 0], &[]);
+        }
+        drop(fe);
+    }
+    rig.alive("after 100 connections");
+    rig.finish();
+}
+
+#[test]
+fn repeated_mem_tables_do_not_leak() {
+    let mut rig = start();
+    let fe = negotiated(&mut rig);
+    let before = (rig.fd_count(), rig.rss_kib());
+    for i in 0..200 {
+        let m = GuestMemory::new(&[(0x10_0000, 1 << 20), (0x100_0000, 1 << 20)]);
+        let (t, fds) = m.table();
+        let r = fe.set_acked(code::SET_MEM_TABLE, &mem_table_payload(&t), &fds);
+        if !rig.judge(&format!("SET_MEM_TABLE #{i}"), &r) {
+            break;
+        }
+    }
+    let after = (rig.fd_count(), rig.rss_kib());
+    if after.0 > before.0 + 16 {
+        rig.fail(format!(
+            "open fds grew from {} to {} over 200 SET_MEM_TABLEs",
+            before.0, after.0
+        ));
+    }
+    rig.note(format!(
+        "fds {} -> {}, RSS {} -> {} KiB",
+        before.0, after.0, before.1, after.1
+    ));
+    drop(fe);
+    rig.finish();
+}
