@@ -259,7 +259,11 @@ impl QueueState {
             && self.limits.is_some()
             && vs.get_queue().ready()
             && vs.is_enabled();
-        let budget = if serving { self.poll.budget() } else { Duration::ZERO };
+        let budget = if serving {
+            self.poll.budget()
+        } else {
+            Duration::ZERO
+        };
         if budget.is_zero() {
             self.step(&mut vs, mem, shared, serving, true);
             self.notify(&mut vs);

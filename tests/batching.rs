@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 use blkio::ReqFlags;
-use common::{ClientOpts, Client};
+use common::{Client, ClientOpts};
 
 const READY: &str = "ringfence: ready, listening on";
 
@@ -31,7 +31,10 @@ fn a_kick_with_32_requests_makes_one_io_uring_enter() {
     let mut log = String::new();
     loop {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "ringfence exited early:\n{log}");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "ringfence exited early:\n{log}"
+        );
         log.push_str(&line);
         if line.contains(READY) {
             break;

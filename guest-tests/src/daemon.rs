@@ -25,7 +25,14 @@ pub fn ringfence_bin() -> PathBuf {
             let root = workspace_root();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "--release", "-p", "ringfence", "--bin", "ringfence"])
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "ringfence",
+                    "--bin",
+                    "ringfence",
+                ])
                 .current_dir(&root)
                 .status()
                 .expect("run cargo build for the ringfence binary");
@@ -33,7 +40,11 @@ pub fn ringfence_bin() -> PathBuf {
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("target"));
-            let target = if target.is_absolute() { target } else { root.join(target) };
+            let target = if target.is_absolute() {
+                target
+            } else {
+                root.join(target)
+            };
             target.join("release").join("ringfence")
         })
         .clone()
@@ -69,7 +80,10 @@ impl Daemon {
             .arg("--socket-path")
             .arg(socket)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -180,7 +194,11 @@ impl Daemon {
     pub fn terminate(mut self) -> Option<i32> {
         // SAFETY: sending a signal to our own child / daemon pid.
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let code = self.child.as_mut().and_then(|c| c.wait().ok()).and_then(|s| s.code());
+        let code = self
+            .child
+            .as_mut()
+            .and_then(|c| c.wait().ok())
+            .and_then(|s| s.code());
         self.child = None;
         self.pid = None;
         code
@@ -203,6 +221,8 @@ impl Daemon {
     /// The exit status if the process has ended (ringfence only; `None` while it runs or for
     /// a daemonized qemu-storage-daemon).
     pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 }
