@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::memory::subtract;
+use crate::memory::{Ranges, RunBuilder};
 
 const SEED: u64 = 0x5eed_f00d_0000_0001;
 
@@ -83,21 +83,8 @@ pub fn verify(path: &Path, size: u64, allowed: &[(u64, u64)]) -> Vec<String> {
     let mut buf = vec![0u8; chunk];
     let mut want = vec![0u8; chunk];
     let mut off = 0u64;
-    let mut run: Option<(u64, u64)> = None;
-    let flush = |run: &mut Option<(u64, u64)>, out: &mut Vec<String>| {
-        if let Some((s, e)) = run.take() {
-            for (rs, re) in subtract((s, e), allowed) {
-                if out.len() < 20 {
-                    out.push(format!(
-                        "image bytes {rs:#x}..{re:#x} ({} bytes, sector {}) changed outside the \
-                         request's own range",
-                        re - rs,
-                        rs / 512
-                    ));
-                }
-            }
-        }
-    };
+    let ok = Ranges::new(allowed);
+    let mut runs = RunBuilder::default();
     while off < size.min(actual) {
         let n = (size.min(actual) - off).min(chunk as u64) as usize;
         f.read_exact(&mut buf[..n]).expect("read image");
@@ -106,23 +93,28 @@ pub fn verify(path: &Path, size: u64, allowed: &[(u64, u64)]) -> Vec<String> {
             None => pattern_into(off, &mut want[..n]),
         }
         if buf[..n] != want[..n] {
-            for i in 0..n {
+            let mut i = 0;
+            while i < n {
                 let pos = off + i as u64;
-                if buf[i] != want[i] {
-                    run = match run {
-                        Some((s, e)) if pos - e <= 64 => Some((s, pos + 1)),
-                        r => {
-                            let mut r = r;
-                            flush(&mut r, &mut out);
-                            Some((pos, pos + 1))
-                        }
-                    };
+                if buf[i] == want[i] {
+                    i += 1;
+                } else if let Some(end) = ok.covering(pos) {
+                    i = (end.min(off + n as u64) - off) as usize;
+                } else {
+                    runs.add(pos);
+                    i += 1;
                 }
             }
         }
         off += n as u64;
     }
-    flush(&mut run, &mut out);
+    for (rs, re) in runs.finish().into_iter().take(20) {
+        out.push(format!(
+            "image bytes {rs:#x}..{re:#x} ({} bytes, sector {}) changed outside the request's own range",
+            re - rs,
+            rs / 512
+        ));
+    }
     out
 }
 

@@ -278,6 +278,7 @@ impl GuestMemory {
     /// `(gpa, len)` ranges. Empty if nothing strayed.
     pub fn stray_writes(&self, snap: &Snapshot, allowed: &[(u64, u64)]) -> Vec<String> {
         let mut out = Vec::new();
+        let ok = Ranges::new(allowed);
         // What memory should hold if only we wrote to it since the snapshot.
         let mut expected = Snapshot {
             regions: snap.regions.clone(),
@@ -293,6 +294,7 @@ impl GuestMemory {
             // After a truncate, only the part still backed by the memfd can be read.
             let len = old.len().min(region.mem.len());
             let now = self.read(*base, len);
+            let mut runs = RunBuilder::default();
             let mut i = 0;
             while i < len {
                 // Skip equal 4 KiB blocks with one comparison each (fast even unoptimized).
@@ -304,60 +306,78 @@ impl GuestMemory {
                     i += 1;
                     continue;
                 }
-                // A run ends after 64 equal bytes (coincidentally equal bytes don't split it).
-                let start = i;
-                let mut last = i;
-                while i < len && i - last <= 64 {
-                    if now[i] != old[i] {
-                        last = i;
-                    }
-                    i += 1;
+                let gpa = *base + i as u64;
+                if let Some(end) = ok.covering(gpa) {
+                    i = (end.min(*base + len as u64) - *base) as usize;
+                    continue;
                 }
-                i = last + 1;
-                // Split the differing run into its parts outside the allowed ranges.
-                let (s, e) = (*base + start as u64, *base + i as u64);
-                for (rs, re) in subtract((s, e), allowed) {
-                    let off = (rs - *base) as usize;
-                    let n = ((re - rs) as usize).min(16);
-                    out.push(format!(
-                        "guest memory {rs:#x}..{re:#x} ({} bytes) changed outside the buffers the \
-                         request may write: was {:02x?} now {:02x?}{}",
-                        re - rs,
-                        &old[off..off + n],
-                        &now[off..off + n],
-                        if re - rs > 16 { " ..." } else { "" }
-                    ));
-                }
+                runs.add(gpa);
+                i += 1;
+            }
+            for (rs, re) in runs.finish() {
+                let off = (rs - *base) as usize;
+                let n = ((re - rs) as usize).min(16);
+                out.push(format!(
+                    "guest memory {rs:#x}..{re:#x} ({} bytes) changed outside the buffers the \
+                     request may write: was {:02x?} now {:02x?}{}",
+                    re - rs,
+                    &old[off..off + n],
+                    &now[off..off + n],
+                    if re - rs > 16 { " ..." } else { "" }
+                ));
             }
         }
         out
     }
 }
 
-/// The parts of `[s, e)` not covered by any `(start, len)` in `allowed`.
-pub fn subtract((s, e): (u64, u64), allowed: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut parts = vec![(s, e)];
-    for &(a, len) in allowed {
-        let b = a.saturating_add(len);
-        parts = parts
-            .into_iter()
-            .flat_map(|(ps, pe)| {
-                let mut v = Vec::new();
-                if a >= pe || b <= ps {
-                    v.push((ps, pe));
-                } else {
-                    if ps < a {
-                        v.push((ps, a));
-                    }
-                    if b < pe {
-                        v.push((b, pe));
-                    }
-                }
-                v
-            })
+/// Sorted, disjoint `[start, end)` ranges, for "is this address allowed" in O(log n).
+pub struct Ranges(Vec<(u64, u64)>);
+
+impl Ranges {
+    /// From `(start, len)` pairs (any order, overlaps fine; ends saturate at 2^64 - 1).
+    pub fn new(ranges: &[(u64, u64)]) -> Ranges {
+        let mut v: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|&(a, l)| (a, a.saturating_add(l)))
             .collect();
+        v.sort();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in v {
+            match out.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        Ranges(out)
     }
-    parts
+
+    /// The end of the range covering `x`, if any.
+    pub fn covering(&self, x: u64) -> Option<u64> {
+        let i = self.0.partition_point(|r| r.1 <= x);
+        self.0.get(i).filter(|r| r.0 <= x).map(|r| r.1)
+    }
+}
+
+/// Groups differing positions (given in increasing order) into runs; a run ends after 64
+/// equal bytes, so coincidentally equal bytes don't split one change into many.
+#[derive(Default)]
+pub struct RunBuilder {
+    runs: Vec<(u64, u64)>,
+}
+
+impl RunBuilder {
+    pub fn add(&mut self, pos: u64) {
+        match self.runs.last_mut() {
+            Some(last) if pos - last.1 <= 64 => last.1 = pos + 1,
+            _ => self.runs.push((pos, pos + 1)),
+        }
+    }
+
+    pub fn finish(self) -> Vec<(u64, u64)> {
+        self.runs
+    }
 }
 
 #[cfg(test)]
@@ -365,11 +385,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subtract_ranges() {
-        assert_eq!(subtract((0, 100), &[]), vec![(0, 100)]);
-        assert_eq!(subtract((0, 100), &[(10, 10)]), vec![(0, 10), (20, 100)]);
-        assert_eq!(subtract((0, 100), &[(0, 100)]), vec![]);
-        assert_eq!(subtract((0, 100), &[(50, u64::MAX)]), vec![(0, 50)]);
+    fn ranges_and_runs() {
+        let r = Ranges::new(&[(10, 5), (12, 10), (100, 1), (200, 0)]);
+        assert_eq!(r.covering(9), None);
+        assert_eq!(r.covering(10), Some(22));
+        assert_eq!(r.covering(21), Some(22));
+        assert_eq!(r.covering(22), None);
+        assert_eq!(r.covering(100), Some(101));
+        assert_eq!(r.covering(200), None);
+        let mut b = RunBuilder::default();
+        for p in [1, 2, 50, 200] {
+            b.add(p);
+        }
+        assert_eq!(b.finish(), vec![(1, 51), (200, 201)]);
+    }
+
+    #[test]
+    fn allowed_bytes_do_not_glue_a_false_run() {
+        let m = GuestMemory::new(&[(0, 0x1000)]);
+        let snap = m.snapshot();
+        // SAFETY: pwrite from valid buffers into our own memfd, inside its size.
+        unsafe {
+            libc::pwrite(m.regions[0].mem.fd(), [1u8].as_ptr().cast(), 1, 0x10);
+            libc::pwrite(m.regions[0].mem.fd(), [1u8].as_ptr().cast(), 1, 0x30);
+        }
+        assert!(m.stray_writes(&snap, &[(0x10, 1), (0x30, 1)]).is_empty());
     }
 
     #[test]
