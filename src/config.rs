@@ -15,9 +15,10 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Most sectors in one discard / write-zeroes segment (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
-/// Bytes of the config space we serve (up to and including `write_zeroes_may_unmap` and its
-/// padding: the virtio 1.2 layout without secure-erase and zoned fields).
-pub const CONFIG_LEN: usize = 60;
+/// Bytes of the config space we serve: the whole virtio 1.2 `virtio_blk_config`. The
+/// secure-erase and zoned fields stay zero (those features are not offered), so a driver that
+/// reads the full structure gets it.
+pub const CONFIG_LEN: usize = 96;
 /// Offset of the `writeback` byte in the config space.
 pub const CONFIG_WRITEBACK_OFFSET: usize = 32;
 
@@ -180,8 +181,9 @@ mod tests {
             config_read(&c, 0, CONFIG_LEN as u32).unwrap().len(),
             CONFIG_LEN
         );
-        assert!(config_read(&c, 56, 8).is_none());
-        assert!(config_read(&c, 60, 1).is_none());
+        assert_eq!(config_read(&c, 56, 8).unwrap(), c[56..64].to_vec());
+        assert!(config_read(&c, 90, 8).is_none());
+        assert!(config_read(&c, 96, 1).is_none());
         assert!(config_read(&c, u32::MAX, 2).is_none());
         assert!(config_read(&c, 4, u32::MAX).is_none());
     }
