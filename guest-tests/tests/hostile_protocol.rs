@@ -1660,6 +1660,9 @@ struct VringLie {
     addr: Option<(u64, u64, u64)>,
     /// Ring entries to lay out (defaults to 256).
     layout: u16,
+    /// SET_VRING_ADDR flags and log address.
+    addr_flags: u32,
+    log: u64,
 }
 
 impl Default for VringLie {
@@ -1669,6 +1672,8 @@ impl Default for VringLie {
             base: None,
             addr: None,
             layout: 256,
+            addr_flags: 0,
+            log: 0,
         }
     }
 }
@@ -1701,7 +1706,7 @@ fn vring_lie(rig: &mut Rig, lie: VringLie, what: &str) -> Vec<Retired> {
         ),
         (
             code::SET_VRING_ADDR,
-            vring_addr(0, 0, d, u, a, 0),
+            vring_addr(0, lie.addr_flags, d, u, a, lie.log),
             vec![],
             format!("{what}: SET_VRING_ADDR"),
         ),
@@ -1834,6 +1839,114 @@ fn vring_addresses_outside_guest_memory() {
     drop(q);
     drop(mem);
     finish(rig, w);
+}
+
+#[test]
+fn vring_address_with_log_flag_but_no_log() {
+    let mut rig = start();
+    let mut w = vec![];
+    for (flags, log, what) in [
+        (
+            1u32,
+            0xdead_0000_0000u64,
+            "SET_VRING_ADDR with VHOST_VRING_F_LOG and a wild log address",
+        ),
+        (0xffff_ffff, u64::MAX, "SET_VRING_ADDR with all flags set"),
+    ] {
+        let lie = VringLie {
+            addr_flags: flags,
+            log,
+            ..VringLie::default()
+        };
+        w.extend(vring_lie(&mut rig, lie, what));
+    }
+    finish(rig, w);
+}
+
+#[test]
+fn two_queues_sharing_one_ring() {
+    // Queue 1 is given queue 0's rings: two workers race over one ring.
+    let mut rig = Rig::start(RigOpts {
+        num_queues: 2,
+        ..RigOpts::default()
+    });
+    let mut s = rig.session(&SessionCfg::default());
+    let q0 = &s.queues[0];
+    let kick1 = eventfd();
+    let call1 = eventfd();
+    let (d, u, a) = (
+        s.mem.uaddr(q0.desc),
+        s.mem.uaddr(q0.used),
+        s.mem.uaddr(q0.avail),
+    );
+    let fe = &s.fe;
+    let r = fe
+        .set_vring_num(1, 256)
+        .and_then(|_| fe.set_vring_base(1, 0))
+        .and_then(|_| fe.set_vring_addr(1, d, u, a))
+        .and_then(|_| fe.set_vring_fd(code::SET_VRING_CALL, 1, Some(call1.as_raw_fd())))
+        .and_then(|_| fe.set_vring_fd(code::SET_VRING_KICK, 1, Some(kick1.as_raw_fd())))
+        .and_then(|_| fe.set_vring_enable(1, true));
+    let mut w = vec![];
+    if rig.judge("queue 1 on queue 0's rings", &r) {
+        for i in 0..64u64 {
+            let hdr = s.put(&header(if i % 4 == 3 { T_OUT } else { T_IN }, i * 8));
+            let buf = s.alloc(4096, 4096);
+            let st = s.status();
+            let data = if i % 4 == 3 {
+                Desc::r(buf, 4096)
+            } else {
+                Desc::w(buf, 4096)
+            };
+            s.chain(0, &[Desc::r(hdr, 16), data, Desc::w(st, 1)]);
+            if i % 4 == 3 {
+                rig.image_writes.push((i * 8 * SECTOR, 4096));
+            }
+        }
+        let p = watch(&s);
+        s.queues[0].publish(&s.mem);
+        eventfd_signal(kick1.as_raw_fd());
+        s.queues[0].kick();
+        // Both workers see the same 64 requests; whatever they make of it, they must survive.
+        let deadline = Instant::now() + hostile_wait();
+        let fd = s.fe.as_raw_fd();
+        let mut n = 0;
+        while s.queues[0].wait_used(&s.mem, deadline, Some(fd)).is_some() {
+            n += 1;
+        }
+        rig.note(format!(
+            "{n} used elements for 64 requests seen by two queues"
+        ));
+        rig.responsive(&s.fe, "two queues on one ring");
+        w.push(retire(s, p));
+    }
+    drop((kick1, call1));
+    finish(rig, w);
+}
+
+#[test]
+fn config_messages_without_the_config_feature() {
+    let mut rig = start();
+    let mut fe = rig.connect();
+    let cfg = SessionCfg {
+        protocol: WANTED_PROTOCOL & !pfeat::CONFIG,
+        ..SessionCfg::default()
+    };
+    if let Err(e) = Session::negotiate(&mut fe, &cfg) {
+        rig.fail(format!("negotiation without CONFIG failed: {e}"));
+        return rig.finish();
+    }
+    match fe.get_config(0, 60) {
+        Ok(c) => rig.note(format!("GET_CONFIG without CONFIG: {} bytes", c.data.len())),
+        Err(FeError::Timeout) => rig.fail("GET_CONFIG without CONFIG: no reply (hang)"),
+        Err(e) => rig.note(format!("GET_CONFIG without CONFIG: {e}")),
+    }
+    fe = after(&mut rig, fe, "GET_CONFIG without CONFIG");
+    let r = fe.set_acked(code::SET_CONFIG, &config_payload(32, 1, 0, &[0]), &[]);
+    rig.judge("SET_CONFIG without CONFIG", &r);
+    fe = after(&mut rig, fe, "SET_CONFIG without CONFIG");
+    drop(fe);
+    rig.finish();
 }
 
 #[test]
