@@ -75,6 +75,8 @@ pub enum Op {
         len: u64,
     },
     Flush,
+    /// Nothing to do: answer OK (a FLUSH on a read-only disk, where nothing was written).
+    Nop,
     /// Copy the serial into the segments (at most 20 bytes).
     GetId,
     /// Deallocate or zero the ranges.
@@ -195,6 +197,9 @@ fn parse_body<M: GuestMemory>(
             Ok(Parsed::Op(Op::Write { offset, len }))
         }
         VIRTIO_BLK_T_FLUSH => {
+            if limits.read_only {
+                return Ok(Parsed::Op(Op::Nop));
+            }
             if !limits.flush {
                 return Err((UNSUPP, Reason::NotNegotiated));
             }
@@ -209,11 +214,11 @@ fn parse_body<M: GuestMemory>(
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let discard = req_type == VIRTIO_BLK_T_DISCARD;
-            if (discard && !limits.discard) || (!discard && !limits.write_zeroes) {
-                return Err((UNSUPP, Reason::NotNegotiated));
-            }
             if limits.read_only {
                 return Err((IOERR, Reason::ReadOnly));
+            }
+            if (discard && !limits.discard) || (!discard && !limits.write_zeroes) {
+                return Err((UNSUPP, Reason::NotNegotiated));
             }
             let payload = r_total - HEADER_LEN;
             if payload == 0 || !payload.is_multiple_of(DISCARD_SEG_LEN) {

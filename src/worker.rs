@@ -443,6 +443,7 @@ impl QueueState {
                 debug!("queue {}: request {head} refused: {reason:?}", self.index);
                 self.complete(head, req.status, status, 1, vs, mem);
             }
+            Parsed::Op(Op::Nop) => self.complete(head, req.status, STATUS_OK, 1, vs, mem),
             Parsed::Op(Op::GetId) => {
                 let mut written = 0u32;
                 let mut ok = true;
