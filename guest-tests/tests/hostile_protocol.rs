@@ -1043,11 +1043,24 @@ fn config_reads_outside_the_config_space_are_refused() {
         }
         other => rig.fail(format!("GET_CONFIG of the capacity failed: {other:?}")),
     }
+    // The config space is virtio 1.2's virtio_blk_config: 60 bytes up to
+    // write_zeroes_may_unmap and its padding, or 96 with the secure-erase and zoned fields.
+    let len: u32 = match (fe.get_config(0, 96), fe.get_config(0, 60)) {
+        (Ok(c), _) if c.data.len() == 96 => 96,
+        (_, Ok(c)) if c.data.len() == 60 => 60,
+        other => {
+            rig.fail(format!(
+                "GET_CONFIG of neither 96 nor 60 bytes is answered: {other:?}"
+            ));
+            60
+        }
+    };
+    rig.note(format!("config space: {len} bytes"));
     for (off, size) in [
-        (0u32, 61u32),
-        (56, 8),
-        (59, 2),
-        (60, 1),
+        (0u32, len + 1),
+        (len - 4, 8),
+        (len - 1, 2),
+        (len, 1),
         (0, 256),
         (0, 4096),
         (0x100, 8),
@@ -1062,7 +1075,7 @@ fn config_reads_outside_the_config_space_are_refused() {
             Ok(c) => {
                 let n = c.data.len().min(16);
                 rig.fail(format!(
-                    "{what} reaches past the 60-byte config space, yet was answered with size {} and {} bytes: {:02x?}...",
+                    "{what} reaches past the {len}-byte config space, yet was answered with size {} and {} bytes: {:02x?}...",
                     c.size,
                     c.data.len(),
                     &c.data[..n]
