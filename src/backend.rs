@@ -56,6 +56,8 @@ pub struct BlkBackend {
     built: Mutex<Option<RingPolicy>>,
     /// Serialises ring rebuilds.
     rebuild: Mutex<()>,
+    /// Exit-event fds handed to the crate (see `exit_event`).
+    exit_fds: Mutex<Vec<i32>>,
     thread_init: ThreadInit,
 }
 
@@ -100,6 +102,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             built: Mutex::new(None),
             rebuild: Mutex::new(()),
+            exit_fds: Mutex::new(Vec::new()),
             thread_init,
         })
     }
@@ -241,6 +244,16 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// Close the exit-event fds the crate leaks. Call only after the daemon (and so every
+    /// worker thread and epoll instance using them) has been dropped.
+    pub fn close_exit_events(&self) {
+        for fd in lock(&self.exit_fds).drain(..) {
+            // SAFETY: `fd` is the exit eventfd created in `exit_event`; its only user, the
+            // crate's worker loop, has ended and never closes it.
+            unsafe { libc::close(fd) };
+        }
+    }
+
     fn queue_for_thread(&self, thread_id: usize) -> Option<&QueueSlot> {
         self.queues.get(thread_id)
     }
@@ -372,7 +385,11 @@ impl VhostUserBackend for Backend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        // vhost-user-backend 0.24 turns the consumer into a raw fd and never closes it:
+        // remember it, and close it once the connection's worker threads are gone.
+        lock(&self.0.exit_fds).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -422,6 +439,7 @@ impl VhostUserBackend for Backend {
         let mut st = lock(&q.state);
         let completion = device_event == self.0.completion_event();
         st.run(vring, &mem, &self.0.shared, completion, &q.stop);
+        st.report_memory_faults();
         if st.inflight_requests() == 0 {
             q.drained.notify_all();
         }

@@ -51,6 +51,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     crate::ring::builder::vectored_fixed_supported();
 
     let (mut listener, socket_path) = listen(opts)?;
+    sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
     info!(
         "serving {} ({} bytes, {}, {}), {} queue(s) of up to {} entries",
         image.path.display(),
@@ -157,7 +158,9 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             h.send_exit_event();
         }
         drop(handlers);
+        // Dropping the daemon joins its worker threads.
         drop(daemon);
+        backend.close_exit_events();
         drop(backend);
         if opts.once {
             return Ok(());

@@ -213,6 +213,16 @@ pub fn worker_filter() -> Result<BpfProgram, String> {
         worker_allowed().into_iter().map(|s| (s, vec![])).collect();
     allow.insert(libc::SYS_mmap, vec![no_exec(2)?]);
     allow.insert(libc::SYS_mprotect, vec![no_exec(2)?]);
+    // fcntl only to read and set file status flags (O_NONBLOCK on the guest's call fd).
+    let fcntl_cmd = |cmd: i32| -> Result<SeccompRule, String> {
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)
+            .map_err(|e| e.to_string())?;
+        SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
+    };
+    allow.insert(
+        libc::SYS_fcntl,
+        vec![fcntl_cmd(libc::F_GETFL)?, fcntl_cmd(libc::F_SETFL)?],
+    );
     compile(
         allow,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -250,6 +260,68 @@ pub fn log_status(mode: SandboxMode) {
         SandboxMode::None => {
             info!("sandbox: NONE (--sandbox none): no seccomp filter; {rings}; {task}")
         }
+    }
+}
+
+/// Faults on guest RAM that the SIGBUS handler absorbed.
+pub static GUEST_MEMORY_FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static PAGE_SIZE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4096);
+
+/// Guest RAM is a file the VMM shares with us (a memfd). If the VMM shrinks that file after
+/// handing it over, touching the vanished part raises SIGBUS. The only file mappings this
+/// process makes are guest RAM, so the handler replaces the faulting page with a private
+/// zero page and lets the access complete: the guest sees zeroes where its memory vanished,
+/// the daemon survives, and the worker logs what happened. Anything else ends the process
+/// with a message.
+pub fn install_sigbus_handler() -> Result<(), String> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        PAGE_SIZE.store(page as usize, std::sync::atomic::Ordering::Relaxed);
+    }
+    // SAFETY: an all-zero sigaction is a valid value of this plain C struct; we fill in the
+    // handler and flags, and sigaction copies it.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(format!(
+                "cannot install the SIGBUS handler: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    const BUS_ADRERR: i32 = 2;
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; only
+    // async-signal-safe calls (mmap, write, _exit) follow.
+    unsafe {
+        let code = (*info).si_code;
+        let addr = (*info).si_addr() as usize;
+        if code == BUS_ADRERR && addr != 0 {
+            let page = PAGE_SIZE.load(std::sync::atomic::Ordering::Relaxed);
+            let start = addr & !(page - 1);
+            let p = libc::mmap(
+                start as *mut libc::c_void,
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p != libc::MAP_FAILED {
+                GUEST_MEMORY_FAULTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
+        const MSG: &[u8] = b"ringfence: fatal: SIGBUS that is not a vanished guest memory page\n";
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(70);
     }
 }
 
@@ -386,7 +458,13 @@ mod tests {
         let efd = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
         let ok = in_worker(move || {
             let big = vec![7u8; 8 << 20];
-            efd.write(1).is_ok() && efd.read().is_ok() && big.iter().all(|&b| b == 7)
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&efd);
+            // SAFETY: fcntl on an eventfd we own.
+            let nonblock = unsafe {
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+            };
+            nonblock && efd.write(1).is_ok() && efd.read().is_ok() && big.iter().all(|&b| b == 7)
         });
         assert!(ok);
     }

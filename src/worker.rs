@@ -171,6 +171,7 @@ pub struct QueueState {
     used_added: bool,
     poll: PollWindow,
     stats: Stats,
+    faults_seen: u64,
     completion_fd: EventFd,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
@@ -193,6 +194,7 @@ impl QueueState {
             used_added: false,
             poll: PollWindow::new(max_poll),
             stats: Stats::default(),
+            faults_seen: 0,
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
             descs: Vec::new(),
             segs: Vec::new(),
@@ -255,6 +257,7 @@ impl QueueState {
             let _ = self.completion_fd.read();
         }
         let mut vs = vring.get_mut();
+        self.guard_call_fd(&vs);
         let serving = self.engine.is_some()
             && self.limits.is_some()
             && vs.get_queue().ready()
@@ -299,6 +302,19 @@ impl QueueState {
         self.poll.record(found);
     }
 
+    /// Warn once per new fault absorbed by the SIGBUS handler.
+    pub fn report_memory_faults(&mut self) {
+        let n = crate::sandbox::GUEST_MEMORY_FAULTS.load(Ordering::Relaxed);
+        if n != self.faults_seen {
+            self.faults_seen = n;
+            warn!(
+                "queue {}: guest RAM vanished under us ({n} page(s) so far): the VMM shrank a \
+                 memory file it had shared; those pages now read as zeroes",
+                self.index
+            );
+        }
+    }
+
     /// Reap, take new requests, submit them, and reap what already completed. With
     /// `rearm`, guest notifications are re-enabled after taking requests; without, they stay
     /// off (the guest does not kick while we poll).
@@ -315,6 +331,20 @@ impl QueueState {
             self.take_requests(vs, mem, shared, rearm);
             self.submit(vs, mem);
             self.reap(vs, mem);
+        }
+    }
+
+    /// The guest's call fd must never block us: a VMM could hand over the write end of a
+    /// full pipe. Make it non-blocking (a lost notification is the VMM's own doing).
+    fn guard_call_fd(&mut self, vs: &VringState<'_>) {
+        let Some(call) = vs.get_call() else { return };
+        let fd = call.as_raw_fd();
+        // SAFETY: fcntl on an fd the vring owns; F_GETFL/F_SETFL only change status flags.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
         }
     }
 
