@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// The line ringfence prints on stderr once its socket accepts connections.
@@ -64,7 +64,7 @@ pub struct Daemon {
     /// For a daemonized qemu-storage-daemon: its pid.
     pid: Option<i32>,
     pub socket: PathBuf,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<(Mutex<String>, Condvar)>,
 }
 
 impl Daemon {
@@ -89,21 +89,24 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ringfence");
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let (tx, rx) = mpsc::channel();
         let pipe = child.stderr.take().expect("piped stderr");
         let log = stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains(READY_MARKER) {
-                    let _ = tx.send(());
-                }
                 if std::env::var_os("RINGFENCE_TEST_LOG").is_some() {
                     eprintln!("[ringfence] {line}");
                 }
-                let mut l = log.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
+                {
+                    let mut l = log.0.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                log.1.notify_all();
+                if line.contains(READY_MARKER) {
+                    let _ = tx.send(());
+                }
             }
         });
         let mut d = Daemon {
@@ -163,13 +166,24 @@ impl Daemon {
             child: None,
             pid: Some(pid),
             socket: socket.to_path_buf(),
-            stderr: Arc::new(Mutex::new(String::new())),
+            stderr: Arc::new((Mutex::new(String::new()), Condvar::new())),
         }
+    }
+
+    /// Wait until the daemon's stderr holds `needle` (ringfence only); `false` after `timeout`.
+    /// The reader thread signals every line, so this waits on the event, not on a clock.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let (log, cv) = &*self.stderr;
+        let guard = log.lock().unwrap();
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |l| !l.contains(needle))
+            .unwrap();
+        guard.contains(needle)
     }
 
     /// Everything the daemon wrote to stderr so far (ringfence only).
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.0.lock().unwrap().clone()
     }
 
     /// The daemon's pid.
