@@ -91,6 +91,9 @@ def parse_request_seeds():
     # Flush, GET_ID (long and short buffers).
     seeds["flush"] = parse_input(ALL, one, [desc(0, 0, 16, False), desc(0, 0x2000, 1, True)],
                                  header(T_FLUSH, 0))
+    seeds["flush_read_only"] = parse_input(READ_ONLY, one, [desc(0, 0, 16, False),
+                                                            desc(0, 0x2000, 1, True)],
+                                           header(T_FLUSH, 0))
     seeds["get_id"] = parse_input(ALL, one, [desc(0, 0, 16, False), desc(0, 0x1000, 64, True),
                                              desc(0, 0x2000, 1, True)], header(T_GET_ID, 0))
     seeds["get_id_short"] = parse_input(ALL, one, [desc(0, 0, 16, False), desc(0, 0x1000, 5, True)],
@@ -185,7 +188,7 @@ def vhost_messages_seeds():
     # Config accesses at and past the edges; writes that must be refused.
     seeds["config_edges"] = (
         device(two_queues=True) + get_config(56, 4) + get_config(56, 8) + get_config(60, 1)
-        + get_config(2**32 - 1, 2) + get_config(4, 2**32 - 1) + set_config(32, [1])
+        + get_config(92, 4) + get_config(90, 8) + get_config(96, 1) + get_config(2**32 - 1, 2) + get_config(4, 2**32 - 1) + set_config(32, [1])
         + u8(SET_FEATURES) + u64(1 << F_CONFIG_WCE) + set_config(33, [1]) + set_config(32, [1, 0])
         + set_config(32, [])
         + set_config(32, [7]))

@@ -249,7 +249,12 @@ fn check_verdict(descs: &[Desc], l: &Limits, parsed: Parsed, segs: &[Segment], z
                     assert!(zr.is_empty());
                 }
                 Op::Flush => {
-                    assert!(l.flush);
+                    assert!(l.flush && !l.read_only);
+                    assert!(segs.is_empty() && zr.is_empty());
+                }
+                // A FLUSH on a read-only disk: nothing was written, nothing to do.
+                Op::Nop => {
+                    assert!(l.read_only);
                     assert!(segs.is_empty() && zr.is_empty());
                 }
                 Op::GetId => {
