@@ -40,9 +40,24 @@ guest-tests/qemu/prepare-assets.sh
 
 step "tests: unit, kernel enforcement, blkio, hostile driver, QEMU guests"
 cargo build --release --locked --bin ringfence
-RINGFENCE_BIN="$PWD/target/release/ringfence" cargo test --workspace --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+RINGFENCE_BIN="$PWD/target/release/ringfence" cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+count() { awk -v k="$1" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i ~ "^" k) s += $(i-1) } END { print s + 0 }' "$log"; }
+passed=$(count passed)
+failed=$(count failed)
+if [[ $status -ne 0 ]]; then
+    echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+    exit "$status"
+fi
 
 if [[ -z ${RINGFENCE_SKIP_FUZZ:-} ]]; then
     step "fuzz targets (brief)"
     fuzz/run.sh 15
 fi
+
+step "summary"
+echo "tests: ${passed:-0} passed, ${failed:-0} failed"

@@ -55,11 +55,22 @@ impl FixedBufferMap {
         regions: impl IntoIterator<Item = (u64, u64, u64)>,
         max_buffer: u64,
     ) -> Result<Self, RingError> {
+        if max_buffer == 0 {
+            return Err(RingError::Layout(
+                "fixed buffer size must not be zero".into(),
+            ));
+        }
         let mut buffers = Vec::new();
         for (gpa, len, host) in regions {
             gpa.checked_add(len)
                 .and_then(|_| host.checked_add(len))
                 .ok_or_else(|| RingError::Layout(format!("region {gpa:#x}+{len:#x} overflows")))?;
+            let needed = len.div_ceil(max_buffer);
+            if buffers.len() as u64 + needed > MAX_FIXED_BUFFERS as u64 {
+                return Err(RingError::Layout(format!(
+                    "guest RAM needs more than the {MAX_FIXED_BUFFERS} fixed buffers the kernel allows"
+                )));
+            }
             let mut off = 0;
             while off < len {
                 let n = (len - off).min(max_buffer);

@@ -253,7 +253,9 @@ fn check_rw(sector: u64, len: u64, segs: &[Segment], limits: &Limits) -> Result<
     }
     let end_sector = sector.checked_add(len / SECTOR_SIZE);
     match end_sector {
-        Some(e) if e <= limits.capacity_sectors => Ok(sector * SECTOR_SIZE),
+        Some(e) if e <= limits.capacity_sectors => sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or((IOERR, Reason::OutOfRange)),
         _ => Err((IOERR, Reason::OutOfRange)),
     }
 }
@@ -277,17 +279,19 @@ fn check_zero_segment(
         return Err((IOERR, Reason::SegmentTooLarge));
     }
     match sector.checked_add(u64::from(num)) {
-        Some(e) if e <= limits.capacity_sectors => Ok(ZeroRange {
-            offset: sector * SECTOR_SIZE,
-            len: u64::from(num) * SECTOR_SIZE,
-            mode: if discard {
-                ZeroMode::Discard
-            } else if unmap {
-                ZeroMode::Unmap
-            } else {
-                ZeroMode::InPlace
-            },
-        }),
+        Some(e) if e <= limits.capacity_sectors && sector.checked_mul(SECTOR_SIZE).is_some() => {
+            Ok(ZeroRange {
+                offset: sector * SECTOR_SIZE,
+                len: u64::from(num) * SECTOR_SIZE,
+                mode: if discard {
+                    ZeroMode::Discard
+                } else if unmap {
+                    ZeroMode::Unmap
+                } else {
+                    ZeroMode::InPlace
+                },
+            })
+        }
         _ => Err((IOERR, Reason::OutOfRange)),
     }
 }
