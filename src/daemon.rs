@@ -48,6 +48,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     // Fail now, with the reason and the fix, if the kernel refuses io_uring.
     crate::ring::builder::probe_io_uring()?;
     crate::ring::builder::kernel_release();
+    crate::ring::builder::task_restriction_support();
     crate::ring::builder::vectored_fixed_supported();
 
     let (mut listener, socket_path) = listen(opts)?;
@@ -84,11 +85,16 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
     let tx = Mutex::new(tx);
     let thread_init: ThreadInit = Arc::new(move |thread| {
-        let r = if sandboxed {
-            sandbox::apply_worker_filter().map_err(|e| format!("worker {thread}: {e}"))
-        } else {
-            Ok(())
-        };
+        // Task-level restrictions first: seccomp then forbids io_uring_register.
+        let r = sandbox::restrict_worker_task()
+            .and_then(|()| {
+                if sandboxed {
+                    sandbox::apply_worker_filter()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| format!("worker {thread}: {e}"));
         if let Ok(tx) = tx.lock() {
             let _ = tx.send(r);
         }

@@ -235,22 +235,45 @@ pub fn apply_worker_filter() -> Result<(), String> {
     apply_filter(&worker_filter()?).map_err(|e| format!("cannot install seccomp filter: {e}"))
 }
 
+/// What the kernel offers beyond ring restrictions, and what of it is used.
+pub fn task_status() -> String {
+    let support = crate::ring::builder::task_restriction_support();
+    let release = crate::ring::builder::kernel_release()
+        .map(|(a, b)| format!("kernel {a}.{b}"))
+        .unwrap_or_else(|| "this kernel".into());
+    let restrictions = if support.restrictions {
+        "task-level io_uring restrictions: present, applied to worker threads (READ_FIXED only)"
+            .to_string()
+    } else {
+        format!(
+            "task-level io_uring restrictions: absent ({release}; they need Linux 7.0), so \
+             seccomp denying io_uring_setup is what stops workers creating rings"
+        )
+    };
+    let bpf = if support.bpf_filter {
+        "io_uring BPF filters: present, not used (the ring allowlists already name every opcode)"
+    } else {
+        "io_uring BPF filters: absent"
+    };
+    format!("{restrictions}; {bpf}")
+}
+
+/// On kernels with task-level io_uring restrictions, restrict the calling worker thread.
+pub fn restrict_worker_task() -> Result<(), String> {
+    if !crate::ring::builder::task_restriction_support().restrictions {
+        return Ok(());
+    }
+    crate::ring::builder::restrict_current_task(&crate::ring::RingPolicy::for_device(
+        false, false, false,
+    ))
+    .map_err(|e| format!("cannot apply task-level io_uring restrictions: {e}"))
+}
+
 /// Log what protects the data path.
 pub fn log_status(mode: SandboxMode) {
     let rings = "io_uring rings: restricted by the kernel (IORING_REGISTER_RESTRICTIONS: fixed \
                  files and buffers only, per-feature opcode allowlist, FIXED_FILE required)";
-    let task = match crate::ring::builder::kernel_release() {
-        Some((major, minor)) if major >= 7 => format!(
-            "kernel {major}.{minor} may offer task-level io_uring restrictions / io_uring BPF \
-             filters (Linux 7.0+); ringfence does not use them yet, seccomp denies \
-             io_uring_setup to workers instead"
-        ),
-        Some((major, minor)) => format!(
-            "kernel {major}.{minor} has no task-level io_uring restrictions or io_uring BPF \
-             filters (Linux 7.0+); seccomp denies io_uring_setup to workers instead"
-        ),
-        None => "kernel release unknown; seccomp denies io_uring_setup to workers".to_string(),
-    };
+    let task = task_status();
     match mode {
         SandboxMode::Seccomp => info!(
             "sandbox: seccomp active: process deny list (exec, fork, socket/connect, open*, \

@@ -102,6 +102,73 @@ pub fn vectored_fixed_supported() -> bool {
     })
 }
 
+const IORING_REGISTER_RESTRICTIONS: libc::c_long = 11;
+const IORING_REGISTER_BPF_FILTER: libc::c_long = 37;
+
+/// Whether the kernel has task-level io_uring restrictions and io_uring BPF filters
+/// (Linux 7.0+): `io_uring_register` with the "blind" fd -1 applies them to the calling task.
+/// Older kernels answer EBADF, or EINVAL once they know the blind fd for other opcodes
+/// (6.13+); a kernel that has the opcode reads the (null) argument and answers EFAULT, or
+/// EACCES for BPF filters without privileges. Probed once, on a throwaway thread, with arguments no kernel
+/// accepts, so that the probe itself can never restrict a thread that builds rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskRestrictionSupport {
+    pub restrictions: bool,
+    pub bpf_filter: bool,
+}
+
+pub fn task_restriction_support() -> TaskRestrictionSupport {
+    static SUPPORT: std::sync::OnceLock<TaskRestrictionSupport> = std::sync::OnceLock::new();
+    *SUPPORT.get_or_init(|| {
+        let probe = |op: libc::c_long| {
+            // SAFETY: io_uring_register on the blind fd with a null argument array: the kernel
+            // only validates it; nothing is read or written.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_register,
+                    -1,
+                    op,
+                    std::ptr::null::<u8>(),
+                    1,
+                )
+            };
+            let errno = io::Error::last_os_error().raw_os_error();
+            rc == 0 || !matches!(errno, Some(libc::EBADF) | Some(libc::EINVAL))
+        };
+        std::thread::spawn(move || TaskRestrictionSupport {
+            restrictions: probe(IORING_REGISTER_RESTRICTIONS),
+            bpf_filter: probe(IORING_REGISTER_BPF_FILTER),
+        })
+        .join()
+        .unwrap_or(TaskRestrictionSupport {
+            restrictions: false,
+            bpf_filter: false,
+        })
+    })
+}
+
+/// Apply `policy` as task-level io_uring restrictions to the calling thread (Linux 7.0+):
+/// every ring it could ever create inherits them. Used on worker threads, which never create
+/// rings, as a second wall beside the seccomp filter that denies them `io_uring_setup`.
+pub fn restrict_current_task(policy: &RingPolicy) -> io::Result<()> {
+    let mut res = policy.restrictions();
+    // SAFETY: `res` is an array of `io_uring_restriction` (Restriction is repr(transparent)),
+    // valid for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            -1,
+            IORING_REGISTER_RESTRICTIONS,
+            res.as_mut_ptr(),
+            res.len() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The running kernel's (major, minor) release.
 /// Read once, before the sandbox forbids opening files.
 pub fn kernel_release() -> Option<(u32, u32)> {
@@ -431,6 +498,31 @@ mod tests {
         let mut probe = io_uring::Probe::new();
         if let Err(e) = s.register_probe(&mut probe) {
             assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+        }
+    }
+
+    #[test]
+    fn task_level_restriction_detection_matches_the_kernel() {
+        let support = task_restriction_support();
+        match kernel_release() {
+            // Task-level restrictions and BPF filters arrived in Linux 7.0.
+            Some((major, _)) if major < 7 => {
+                assert!(!support.restrictions && !support.bpf_filter, "{support:?}")
+            }
+            _ => {}
+        }
+        if !support.restrictions {
+            // And applying them says so with the kernel's own answer.
+            let e = std::thread::spawn(|| {
+                restrict_current_task(&RingPolicy::for_device(false, false, false))
+            })
+            .join()
+            .unwrap()
+            .expect_err("no task-level restrictions on this kernel");
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::EINVAL)),
+                "{e}"
+            );
         }
     }
 
