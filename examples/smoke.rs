@@ -29,15 +29,16 @@ fn main() {
     let n = q
         .do_io(&mut c, 1, Some(&mut Duration::from_secs(5)), None)
         .expect("do_io");
-    // SAFETY: do_io initialized n completions.
+    // SAFETY: do_io returned n >= 1, so it initialised the first completion.
     let r = unsafe { c[0].assume_init_read() };
     println!("write: n={n} ret={}", r.ret);
-    // SAFETY: region buffer.
+    // SAFETY: 65536 is inside the 1 MiB region.
     let rb = unsafe { buf.add(65536) };
     q.read(4096, rb, 65536, 2, ReqFlags::empty());
     let n = q
         .do_io(&mut c, 1, Some(&mut Duration::from_secs(5)), None)
         .expect("do_io");
+    // SAFETY: do_io returned n >= 1, so it initialised the first completion.
     let r = unsafe { c[0].assume_init_read() };
     println!("read: n={n} ret={}", r.ret);
     let same =
@@ -47,18 +48,21 @@ fn main() {
     let n = q
         .do_io(&mut c, 1, Some(&mut Duration::from_secs(5)), None)
         .expect("do_io");
+    // SAFETY: do_io returned n >= 1, so it initialised the first completion.
     let r = unsafe { c[0].assume_init_read() };
     println!("flush: n={n} ret={}", r.ret);
     q.write_zeroes(4096, 4096, 4, ReqFlags::empty());
     let n = q
         .do_io(&mut c, 1, Some(&mut Duration::from_secs(5)), None)
         .expect("do_io");
+    // SAFETY: do_io returned n >= 1, so it initialised the first completion.
     let r = unsafe { c[0].assume_init_read() };
     println!("wz: n={n} ret={}", r.ret);
     q.read(1 << 40, rb, 4096, 5, ReqFlags::empty());
     let n = q
         .do_io(&mut c, 1, Some(&mut Duration::from_secs(5)), None)
         .expect("do_io");
+    // SAFETY: do_io returned n >= 1, so it initialised the first completion.
     let r = unsafe { c[0].assume_init_read() };
     println!("read past end: n={n} ret={}", r.ret);
 }
