@@ -28,7 +28,7 @@ use crate::guest_map::FixedBufferMap;
 use crate::image::Image;
 use crate::request::Limits;
 use crate::ring::{build_ring, RingPolicy, RingSetup};
-use crate::worker::{Engine, QueueState, Shared, Vring, FILE_BUFFERED, FILE_PRIMARY};
+use crate::worker::{Engine, QueueState, Shared, Tuning, Vring, FILE_BUFFERED, FILE_PRIMARY};
 
 /// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,12 +72,12 @@ impl BlkBackend {
         image: Arc<Image>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         thread_init: ThreadInit,
-        max_poll: Duration,
+        tuning: Tuning,
     ) -> io::Result<Self> {
         let queues = (0..spec.num_queues)
             .map(|i| {
                 Ok(QueueSlot {
-                    state: Mutex::new(QueueState::new(i, spec.queue_size, max_poll)?),
+                    state: Mutex::new(QueueState::new(i, spec.queue_size, tuning)?),
                     drained: Condvar::new(),
                     stop: AtomicBool::new(false),
                 })

@@ -81,6 +81,13 @@ pub struct Options {
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub poll_us: u64,
 
+    /// Most SQEs a worker queues before it hands them to the kernel. Submitting the first
+    /// requests of a large kick while the rest are still parsed keeps the disk busy and its
+    /// completions spread out (see benches/README.md); 1 submits every request on its own.
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub submit_batch: u32,
+
     /// Print the backend's capabilities as JSON (vhost-user backend program conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,

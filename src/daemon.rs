@@ -20,6 +20,7 @@ use crate::config::{serial_bytes, DeviceSpec};
 use crate::error::StartupError;
 use crate::image::Image;
 use crate::sandbox;
+use crate::worker::Tuning;
 
 /// Printed on stderr once the socket accepts connections (tests and scripts wait for it).
 pub const READY_MARKER: &str = "ringfence: ready, listening on";
@@ -113,7 +114,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
                 image.clone(),
                 mem.clone(),
                 thread_init.clone(),
-                Duration::from_micros(opts.poll_us),
+                Tuning {
+                    max_poll: Duration::from_micros(opts.poll_us),
+                    submit_batch: opts.submit_batch as usize,
+                },
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );

@@ -47,51 +47,77 @@ fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
     u64::from(head) | kind << 16 | ((idx as u64) & 0xff) << 24 | u64::from(len) << 32
 }
 
-/// The adaptive polling window after each wakeup. While polling finds work (completions or
-/// new requests), the window grows up to `max`, saving the sleep/wake round trip per request;
-/// while it finds nothing it halves down to zero, so an idle disk costs no CPU. A window of
-/// zero is re-probed with `PROBE` on the next wakeup after `REPROBE_AFTER` idle wakeups.
+/// The adaptive polling window after each wakeup, in the manner of KVM's halt polling.
+///
+/// After handling what woke it, the worker keeps polling (the virtqueue for new requests,
+/// the rings for completions) until nothing has turned up for `current`. Each time polling
+/// gives up and the worker sleeps, the next wakeup tells how long it was waiting: if the
+/// event came so soon that a window of at most `max` would have caught it (a disk's own
+/// latency at queue depth 1 is tens of µs), the window grows; if it came later, or polling
+/// keeps finding nothing, the window halves down to zero, so an idle disk costs no CPU.
 pub struct PollWindow {
     current: Duration,
     max: Duration,
-    idle: u32,
+    /// When polling last gave up without finding anything (None: it found work).
+    gave_up: Option<Instant>,
 }
 
 impl PollWindow {
-    const PROBE: Duration = Duration::from_micros(8);
-    const REPROBE_AFTER: u32 = 16;
+    /// The first window, and the smallest non-zero one.
+    const MIN: Duration = Duration::from_micros(4);
 
     pub fn new(max: Duration) -> Self {
         PollWindow {
-            current: Self::PROBE.min(max),
+            current: Duration::ZERO,
             max,
-            idle: 0,
+            gave_up: None,
         }
     }
 
-    fn budget(&mut self) -> Duration {
-        if self.current.is_zero() && !self.max.is_zero() {
-            self.idle += 1;
-            if self.idle >= Self::REPROBE_AFTER {
-                self.idle = 0;
-                return Self::PROBE.min(self.max);
+    /// The window for this wakeup, given when it happened.
+    fn budget(&mut self, now: Instant) -> Duration {
+        if let Some(t) = self.gave_up.take() {
+            // How long the worker waited for this event, counting the window it had polled.
+            let waited = self.current + now.saturating_duration_since(t);
+            if waited <= self.max {
+                // A window of `waited` would have caught it: grow to cover it (with room).
+                self.current = (waited + waited / 2)
+                    .max(self.current * 2)
+                    .max(Self::MIN)
+                    .min(self.max);
+            } else {
+                self.shrink();
             }
         }
         self.current
     }
 
-    fn record(&mut self, found: bool) {
-        self.current = if found {
-            (self.current * 2).max(Self::PROBE).min(self.max)
+    /// Polling gave up at `now`: nothing turned up within the window.
+    fn gave_up(&mut self, now: Instant) {
+        self.gave_up = Some(now);
+    }
+
+    fn shrink(&mut self) {
+        let half = self.current / 2;
+        self.current = if half < Self::MIN {
+            Duration::ZERO
         } else {
-            let half = self.current / 2;
-            if half < Duration::from_micros(2) {
-                Duration::ZERO
-            } else {
-                half
-            }
+            half
         };
     }
+}
+
+/// How a queue's worker trades CPU for latency and throughput (`--poll-us`,
+/// `--submit-batch`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Longest polling window after a wakeup (see [`PollWindow`]); zero disables polling.
+    pub max_poll: Duration,
+    /// Most SQEs queued before they go to the kernel. One kick can bring a whole queue's worth
+    /// of requests; submitting them in groups lets the disk start on the first while the rest
+    /// are parsed, and its completions come back spread out rather than all at once, so a
+    /// closed-loop guest refills the queue continuously instead of in lock-step rounds.
+    pub submit_batch: usize,
 }
 
 /// Counters of one queue, logged when its connection ends: they show whether batching and
@@ -170,6 +196,8 @@ pub struct QueueState {
     zero_range_unsupported: bool,
     used_added: bool,
     poll: PollWindow,
+    /// Most SQEs queued before they are submitted (see [`Tuning`]).
+    submit_batch: usize,
     stats: Stats,
     faults_seen: u64,
     completion_fd: EventFd,
@@ -182,7 +210,7 @@ pub struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(index: u16, max_queue_size: u16, max_poll: Duration) -> std::io::Result<Self> {
+    pub fn new(index: u16, max_queue_size: u16, tuning: Tuning) -> std::io::Result<Self> {
         Ok(QueueState {
             index,
             engine: None,
@@ -192,7 +220,8 @@ impl QueueState {
             limits: None,
             zero_range_unsupported: false,
             used_added: false,
-            poll: PollWindow::new(max_poll),
+            poll: PollWindow::new(tuning.max_poll),
+            submit_batch: tuning.submit_batch.max(1),
             stats: Stats::default(),
             faults_seen: 0,
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
@@ -263,21 +292,22 @@ impl QueueState {
             && vs.get_queue().ready()
             && vs.is_enabled();
         let budget = if serving {
-            self.poll.budget()
+            self.poll.budget(Instant::now())
         } else {
             Duration::ZERO
         };
         if budget.is_zero() {
             self.step(&mut vs, mem, shared, serving, true);
             self.notify(&mut vs);
+            if serving {
+                self.poll.gave_up(Instant::now());
+            }
             return;
         }
 
         self.set_completion_signals(false);
         let entered = Instant::now();
         let mut last = entered;
-        let mut found = false;
-        // The first step handles what woke us; progress after it is what polling bought.
         self.step(&mut vs, mem, shared, true, false);
         self.notify(&mut vs);
         loop {
@@ -285,8 +315,8 @@ impl QueueState {
                 self.step(&mut vs, mem, shared, true, false);
                 self.notify(&mut vs);
                 last = Instant::now();
-                found = true;
             } else if last.elapsed() >= budget {
+                self.poll.gave_up(Instant::now());
                 break;
             }
             if stop.load(Ordering::Relaxed) || entered.elapsed() >= MAX_POLL_STRETCH {
@@ -299,7 +329,6 @@ impl QueueState {
         self.set_completion_signals(true);
         self.step(&mut vs, mem, shared, true, true);
         self.notify(&mut vs);
-        self.poll.record(found);
     }
 
     /// Warn once per new fault absorbed by the SIGBUS handler.
@@ -412,6 +441,9 @@ impl QueueState {
                     writable: d.is_write_only(),
                 }));
                 self.start(head, vs, mem, shared);
+                if self.queued_sqes() >= self.submit_batch {
+                    self.submit(vs, mem);
+                }
             }
             if !rearm {
                 break;
@@ -676,6 +708,13 @@ impl QueueState {
         );
     }
 
+    fn queued_sqes(&mut self) -> usize {
+        self.engine
+            .as_mut()
+            .map(|e| e.ring.submission().len())
+            .unwrap_or(0)
+    }
+
     /// Hand queued SQEs to the kernel: one io_uring_enter for the whole batch.
     fn submit(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
         for _ in 0..1000 {
@@ -817,4 +856,74 @@ fn fallocate_sqe(head: u16, kind: u64, idx: usize, r: &ZeroRange) -> squeue::Ent
 /// Raw fd of a queue's completion eventfd (for epoll registration).
 pub fn completion_raw_fd(q: &QueueState) -> i32 {
     q.completion_fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_micros(50);
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn poll_window_starts_closed() {
+        let mut w = PollWindow::new(MAX);
+        assert_eq!(w.budget(Instant::now()), Duration::ZERO);
+    }
+
+    #[test]
+    fn poll_window_grows_to_cover_a_disk_latency_within_max() {
+        // Completions come 30 µs after polling gives up (a disk at queue depth 1): the window
+        // must grow until it covers them, and not beyond max.
+        let mut w = PollWindow::new(MAX);
+        let mut t = Instant::now();
+        let mut budget = w.budget(t);
+        for _ in 0..8 {
+            w.gave_up(t);
+            t += us(30).saturating_sub(budget);
+            budget = w.budget(t);
+        }
+        assert!(budget >= us(30), "{budget:?}");
+        assert!(budget <= MAX, "{budget:?}");
+    }
+
+    #[test]
+    fn poll_window_closes_when_events_come_later_than_max() {
+        // An idle disk: every wakeup comes long after polling gave up. The window must close
+        // within a few wakeups and stay closed.
+        let mut w = PollWindow::new(MAX);
+        let mut t = Instant::now();
+        w.gave_up(t);
+        t += us(10);
+        assert!(w.budget(t) > Duration::ZERO);
+        for _ in 0..8 {
+            w.gave_up(t);
+            t += Duration::from_millis(5);
+            w.budget(t);
+        }
+        assert_eq!(w.budget(t), Duration::ZERO);
+    }
+
+    #[test]
+    fn poll_window_zero_max_never_polls() {
+        let mut w = PollWindow::new(Duration::ZERO);
+        let t = Instant::now();
+        for _ in 0..4 {
+            w.gave_up(t);
+            assert_eq!(w.budget(t), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn poll_window_keeps_its_size_while_polling_finds_work() {
+        let mut w = PollWindow::new(MAX);
+        let t = Instant::now();
+        w.gave_up(t);
+        let b = w.budget(t + us(20));
+        // No give-up in between (polling kept finding work): the next wakeup keeps the window.
+        assert_eq!(w.budget(t + Duration::from_secs(1)), b);
+    }
 }

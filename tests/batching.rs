@@ -1,6 +1,7 @@
-//! Batching: a kick that brings 32 requests makes one `io_uring_enter`, not 32. Read from the
-//! per-queue counters ringfence logs when a connection ends (with `--once`, the process then
-//! exits, so reading its stderr to the end is the synchronisation).
+//! Batching: a kick that brings 32 requests makes one `io_uring_enter` per `--submit-batch`
+//! SQEs, not 32. Read from the per-queue counters ringfence logs when a connection ends (with
+//! `--once`, the process then exits, so reading its stderr to the end is the
+//! synchronisation).
 
 mod common;
 
@@ -12,8 +13,8 @@ use common::{Client, ClientOpts};
 
 const READY: &str = "ringfence: ready, listening on";
 
-#[test]
-fn a_kick_with_32_requests_makes_one_io_uring_enter() {
+/// Serve one connection that reads 32 blocks in one kick; return the queue's counters line.
+fn counters_after_a_kick_of_32(extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     let socket = dir.path().join("vhost.sock");
@@ -23,6 +24,7 @@ fn a_kick_with_32_requests_makes_one_io_uring_enter() {
         .arg("--blk-file")
         .arg(&image)
         .args(["--create-size", "16M", "--once", "--poll-us", "0"])
+        .args(extra)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -55,10 +57,21 @@ fn a_kick_with_32_requests_makes_one_io_uring_enter() {
 
     stderr.read_to_string(&mut log).unwrap();
     assert!(child.wait().unwrap().success(), "{log}");
-    let stats = log
-        .lines()
+    log.lines()
         .find(|l| l.contains("queue 0:") && l.contains("io_uring_enter"))
-        .unwrap_or_else(|| panic!("no queue counters in the log:\n{log}"));
+        .unwrap_or_else(|| panic!("no queue counters in the log:\n{log}"))
+        .to_string()
+}
+
+#[test]
+fn a_kick_with_32_requests_makes_one_io_uring_enter_per_submit_batch() {
+    // Default --submit-batch 8: four enters of eight.
+    let stats = counters_after_a_kick_of_32(&[]);
+    assert!(
+        stats.contains("32 requests, 32 SQEs in 4 io_uring_enter calls"),
+        "expected four io_uring_enter calls of 8 SQEs: {stats}"
+    );
+    let stats = counters_after_a_kick_of_32(&["--submit-batch", "32"]);
     assert!(
         stats.contains("32 requests, 32 SQEs in 1 io_uring_enter calls"),
         "expected one io_uring_enter for the batch of 32: {stats}"

@@ -375,6 +375,8 @@ fn bad_option_values() {
         ("--cache bogus", vec!["--cache", "bogus"]),
         ("--sandbox bogus", vec!["--sandbox", "bogus"]),
         ("--poll-us abc", vec!["--poll-us", "abc"]),
+        ("--submit-batch 0", vec!["--submit-batch", "0"]),
+        ("--submit-batch 4096", vec!["--submit-batch", "4096"]),
         ("unknown option", vec!["--frobnicate"]),
     ];
     // Every case runs; the failures are reported together.

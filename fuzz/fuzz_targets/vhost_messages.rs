@@ -42,6 +42,7 @@ use ringfence::cli::CacheMode;
 use ringfence::config::{config_read, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
 use ringfence::guest_map::{FixedBufferMap, TranslateError, MAX_FIXED_BUFFERS};
 use ringfence::image::Image;
+use ringfence::worker::Tuning;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -133,7 +134,10 @@ fn run(data: &[u8]) {
         image,
         mem.clone(),
         Arc::new(|_| {}),
-        Duration::from_micros(50),
+        Tuning {
+            max_poll: Duration::from_micros(50),
+            submit_batch: 8,
+        },
     )
     .expect("create the backend");
     let backend = Backend(Arc::new(blk));
