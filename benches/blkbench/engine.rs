@@ -29,6 +29,10 @@ pub struct Workload {
     pub qd: u32,
     /// Number of queues (one thread each).
     pub queues: u32,
+    /// Polled completions (fio's `hipri`): the client spins on its queue instead of sleeping
+    /// until a completion wakes it, natively on the io_uring completion ring, through vhost-user
+    /// on the used ring (the backend's call eventfd then wakes nobody).
+    pub polled: bool,
 }
 
 impl Workload {
@@ -39,6 +43,15 @@ impl Workload {
             bs,
             qd,
             queues: 1,
+            polled: false,
+        }
+    }
+
+    /// The same workload with polled completions.
+    pub const fn polled(self) -> Workload {
+        Workload {
+            polled: true,
+            ..self
         }
     }
 
@@ -71,6 +84,9 @@ impl Workload {
         let mut s = format!("{} {pattern} QD{}", fmt_size(self.bs), self.qd);
         if self.queues > 1 {
             s.push_str(&format!(" ×{}q", self.queues));
+        }
+        if self.polled {
+            s.push_str(" polled");
         }
         s
     }
@@ -129,9 +145,16 @@ impl Workload {
                             .ok_or_else(|| format!("job '{spec}': rwmixread must be 0..=100"))?,
                     )
                 }
+                "hipri" => {
+                    w.polled = match v {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(format!("job '{spec}': hipri must be 0 or 1")),
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "job '{spec}': unknown key '{k}' (rw, bs, qd, queues, rwmixread)"
+                        "job '{spec}': unknown key '{k}' (rw, bs, qd, queues, rwmixread, hipri)"
                     ))
                 }
             }
@@ -517,16 +540,19 @@ fn worker(
     }
     let mut in_flight = qd;
     while in_flight > 0 {
-        let mut timeout = STALL_TIMEOUT;
-        let n = q
-            .do_io(&mut comps, 1, Some(&mut timeout), None)
-            .map_err(|e| {
-                if e.errno() == Errno::TIME {
-                    format!("no completion within {STALL_TIMEOUT:?}: the backend stalled")
-                } else {
-                    format!("blkio do_io: {e}")
-                }
-            })?;
+        let n = if w.polled {
+            poll_completions(&mut q, &mut comps)?
+        } else {
+            let mut timeout = STALL_TIMEOUT;
+            q.do_io(&mut comps, 1, Some(&mut timeout), None)
+                .map_err(|e| {
+                    if e.errno() == Errno::TIME {
+                        format!("no completion within {STALL_TIMEOUT:?}: the backend stalled")
+                    } else {
+                        format!("blkio do_io: {e}")
+                    }
+                })?
+        };
         let now = Instant::now();
         let measuring = now >= win.measure && now < win.end;
         for c in &comps[..n] {
@@ -554,6 +580,30 @@ fn worker(
     Ok(hist)
 }
 
+/// Spin on the queue (submitting what is queued) until at least one request completes.
+fn poll_completions(
+    q: &mut Blkioq,
+    comps: &mut [MaybeUninit<Completion>],
+) -> Result<usize, String> {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let n = q
+            .do_io(comps, 0, None, None)
+            .map_err(|e| format!("blkio do_io: {e}"))?;
+        if n > 0 {
+            return Ok(n);
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(4096) && start.elapsed() > STALL_TIMEOUT {
+            return Err(format!(
+                "no completion within {STALL_TIMEOUT:?}: the backend stalled"
+            ));
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Parsing self-check for test mode.
 pub fn self_check() -> Result<(), String> {
     let w = Workload::parse("rw=randrw,bs=4k,qd=16,rwmixread=70")?;
@@ -564,7 +614,12 @@ pub fn self_check() -> Result<(), String> {
     if w.label() != "128k seq read QD8 ×2q" || w.rw_name() != "read" {
         return Err(format!("workload label: {}", w.label()));
     }
+    let w = Workload::parse("rw=randread,bs=4k,qd=1,hipri=1")?;
+    if w != Workload::new(true, 100, 4096, 1).polled() || w.label() != "4k randread QD1 polled" {
+        return Err(format!("polled workload: {w:?} {}", w.label()));
+    }
     for bad in [
+        "rw=read,hipri=2",
         "rw=foo",
         "bs=4k",
         "rw=read,bs=1000",

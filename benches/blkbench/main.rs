@@ -26,8 +26,9 @@ use report::{Record, Report, RunInfo, Section};
 use targets::{Env, Kind};
 
 /// The default matrix of issue 6.
-const MATRIX: [Workload; 6] = [
+const MATRIX: [Workload; 7] = [
     Workload::new(true, 100, 4096, 1),
+    Workload::new(true, 100, 4096, 1).polled(),
     Workload::new(true, 100, 4096, 32),
     Workload::new(true, 0, 4096, 32),
     Workload::new(true, 70, 4096, 16),
