@@ -53,8 +53,9 @@ fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
 /// the rings for completions) until nothing has turned up for `current`. Each time polling
 /// gives up and the worker sleeps, the next wakeup tells how long it was waiting: if the
 /// event came so soon that a window of at most `max` would have caught it (a disk's own
-/// latency at queue depth 1 is tens of µs), the window grows; if it came later, or polling
-/// keeps finding nothing, the window halves down to zero, so an idle disk costs no CPU.
+/// latency at queue depth 1 is tens of µs), the window grows to cover that wait; if even
+/// `max` would have missed it, the window closes (zero), so an idle disk, or one whose
+/// completions are too far apart for polling to pay, costs no polling CPU.
 pub struct PollWindow {
     current: Duration,
     max: Duration,
@@ -86,7 +87,9 @@ impl PollWindow {
                     .max(Self::MIN)
                     .min(self.max);
             } else {
-                self.shrink();
+                // Even the longest window would have missed it: stop polling until events
+                // come close together again (KVM's halt polling resets the same way).
+                self.current = Duration::ZERO;
             }
         }
         self.current
@@ -95,15 +98,6 @@ impl PollWindow {
     /// Polling gave up at `now`: nothing turned up within the window.
     fn gave_up(&mut self, now: Instant) {
         self.gave_up = Some(now);
-    }
-
-    fn shrink(&mut self) {
-        let half = self.current / 2;
-        self.current = if half < Self::MIN {
-            Duration::ZERO
-        } else {
-            half
-        };
     }
 }
 
