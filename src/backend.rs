@@ -89,7 +89,7 @@ impl BlkBackend {
             dio_mem_align: u64::from(image.dio_mem_align),
             dio_offset_align: u64::from(image.dio_offset_align),
             // A read-only disk's rings allow READ_FIXED alone.
-            vectored: !spec.read_only && crate::ring::builder::vectored_fixed_supported(),
+            vectored: !spec.read_only && crate::kernel::Kernel::get().vectored_fixed,
             writeback: AtomicBool::new(true),
         };
         Ok(BlkBackend {

@@ -67,9 +67,10 @@ pub struct Options {
     #[arg(long, value_name = "STR", value_parser = parse_serial)]
     pub serial: Option<String>,
 
-    /// Host cache mode.
-    #[arg(long, value_enum, default_value_t = CacheMode::None)]
-    pub cache: CacheMode,
+    /// Host cache mode (default: none where the image's filesystem supports O_DIRECT, else
+    /// writeback, and the log says which).
+    #[arg(long, value_enum)]
+    pub cache: Option<CacheMode>,
 
     /// Sandbox for the process and its data-plane threads (default: the strictest that works).
     #[arg(long, value_enum)]
@@ -203,6 +204,6 @@ mod tests {
         .expect("contract options parse");
         assert!(o.read_only);
         assert_eq!(o.num_queues, 2);
-        assert_eq!(o.cache, CacheMode::None);
+        assert_eq!(o.cache, Some(CacheMode::None));
     }
 }

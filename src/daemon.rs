@@ -46,11 +46,12 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         serial: serial_bytes(opts.serial.as_deref(), &default_serial),
         physical_block_exp: image.physical_block_exp(),
     };
-    // Fail now, with the reason and the fix, if the kernel refuses io_uring.
-    crate::ring::builder::probe_io_uring()?;
-    crate::ring::builder::kernel_release();
-    crate::ring::builder::task_restriction_support();
-    crate::ring::builder::vectored_fixed_supported();
+    // Fail now, with the reason and the fix, if the kernel refuses io_uring; then learn, once,
+    // what it enforces.
+    crate::kernel::check_io_uring()?;
+    crate::kernel::Kernel::get();
+    // Before the first thread: every thread and ring inherits it (Linux 7.0+).
+    let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
 
     let (mut listener, socket_path) = listen(opts)?;
     sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
@@ -80,22 +81,18 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     if sandboxed {
         sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
     }
-    sandbox::log_status(mode);
+    sandbox::log_status(mode, process_rings.as_ref());
 
     // Worker threads report here once they run under their own filter.
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
     let tx = Mutex::new(tx);
     let thread_init: ThreadInit = Arc::new(move |thread| {
-        // Task-level restrictions first: seccomp then forbids io_uring_register.
-        let r = sandbox::restrict_worker_task()
-            .and_then(|()| {
-                if sandboxed {
-                    sandbox::apply_worker_filter()
-                } else {
-                    Ok(())
-                }
-            })
-            .map_err(|e| format!("worker {thread}: {e}"));
+        let r = if sandboxed {
+            sandbox::apply_worker_filter()
+        } else {
+            Ok(())
+        }
+        .map_err(|e| format!("worker {thread}: {e}"));
         if let Ok(tx) = tx.lock() {
             let _ = tx.send(r);
         }

@@ -25,7 +25,7 @@ pub enum StartupError {
     ImageLocked { path: PathBuf },
     #[error("image {path}: cannot lock: {source}")]
     ImageLock { path: PathBuf, source: io::Error },
-    #[error("image {path}: the filesystem refuses O_DIRECT ({source}); use --cache writeback")]
+    #[error("image {path}: the filesystem refuses O_DIRECT, which --cache none requires ({source}); use --cache writeback")]
     DirectIoRefused { path: PathBuf, source: io::Error },
     #[error("socket {path}: already in use by a listening process")]
     SocketInUse { path: PathBuf },
@@ -75,6 +75,17 @@ pub enum RingError {
     RegisterEventfd(io::Error),
     #[error("installing ring restrictions failed: {0}")]
     Restrict(io::Error),
+    #[error("narrowing the ring to its opcodes with io_uring BPF filters failed: {0}")]
+    Narrow(io::Error),
+    #[error(
+        "this process already carries task-level io_uring restrictions, set by the program \
+         that started it (Linux 7.0+): every ring it creates inherits them, and ringfence can \
+         neither install its own process allowlist nor give such a ring an allowlist of its \
+         own; start ringfence without io_uring task restrictions (it installs its own)"
+    )]
+    InheritedRestrictions,
+    #[error("installing the process-wide io_uring allowlist failed: {0}")]
+    RestrictProcess(io::Error),
     #[error("enabling the ring failed: {0}")]
     Enable(io::Error),
     #[error("guest memory layout cannot be used: {0}")]

@@ -37,7 +37,7 @@ impl Image {
         path: &Path,
         create_size: Option<u64>,
         read_only: bool,
-        cache: CacheMode,
+        cache: Option<CacheMode>,
     ) -> Result<Image, StartupError> {
         let p = path.to_path_buf();
         match (path.try_exists(), create_size) {
@@ -82,23 +82,42 @@ impl Image {
         }
         lock(&buffered, read_only, &p)?;
 
-        let direct = cache == CacheMode::None;
-        let primary = if direct {
-            open(true).map_err(|e| match e.raw_os_error() {
-                Some(libc::EINVAL) => StartupError::DirectIoRefused {
-                    path: p.clone(),
-                    source: e,
-                },
-                _ => StartupError::ImageOpen {
-                    path: p.clone(),
-                    source: e,
-                },
-            })?
-        } else {
-            buffered.try_clone().map_err(|e| StartupError::ImageOpen {
+        // O_DIRECT unless writeback was asked for. A filesystem that refuses it (tmpfs before
+        // Linux 6.6, some FUSE and network filesystems) fails an explicit `--cache none`; by
+        // default the image is then served through the page cache, and the log says so.
+        let direct_file = match cache {
+            Some(CacheMode::Writeback) => None,
+            _ => match open(true) {
+                Ok(f) => Some(f),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && cache.is_none() => {
+                    info!(
+                        "image {}: the filesystem refuses O_DIRECT ({e}): serving it through \
+                         the page cache (--cache writeback); --cache none would refuse to start",
+                        p.display()
+                    );
+                    None
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Err(StartupError::DirectIoRefused {
+                        path: p.clone(),
+                        source: e,
+                    })
+                }
+                Err(e) => {
+                    return Err(StartupError::ImageOpen {
+                        path: p.clone(),
+                        source: e,
+                    })
+                }
+            },
+        };
+        let direct = direct_file.is_some();
+        let primary = match direct_file {
+            Some(f) => f,
+            None => buffered.try_clone().map_err(|e| StartupError::ImageOpen {
                 path: p.clone(),
                 source: e,
-            })?
+            })?,
         };
         let (dio_mem_align, dio_offset_align) = dio_alignment(&primary);
         Ok(Image {

@@ -2,7 +2,7 @@
 //! kernel locks down.
 //!
 //! Layout: `cli` (options), `config` (the virtio-blk device model), `image` (the disk image),
-//! `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
+//! `kernel` (what the running kernel enforces, probed once), `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
 //! `ring` (ring policy and the one ring builder), `worker` (the per-queue worker loop),
 //! `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
 //! connection loop), `error` (every error, in one place).
@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod error;
 pub mod guest_map;
 pub mod image;
+pub mod kernel;
 pub mod request;
 pub mod ring;
 pub mod sandbox;

@@ -15,7 +15,9 @@
 //! The control thread (vhost-user messages) keeps `io_uring_setup`/`io_uring_register`: it
 //! must build new rings when the memory table changes. It never interprets guest data beyond
 //! the vring addresses the VMM sends, and every ring it builds is restricted before any
-//! worker can use it.
+//! worker can use it. On Linux 7.0+ the whole process also carries a task-level io_uring
+//! allowlist (`restrict_process_rings`), so that even a ring the control thread could be
+//! tricked into creating can do nothing but fixed-buffer I/O on registered files.
 
 use std::collections::BTreeMap;
 
@@ -26,11 +28,15 @@ use seccompiler::{
 };
 
 use crate::cli::SandboxMode;
+use crate::error::RingError;
+use crate::kernel::{Kernel, TaskRestrictions};
+use crate::ring::task::restrict_current_task;
+use crate::ring::RingPolicy;
 
 #[cfg(target_arch = "x86_64")]
-const ARCH: TargetArch = TargetArch::x86_64;
+pub(crate) const ARCH: TargetArch = TargetArch::x86_64;
 #[cfg(target_arch = "aarch64")]
-const ARCH: TargetArch = TargetArch::aarch64;
+pub(crate) const ARCH: TargetArch = TargetArch::aarch64;
 
 /// Syscalls no thread may make once the daemon has started.
 fn process_denied() -> Vec<i64> {
@@ -235,53 +241,46 @@ pub fn apply_worker_filter() -> Result<(), String> {
     apply_filter(&worker_filter()?).map_err(|e| format!("cannot install seccomp filter: {e}"))
 }
 
-/// What the kernel offers beyond ring restrictions, and what of it is used.
-pub fn task_status() -> String {
-    let support = crate::ring::builder::task_restriction_support();
-    let release = crate::ring::builder::kernel_release()
-        .map(|(a, b)| format!("kernel {a}.{b}"))
-        .unwrap_or_else(|| "this kernel".into());
-    let restrictions = if support.restrictions {
-        "task-level io_uring restrictions: present, applied to worker threads (READ_FIXED only)"
-            .to_string()
-    } else {
-        format!(
-            "task-level io_uring restrictions: absent ({release}; they need Linux 7.0), so \
-             seccomp denying io_uring_setup is what stops workers creating rings"
-        )
-    };
-    let bpf = if support.bpf_filter {
-        "io_uring BPF filters: present, not used (the ring allowlists already name every opcode)"
-    } else {
-        "io_uring BPF filters: absent"
-    };
-    format!("{restrictions}; {bpf}")
-}
-
-/// On kernels with task-level io_uring restrictions, restrict the calling worker thread.
-pub fn restrict_worker_task() -> Result<(), String> {
-    if !crate::ring::builder::task_restriction_support().restrictions {
-        return Ok(());
+/// Install the process-wide io_uring allowlist where the kernel has task-level restrictions
+/// (Linux 7.0+). Call on the main thread before it spawns any thread: every thread and every
+/// ring created afterwards inherits it. Returns the allowlist installed, if any.
+pub fn restrict_process_rings(read_only: bool) -> Result<Option<RingPolicy>, RingError> {
+    let kernel = Kernel::get();
+    match kernel.task_restrictions {
+        TaskRestrictions::Available => {
+            let policy = RingPolicy::for_process(!read_only, kernel.vectored_fixed);
+            restrict_current_task(&policy).map_err(RingError::RestrictProcess)?;
+            Ok(Some(policy))
+        }
+        TaskRestrictions::Inherited => Err(RingError::InheritedRestrictions),
+        TaskRestrictions::Absent | TaskRestrictions::Blocked => Ok(None),
     }
-    crate::ring::builder::restrict_current_task(&crate::ring::RingPolicy::for_device(
-        false, false, false,
-    ))
-    .map_err(|e| format!("cannot apply task-level io_uring restrictions: {e}"))
 }
 
-/// Log what protects the data path.
-pub fn log_status(mode: SandboxMode) {
-    let rings = "io_uring rings: restricted by the kernel (IORING_REGISTER_RESTRICTIONS: fixed \
-                 files and buffers only, per-feature opcode allowlist, FIXED_FILE required)";
-    let task = task_status();
+/// Log, once, what the kernel offers and what protects the data path on it.
+pub fn log_status(mode: SandboxMode, process_rings: Option<&RingPolicy>) {
+    info!("kernel: {}", Kernel::get());
+    let rings = match process_rings {
+        Some(p) => format!(
+            "io_uring: every ring this process creates, on any thread, inherits the process \
+             allowlist (task-level restrictions: {p}) and each is narrowed to its device's \
+             opcodes by BPF filters"
+        ),
+        None => "io_uring: every ring carries its own allowlist (IORING_REGISTER_RESTRICTIONS: \
+                 fixed files and buffers only, per-feature opcodes, FIXED_FILE required); no \
+                 task-level restrictions on this kernel (Linux 7.0+), so a thread that creates \
+                 a new ring is stopped only by seccomp, which denies io_uring_setup to worker \
+                 threads but not to the control thread (it builds the rings)"
+            .to_string(),
+    };
     match mode {
         SandboxMode::Seccomp => info!(
             "sandbox: seccomp active: process deny list (exec, fork, socket/connect, open*, \
              PROT_EXEC, ptrace, bpf, modules...) on all threads, strict allowlist on worker \
-             threads (no io_uring_setup/register, no open*, no socket); {rings}; {task}"
+             threads (no io_uring_setup/register, no open*, no socket); {rings}"
         ),
         SandboxMode::None => {
-            info!("sandbox: NONE (--sandbox none): no seccomp filter; {rings}; {task}")
+            info!("sandbox: NONE (--sandbox none): no seccomp filter; {rings}")
         }
     }
 }

@@ -286,6 +286,12 @@ fn two_read_only_servers_share_an_image() {
 /// container runtime's seccomp profile) does.
 #[cfg(target_arch = "x86_64")]
 fn deny_io_uring_setup(cmd: &mut Command) {
+    deny_syscall(cmd, libc::SYS_io_uring_setup);
+}
+
+/// Like `deny_io_uring_setup`, for any system call.
+#[cfg(target_arch = "x86_64")]
+fn deny_syscall(cmd: &mut Command, nr: i64) {
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     let stmt = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
@@ -307,7 +313,7 @@ fn deny_io_uring_setup(cmd: &mut Command) {
         jeq(AUDIT_ARCH_X86_64, 1, 0),
         stmt(ret, libc::SECCOMP_RET_ALLOW),
         stmt(ld_abs, 0),
-        jeq(libc::SYS_io_uring_setup as u32, 0, 1),
+        jeq(nr as u32, 0, 1),
         stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
         stmt(ret, libc::SECCOMP_RET_ALLOW),
     ]));
@@ -351,6 +357,95 @@ fn io_uring_refused_by_the_kernel() {
         "the error names io_uring: {line}"
     );
     assert!(!sock.exists(), "no socket left behind ({line})");
+}
+
+/// A profile that lets rings be created but not configured (io_uring_register denied) is
+/// caught at startup too, not at the first VMM connection.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn io_uring_register_refused_by_a_seccomp_profile() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("s.sock");
+    sparse(&img, 4 * MIB);
+    let mut cmd = ringfence();
+    cmd.args(["--socket-path", s(&sock), "--blk-file", s(&img)]);
+    deny_syscall(&mut cmd, libc::SYS_io_uring_register);
+    let line = expect_one_line_error(&mut cmd, "io_uring_register refused with EPERM");
+    assert!(line.contains("io_uring_register is blocked"), "{line}");
+    assert!(!sock.exists(), "no socket left behind ({line})");
+}
+
+/// A ramfs mount, removed on drop: a filesystem without O_DIRECT on every kernel (tmpfs has it
+/// from Linux 6.6).
+struct Ramfs(tempfile::TempDir);
+
+impl Ramfs {
+    fn mount() -> Ramfs {
+        let d = tempdir();
+        let path = std::ffi::CString::new(s(d.path())).unwrap();
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"ramfs".as_ptr(),
+                path.as_ptr(),
+                c"ramfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "mount ramfs: {}", std::io::Error::last_os_error());
+        Ramfs(d)
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(s(self.0.path())).unwrap();
+        // SAFETY: umount2(2) with a NUL-terminated string that outlives the call.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// By default an image on a filesystem that refuses O_DIRECT is served through the page cache
+/// and the log says so; an explicit `--cache none` refuses to start, with the fix.
+#[test]
+fn an_image_on_a_filesystem_without_o_direct() {
+    let fs = Ramfs::mount();
+    let d = tempdir();
+    let img = fs.0.path().join("d.img");
+    sparse(&img, 4 * MIB);
+    let mut cmd = ringfence();
+    cmd.args([
+        "--socket-path",
+        s(&d.path().join("a.sock")),
+        "--blk-file",
+        s(&img),
+        "--cache",
+        "none",
+    ]);
+    let line = expect_one_line_error(&mut cmd, "--cache none on ramfs");
+    assert!(
+        line.contains("refuses O_DIRECT") && line.contains("--cache writeback"),
+        "{line}"
+    );
+
+    let sock = d.path().join("b.sock");
+    let mut cmd = Command::new(ringfence_bin());
+    cmd.args(["--socket-path", s(&sock), "--blk-file", s(&img)])
+        .env("RUST_LOG", "info");
+    let p = Proc::spawn_until_ready(&mut cmd);
+    assert!(
+        p.stderr().contains("serving it through the page cache"),
+        "{}",
+        p.stderr()
+    );
+    let mut c = Client::connect(&sock, ClientOpts::default()).expect("connect");
+    let data = pattern(6, 512, 8192);
+    c.q().write(512, &data).unwrap();
+    c.q().flush().unwrap();
+    assert_eq!(c.q().read(512, 8192).unwrap(), data);
+    assert_same("image file", 512, &read_file_at(&img, 512, 8192), &data);
 }
 
 #[test]

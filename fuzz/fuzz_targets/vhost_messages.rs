@@ -81,7 +81,7 @@ impl Input<'_> {
 fn images() -> &'static (Arc<Image>, Arc<Image>) {
     static IMAGES: OnceLock<(Arc<Image>, Arc<Image>)> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        if let Err(e) = ringfence::ring::builder::probe_io_uring() {
+        if let Err(e) = ringfence::kernel::check_io_uring() {
             panic!("the vhost_messages target builds real rings and needs io_uring: {e}");
         }
         let open = |name: &str, read_only: bool| {
@@ -91,7 +91,7 @@ fn images() -> &'static (Arc<Image>, Arc<Image>) {
             File::create(&path)
                 .and_then(|f| f.set_len(IMAGE_SIZE))
                 .expect("create a scratch image");
-            let img = Image::open(&path, None, read_only, CacheMode::Writeback)
+            let img = Image::open(&path, None, read_only, Some(CacheMode::Writeback))
                 .expect("open the scratch image");
             std::fs::remove_file(&path).expect("unlink the scratch image");
             Arc::new(img)

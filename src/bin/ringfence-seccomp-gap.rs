@@ -31,7 +31,6 @@ use io_uring::{opcode, squeue, types, IoUring};
 use seccompiler::{apply_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use ringfence::guest_map::{FixedBufferMap, MAX_FIXED_BUFFER};
-use ringfence::ring::builder::vectored_fixed_supported;
 use ringfence::ring::{build_ring, RingPolicy, RingSetup};
 
 /// Size of the scratch image (fixed file 0) and of the fixed buffer of the ringfence ring.
@@ -160,7 +159,7 @@ impl Demo {
                 // vectored fixed-buffer opcodes where the kernel has them: the broadest policy
                 // the daemon ever builds a ring with.
                 let mut policy = RingPolicy::for_device(true, true, true);
-                if vectored_fixed_supported() {
+                if ringfence::kernel::Kernel::get().vectored_fixed {
                     policy = policy.with_vectored();
                 }
                 let ring = build_ring(&RingSetup {

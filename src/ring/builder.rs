@@ -1,14 +1,22 @@
 //! The one place a ring is built: created `IORING_SETUP_R_DISABLED`, given its fixed files,
 //! fixed buffers and completion eventfd, restricted, and only then enabled. After this
 //! function returns, the ring can never gain an opcode, a file or a buffer.
+//!
+//! "Restricted" means one of two things, and the kernel says which:
+//! - the ring's own allowlist (`IORING_REGISTER_RESTRICTIONS`), on every supported kernel;
+//! - on Linux 7.0+ in a process that installed its task-level allowlist (`task.rs`), the ring
+//!   already carries that allowlist from its creation and the kernel refuses a second one
+//!   (EBUSY). The builder then narrows it to this ring's opcodes with io_uring BPF filters:
+//!   one "allow" filter per opcode, the last registered with `DENY_REST`, so every other
+//!   opcode is refused with -EACCES.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::IoUring;
 use log::info;
 
-use super::policy::RingPolicy;
+use super::policy::{RingPolicy, SqeOp};
 use crate::error::RingError;
 use crate::guest_map::FixedBufferMap;
 
@@ -31,7 +39,7 @@ pub fn build_ring(setup: &RingSetup<'_>) -> Result<IoUring, RingError> {
     let ring = IoUring::builder()
         .setup_r_disabled()
         .build(setup.entries)
-        .map_err(classify_setup_error)?;
+        .map_err(crate::kernel::classify_setup_error)?;
     let submitter = ring.submitter();
 
     let fds: Vec<RawFd> = setup.files.iter().map(|(fd, _)| *fd).collect();
@@ -62,9 +70,18 @@ pub fn build_ring(setup: &RingSetup<'_>) -> Result<IoUring, RingError> {
             .map_err(RingError::RegisterEventfd)?;
     }
 
-    submitter
-        .register_restrictions(&mut setup.policy.restrictions())
-        .map_err(RingError::Restrict)?;
+    let allowlist = match submitter.register_restrictions(&mut setup.policy.restrictions()) {
+        Ok(()) => format!("ring allowlist: {}", setup.policy),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            narrow_with_bpf_filters(ring.as_raw_fd(), setup.policy.sqe_ops())
+                .map_err(RingError::Narrow)?;
+            format!(
+                "process allowlist (inherited), narrowed by BPF filters to SQE opcodes [{}]",
+                setup.policy.sqe_op_names()
+            )
+        }
+        Err(e) => return Err(RingError::Restrict(e)),
+    };
     submitter
         .register_enable_rings()
         .map_err(RingError::Enable)?;
@@ -76,141 +93,83 @@ pub fn build_ring(setup: &RingSetup<'_>) -> Result<IoUring, RingError> {
         names.join(", "),
         setup.buffers.buffers().len(),
         setup.buffers.total_len() >> 20,
-        setup.policy
+        allowlist
     );
     Ok(ring)
 }
 
-/// Check that the kernel lets this process create rings at all, so that a refusal is reported
-/// at startup with its cause, not at the first VMM connection.
-pub fn probe_io_uring() -> Result<(), RingError> {
-    IoUring::new(2).map(drop).map_err(classify_setup_error)
+/// `struct sock_filter`: one classic BPF instruction.
+#[repr(C)]
+struct SockFilter {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
 }
 
-/// Whether the kernel has READV_FIXED and WRITEV_FIXED (Linux 6.15+). Probed once, on a
-/// throwaway ring.
-pub fn vectored_fixed_supported() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let Ok(ring) = IoUring::new(2) else {
-            return false;
+/// `struct io_uring_bpf` holding a `struct io_uring_bpf_filter`
+/// (include/uapi/linux/io_uring/bpf_filter.h, Linux 7.0+).
+#[repr(C)]
+struct IoUringBpf {
+    cmd_type: u16,
+    cmd_flags: u16,
+    resv: u32,
+    opcode: u32,
+    flags: u32,
+    filter_len: u32,
+    pdu_size: u8,
+    filter_resv: [u8; 3],
+    filter_ptr: u64,
+    resv2: [u64; 5],
+}
+
+const IO_URING_BPF_CMD_FILTER: u16 = 1;
+const IO_URING_BPF_FILTER_DENY_REST: u32 = 1;
+const BPF_RET_K: u16 = 0x06;
+
+/// Attach an "allow" filter to each of `ops` on the ring, the last one with `DENY_REST`: the
+/// kernel then refuses every other opcode with -EACCES. Filters can only refuse more, so the
+/// ring's inherited allowlist still applies on top.
+fn narrow_with_bpf_filters(ring_fd: RawFd, ops: &[SqeOp]) -> io::Result<()> {
+    let allow = [SockFilter {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    for (i, op) in ops.iter().enumerate() {
+        let mut reg = IoUringBpf {
+            cmd_type: IO_URING_BPF_CMD_FILTER,
+            cmd_flags: 0,
+            resv: 0,
+            opcode: u32::from(op.code()),
+            flags: if i + 1 == ops.len() {
+                IO_URING_BPF_FILTER_DENY_REST
+            } else {
+                0
+            },
+            filter_len: allow.len() as u32,
+            pdu_size: 0,
+            filter_resv: [0; 3],
+            filter_ptr: allow.as_ptr() as u64,
+            resv2: [0; 5],
         };
-        let mut probe = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut probe).is_ok()
-            && probe.is_supported(io_uring::opcode::ReadvFixed::CODE)
-            && probe.is_supported(io_uring::opcode::WritevFixed::CODE)
-    })
-}
-
-const IORING_REGISTER_RESTRICTIONS: libc::c_long = 11;
-const IORING_REGISTER_BPF_FILTER: libc::c_long = 37;
-
-/// Whether the kernel has task-level io_uring restrictions and io_uring BPF filters
-/// (Linux 7.0+): `io_uring_register` with the "blind" fd -1 applies them to the calling task.
-/// Older kernels answer EBADF, or EINVAL once they know the blind fd for other opcodes
-/// (6.13+); a kernel that has the opcode reads the (null) argument and answers EFAULT, or
-/// EACCES for BPF filters without privileges. Probed once, on a throwaway thread, with arguments no kernel
-/// accepts, so that the probe itself can never restrict a thread that builds rings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TaskRestrictionSupport {
-    pub restrictions: bool,
-    pub bpf_filter: bool,
-}
-
-pub fn task_restriction_support() -> TaskRestrictionSupport {
-    static SUPPORT: std::sync::OnceLock<TaskRestrictionSupport> = std::sync::OnceLock::new();
-    *SUPPORT.get_or_init(|| {
-        let probe = |op: libc::c_long| {
-            // SAFETY: io_uring_register on the blind fd with a null argument array: the kernel
-            // only validates it; nothing is read or written.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_io_uring_register,
-                    -1,
-                    op,
-                    std::ptr::null::<u8>(),
-                    1,
-                )
-            };
-            let errno = io::Error::last_os_error().raw_os_error();
-            rc == 0 || !matches!(errno, Some(libc::EBADF) | Some(libc::EINVAL))
+        // SAFETY: `reg` and the program it points to live across the call; the kernel reads
+        // both and writes back only `reg`'s pdu_size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                ring_fd,
+                crate::kernel::IORING_REGISTER_BPF_FILTER,
+                &mut reg as *mut IoUringBpf,
+                1,
+            )
         };
-        std::thread::spawn(move || TaskRestrictionSupport {
-            restrictions: probe(IORING_REGISTER_RESTRICTIONS),
-            bpf_filter: probe(IORING_REGISTER_BPF_FILTER),
-        })
-        .join()
-        .unwrap_or(TaskRestrictionSupport {
-            restrictions: false,
-            bpf_filter: false,
-        })
-    })
-}
-
-/// Apply `policy` as task-level io_uring restrictions to the calling thread (Linux 7.0+):
-/// every ring it could ever create inherits them. Used on worker threads, which never create
-/// rings, as a second wall beside the seccomp filter that denies them `io_uring_setup`.
-pub fn restrict_current_task(policy: &RingPolicy) -> io::Result<()> {
-    let mut res = policy.restrictions();
-    // SAFETY: `res` is an array of `io_uring_restriction` (Restriction is repr(transparent)),
-    // valid for the call; the kernel copies it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            -1,
-            IORING_REGISTER_RESTRICTIONS,
-            res.as_mut_ptr(),
-            res.len() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
-}
-
-/// The running kernel's (major, minor) release.
-/// Read once, before the sandbox forbids opening files.
-pub fn kernel_release() -> Option<(u32, u32)> {
-    static RELEASE: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
-    *RELEASE.get_or_init(|| {
-        let s = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-        let mut it = s.trim().split(['.', '-']);
-        let major = it.next()?.parse().ok()?;
-        let minor = it.next()?.parse().ok()?;
-        Some((major, minor))
-    })
-}
-
-fn classify_setup_error(e: io::Error) -> RingError {
-    match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) => RingError::Refused {
-            hint: refusal_hint(),
-            source: e,
-        },
-        _ => RingError::Setup(e),
-    }
-}
-
-/// Why the kernel may refuse io_uring, and what to do about it.
-pub fn refusal_hint() -> String {
-    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    match disabled.as_str() {
-        "2" => "the sysctl kernel.io_uring_disabled=2 disables io_uring for everyone; run \
-                `sysctl -w kernel.io_uring_disabled=0`"
-            .into(),
-        "1" => "the sysctl kernel.io_uring_disabled=1 allows io_uring only to root/CAP_SYS_ADMIN \
-                and the group in kernel.io_uring_group; run as a member of that group or set \
-                `sysctl -w kernel.io_uring_disabled=0`"
-            .into(),
-        _ => "a seccomp profile (e.g. Docker's or a container runtime's default) blocks \
-              io_uring_setup; run with a profile that allows io_uring_setup, io_uring_enter and \
-              io_uring_register (Docker: --security-opt seccomp=<profile>), or check that the \
-              kernel has CONFIG_IO_URING"
-            .into(),
-    }
 }
 
 fn classify_buffer_error(e: io::Error, bytes: u64) -> RingError {
@@ -245,7 +204,7 @@ fn memlock_limit() -> String {
 /// These tests run against the real kernel: they build rings with the same builder and
 /// policy the daemon uses, and submit what an attacker would.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ring::policy::RingPolicy;
     use io_uring::{opcode, types};
@@ -254,15 +213,17 @@ mod tests {
 
     const IMAGE_LEN: usize = 64 << 10;
 
-    struct Fixture {
-        ring: IoUring,
+    pub(crate) struct Fixture {
+        pub ring: IoUring,
         _image: tempfile::NamedTempFile,
-        image_fd: i32,
-        buf: Vec<u8>,
-        map: FixedBufferMap,
+        pub image_fd: i32,
+        pub buf: Vec<u8>,
+        pub map: FixedBufferMap,
     }
 
-    fn fixture(policy: &RingPolicy) -> Fixture {
+    /// A ring built by `build_ring` over a 64 KiB image (byte i holds i % 253) and one fixed
+    /// buffer over the first half of `buf`.
+    pub(crate) fn fixture(policy: &RingPolicy) -> Fixture {
         let mut image = tempfile::NamedTempFile::new().unwrap();
         let data: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 253) as u8).collect();
         image.write_all(&data).unwrap();
@@ -296,7 +257,7 @@ mod tests {
     }
 
     /// Submit one SQE and return its result.
-    fn run(ring: &mut IoUring, e: io_uring::squeue::Entry) -> i32 {
+    pub(crate) fn run(ring: &mut IoUring, e: io_uring::squeue::Entry) -> i32 {
         // SAFETY: every SQE in these tests points at memory that outlives the wait below.
         unsafe { ring.submission().push(&e.user_data(7)).unwrap() };
         ring.submit_and_wait(1).unwrap();
@@ -417,7 +378,7 @@ mod tests {
 
     #[test]
     fn vectored_fixed_reads_stay_inside_their_buffer() {
-        if !vectored_fixed_supported() {
+        if !crate::kernel::Kernel::get().vectored_fixed {
             eprintln!("kernel without READV_FIXED: nothing to test");
             return;
         }
@@ -502,34 +463,31 @@ mod tests {
     }
 
     #[test]
-    fn task_level_restriction_detection_matches_the_kernel() {
-        let support = task_restriction_support();
-        match kernel_release() {
-            // Task-level restrictions and BPF filters arrived in Linux 7.0.
-            Some((major, _)) if major < 7 => {
-                assert!(!support.restrictions && !support.bpf_filter, "{support:?}")
-            }
-            _ => {}
-        }
-        if !support.restrictions {
-            // And applying them says so with the kernel's own answer.
-            let e = std::thread::spawn(|| {
-                restrict_current_task(&RingPolicy::for_device(false, false, false))
-            })
-            .join()
-            .unwrap()
-            .expect_err("no task-level restrictions on this kernel");
-            assert!(
-                matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::EINVAL)),
-                "{e}"
-            );
-        }
-    }
-
-    #[test]
     fn restrictions_cannot_be_installed_on_an_enabled_or_plain_ring() {
-        let plain = IoUring::new(4).unwrap();
         let mut r = RingPolicy::for_device(false, false, false).restrictions();
-        assert!(plain.submitter().register_restrictions(&mut r).is_err());
+        // A ring created without R_DISABLED: the kernel refuses restrictions (EBADFD).
+        let plain = IoUring::new(4).unwrap();
+        let e = plain
+            .submitter()
+            .register_restrictions(&mut r)
+            .expect_err("restrictions on a plain ring");
+        assert_eq!(e.raw_os_error(), Some(libc::EBADFD), "{e}");
+        // A ring created R_DISABLED and enabled without restrictions: too late (EBADFD).
+        let late: IoUring = IoUring::builder().setup_r_disabled().build(4).unwrap();
+        late.submitter().register_enable_rings().unwrap();
+        let e = late
+            .submitter()
+            .register_restrictions(&mut r)
+            .expect_err("restrictions on an enabled ring");
+        assert_eq!(e.raw_os_error(), Some(libc::EBADFD), "{e}");
+        // A restricted ring: a second allowlist is refused (EACCES: REGISTER_RESTRICTIONS is
+        // not among its register opcodes).
+        let f = fixture(&RingPolicy::for_device(false, false, false));
+        let e = f
+            .ring
+            .submitter()
+            .register_restrictions(&mut r)
+            .expect_err("a second allowlist");
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     }
 }

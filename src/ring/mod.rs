@@ -3,6 +3,7 @@
 
 pub mod builder;
 pub mod policy;
+pub mod task;
 
 pub use builder::{build_ring, RingSetup};
 pub use policy::{RegisterOp, RingPolicy, SqeOp};

@@ -42,30 +42,57 @@ impl SqeOp {
     }
 }
 
-/// `io_uring_register` opcodes a ring may still use after it is enabled.
+/// `io_uring_register` opcodes a ring may use: after it is enabled (per-ring allowlists), or
+/// at all (a ring that inherited the process allowlist, whose register opcodes the kernel
+/// checks even while the ring is disabled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RegisterOp {
+    /// IORING_REGISTER_BUFFERS, IORING_REGISTER_FILES, IORING_REGISTER_EVENTFD: what the
+    /// builder registers. Each can succeed once per ring: again, the kernel answers EBUSY.
+    Buffers,
+    Files,
+    Eventfd,
     /// IORING_REGISTER_PROBE: reads which opcodes the kernel supports; changes nothing.
     /// Listed so that the set always holds a REGISTER_OP entry: kernels from 7.0 restrict
     /// register opcodes only when it does.
     Probe,
+    /// IORING_REGISTER_ENABLE_RINGS: only a disabled ring can be enabled (else EBADFD).
+    EnableRings,
+    /// IORING_REGISTER_RESTRICTIONS: on an inherited ring the kernel answers EBUSY, which is
+    /// how the builder learns that the ring already carries the process allowlist.
+    Restrictions,
+    /// IORING_REGISTER_BPF_FILTER: filters can only refuse more, never allow more.
+    BpfFilter,
 }
 
 impl RegisterOp {
     pub fn code(self) -> u8 {
         match self {
+            RegisterOp::Buffers => 0,
+            RegisterOp::Files => 2,
+            RegisterOp::Eventfd => 4,
             RegisterOp::Probe => 8,
+            RegisterOp::EnableRings => 12,
+            RegisterOp::Restrictions => 11,
+            RegisterOp::BpfFilter => 37,
         }
     }
 
     fn name(self) -> &'static str {
         match self {
+            RegisterOp::Buffers => "BUFFERS",
+            RegisterOp::Files => "FILES",
+            RegisterOp::Eventfd => "EVENTFD",
             RegisterOp::Probe => "PROBE",
+            RegisterOp::EnableRings => "ENABLE_RINGS",
+            RegisterOp::Restrictions => "RESTRICTIONS",
+            RegisterOp::BpfFilter => "BPF_FILTER",
         }
     }
 }
 
-/// What a ring allows once enabled. Built only by [`RingPolicy::for_device`].
+/// What a ring allows once enabled. Built only by [`RingPolicy::for_device`] (one ring) and
+/// [`RingPolicy::for_process`] (every ring the process creates, on Linux 7.0+).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RingPolicy {
     sqe_ops: Vec<SqeOp>,
@@ -90,6 +117,28 @@ impl RingPolicy {
             sqe_ops,
             register_ops: vec![RegisterOp::Probe],
         }
+    }
+
+    /// The task-level allowlist the daemon installs on itself (Linux 7.0+), which every ring
+    /// it creates inherits: the broadest device policy it can serve, and the register opcodes
+    /// the ring builder needs. Each ring is then narrowed to its own device policy.
+    pub fn for_process(writable: bool, vectored: bool) -> Self {
+        let device = RingPolicy::for_device(writable, true, true);
+        let mut p = if vectored {
+            device.with_vectored()
+        } else {
+            device
+        };
+        p.register_ops = vec![
+            RegisterOp::Buffers,
+            RegisterOp::Files,
+            RegisterOp::Eventfd,
+            RegisterOp::Probe,
+            RegisterOp::EnableRings,
+            RegisterOp::Restrictions,
+            RegisterOp::BpfFilter,
+        ];
+        p
     }
 
     /// Add the vectored fixed-buffer opcodes (Linux 6.15+), READV_FIXED and WRITEV_FIXED,
@@ -143,15 +192,22 @@ impl RingPolicy {
     }
 }
 
+impl RingPolicy {
+    /// The SQE opcodes' names, space-separated, for the log.
+    pub fn sqe_op_names(&self) -> String {
+        let ops: Vec<&str> = self.sqe_ops.iter().map(|o| o.name()).collect();
+        ops.join(" ")
+    }
+}
+
 impl fmt::Display for RingPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ops: Vec<&str> = self.sqe_ops.iter().map(|o| o.name()).collect();
         let regs: Vec<&str> = self.register_ops.iter().map(|o| o.name()).collect();
         write!(
             f,
             "SQE opcodes [{}], required SQE flags [FIXED_FILE], allowed SQE flags [FIXED_FILE], \
              register opcodes [{}]",
-            ops.join(" "),
+            self.sqe_op_names(),
             regs.join(" ")
         )
     }
@@ -217,5 +273,27 @@ mod tests {
         assert!(!p.register_ops().is_empty());
         assert_eq!(p.required_flags(), Flags::FIXED_FILE);
         assert!(p.to_string().contains("READ_FIXED"));
+    }
+
+    #[test]
+    fn the_process_allowlist_covers_every_device_policy_and_nothing_else() {
+        let p = RingPolicy::for_process(true, true);
+        for w in [false, true] {
+            for f in [false, true] {
+                for z in [false, true] {
+                    let d = RingPolicy::for_device(w, f, z).with_vectored();
+                    assert!(d.sqe_ops().iter().all(|op| p.allows(*op)), "{d}");
+                }
+            }
+        }
+        assert_eq!(p.sqe_ops().len(), 6);
+        assert_eq!(
+            RingPolicy::for_process(false, true).sqe_ops(),
+            &[SqeOp::ReadFixed]
+        );
+        assert_eq!(RingPolicy::for_process(true, false).sqe_ops().len(), 4);
+        // What the builder registers, and nothing that could undo a registration.
+        let codes: Vec<u8> = p.register_ops().iter().map(|r| r.code()).collect();
+        assert_eq!(codes, [0, 2, 4, 8, 12, 11, 37]);
     }
 }
