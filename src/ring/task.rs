@@ -87,7 +87,7 @@ pub fn restrict_current_task(policy: &RingPolicy) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::kernel::{Kernel, TaskRestrictions};
-    use crate::ring::builder::tests::{fixture, run};
+    use crate::ring::builder::tests::{assert_every_register_opcode_refused, fixture, run};
     use io_uring::{opcode, squeue::Flags, types, IoUring};
 
     #[test]
@@ -241,6 +241,13 @@ mod tests {
             assert_eq!(e.raw_os_error(), Some(libc::EACCES));
             let e = s.register_personality().expect_err("REGISTER_PERSONALITY");
             assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+            // Every register opcode outside the process allowlist is refused.
+            let allowed: Vec<u8> = process_policy()
+                .register_ops()
+                .iter()
+                .map(|r| r.code())
+                .collect();
+            assert_every_register_opcode_refused(&f.ring, &allowed);
             let e = restrict_current_task(&process_policy()).expect_err("a second set");
             assert_eq!(e.raw_os_error(), Some(libc::EPERM));
             assert_eq!(probe_in_child(), TaskRestrictions::Inherited);
