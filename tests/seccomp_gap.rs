@@ -214,6 +214,61 @@ fn ringfence_ring_refuses_openat() {
     assert_eq!(entries(dir.path()), Vec::<String>::new(), "nothing created");
 }
 
+/// Linux 7.0+: the last gap is closed. A plain ring created by a thread of a process that made
+/// the daemon's process-wide allowlist call first can neither connect nor open. Before 7.0 the
+/// kernel has no task-level restrictions: the demo says so and its ring connects, as the README
+/// states (seccomp on worker threads is then what stops them creating rings).
+#[test]
+fn a_fresh_ring_after_the_process_allowlist() {
+    let kernel = ringfence::kernel::Kernel::get();
+    let (l, port) = listener();
+    let out = demo(&["connect", "--ring", "process", "--port", &port.to_string()]);
+    assert_syscalls_blocked(&out, &["socket(2)", "connect(2)"]);
+    let res = ring_results(&out, "process");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("escaped.txt");
+    let p = path.to_str().expect("utf-8 temp path");
+    let out_open = demo(&["openat", "--ring", "process", "--path", p]);
+    let res_open = ring_results(&out_open, "process");
+    if kernel.at_least(7, 0) {
+        assert!(out.contains("process allowlist: installed"), "{out}");
+        for op in ["SOCKET", "CONNECT+FIXED_FILE"] {
+            assert_eq!(
+                res.get(op),
+                Some(&-EACCES),
+                "{}: {op}:\n{out}",
+                kernel.release
+            );
+        }
+        assert_eq!(
+            pending_connection(&l),
+            None,
+            "{}: connected:\n{out}",
+            kernel.release
+        );
+        for op in ["OPENAT", "OPENAT+FIXED_FILE"] {
+            assert_eq!(
+                res_open.get(op),
+                Some(&-EACCES),
+                "{}: {op}:\n{out_open}",
+                kernel.release
+            );
+        }
+        assert_eq!(entries(dir.path()), Vec::<String>::new(), "nothing created");
+    } else {
+        assert!(
+            out.contains("process allowlist: none on this kernel"),
+            "{out}"
+        );
+        assert_eq!(res.get("CONNECT"), Some(&0), "{out}");
+        assert!(pending_connection(&l).is_some(), "{out}");
+        assert!(
+            res_open.get("OPENAT").is_some_and(|&fd| fd >= 0),
+            "{out_open}"
+        );
+    }
+}
+
 #[test]
 fn bad_arguments_are_reported_not_panicked() {
     let out = run_bounded(&["connect", "--ring", "bogus", "--port", "1"]);

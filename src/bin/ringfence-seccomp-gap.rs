@@ -6,9 +6,15 @@
 //! ring builder (`ringfence::ring::build_ring`, with the broadest policy the daemon ever uses)
 //! refuses the very same submissions with -EACCES.
 //!
+//! `--ring process` shows the last gap and how Linux 7.0+ closes it: a fresh, plain ring
+//! created after the daemon's own process-wide io_uring allowlist went on
+//! (`ringfence::sandbox::restrict_process_rings`, the call the daemon makes before it spawns any
+//! thread), on a thread spawned afterwards, like the daemon's control thread. Before 7.0 the
+//! kernel has no such allowlist and the demo says so; that ring then behaves like a plain one.
+//!
 //! Usage:
-//!   ringfence-seccomp-gap connect --ring plain|ringfence --port PORT [--host 127.0.0.1]
-//!   ringfence-seccomp-gap openat  --ring plain|ringfence --path PATH
+//!   ringfence-seccomp-gap connect --ring plain|ringfence|process --port PORT [--host 127.0.0.1]
+//!   ringfence-seccomp-gap openat  --ring plain|ringfence|process --path PATH
 //!
 //! Each run installs the seccomp filter, shows that the syscalls themselves are refused (EPERM),
 //! then submits the equivalent SQEs to the chosen ring and prints each result on a line of the
@@ -77,6 +83,9 @@ enum RingKind {
     Plain,
     /// A ring from ringfence's ring builder: restricted before it is enabled.
     Ringfence,
+    /// A plain ring made by a thread of a process that installed ringfence's process-wide
+    /// allowlist first (Linux 7.0+).
+    Process,
 }
 
 impl RingKind {
@@ -84,6 +93,7 @@ impl RingKind {
         match self {
             RingKind::Plain => "plain",
             RingKind::Ringfence => "ringfence",
+            RingKind::Process => "process",
         }
     }
 }
@@ -140,6 +150,27 @@ impl Demo {
                 let ring = IoUring::new(8).map_err(|e| {
                     format!("io_uring_setup failed ({e}); is io_uring enabled on this kernel?")
                 })?;
+                Ok(Demo {
+                    kind,
+                    ring,
+                    fixed: None,
+                })
+            }
+            RingKind::Process => {
+                match ringfence::sandbox::restrict_process_rings(false) {
+                    Ok(Some(p)) => println!("process allowlist: installed: {p}"),
+                    Ok(None) => println!(
+                        "process allowlist: none on this kernel ({})",
+                        ringfence::kernel::Kernel::get()
+                    ),
+                    Err(e) => return Err(format!("process allowlist: {e}")),
+                }
+                // Created on a thread spawned after the allowlist, as the daemon's control
+                // thread would create one.
+                let ring = std::thread::spawn(|| IoUring::new(8))
+                    .join()
+                    .map_err(|_| "ring thread panicked".to_string())?
+                    .map_err(|e| format!("io_uring_setup failed ({e})"))?;
                 Ok(Demo {
                     kind,
                     ring,
@@ -423,6 +454,11 @@ fn connect(
                 "verdict: no socket, no connection: the restricted ring refused every attempt"
             );
         }
+        (None, RingKind::Process) => {
+            let sqe = opcode::Connect::new(types::Fixed(0), addr_ptr, addr_len).build();
+            demo.submit("CONNECT+FIXED_FILE", sqe)?;
+            println!("verdict: no socket, no connection: the process allowlist refused it");
+        }
         (None, RingKind::Plain) => {
             println!("verdict: the plain ring could not create a socket either");
         }
@@ -484,7 +520,7 @@ fn openat(demo: &mut Demo, path: &std::path::Path) -> Result<(), String> {
                 path.display()
             );
         }
-    } else if demo.kind == RingKind::Ringfence {
+    } else if demo.kind != RingKind::Plain {
         // The flag the restrictions require does not help either: refused for its opcode.
         let sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), cpath.as_ptr())
             .flags(flags)
@@ -494,7 +530,7 @@ fn openat(demo: &mut Demo, path: &std::path::Path) -> Result<(), String> {
         demo.submit("OPENAT+FIXED_FILE", sqe)?;
         demo.read_fixed_still_works()?;
         println!(
-            "verdict: {} was not opened: the restricted ring refused it",
+            "verdict: {} was not opened: the kernel refused it",
             path.display()
         );
     }
