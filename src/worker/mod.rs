@@ -1,0 +1,376 @@
+//! The worker loop of one virtqueue: pop descriptor chains, parse them, translate their
+//! buffers, turn them into SQEs on the queue's restricted ring, and turn completions back into
+//! used-ring entries. One kick that brings N requests makes one `io_uring_enter`.
+//!
+//! By job: this file holds the queue's state and the wakeup loop (polling, notifications);
+//! `intake` pops and starts requests, `sqe` builds and submits their SQEs, `complete` reaps
+//! completions into used-ring entries, `poll` is the adaptive polling window.
+
+mod complete;
+mod intake;
+mod poll;
+mod sqe;
+
+pub use poll::PollWindow;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::IoUring;
+use log::{debug, info, warn};
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::SERIAL_LEN;
+use crate::guest_map::{FixedBufferMap, Piece};
+use crate::request::{Desc, Limits, Segment, ZeroRange};
+
+/// The vring type the backend serves.
+pub type Vring = vhost_user_backend::VringRwLock<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>;
+type VringState<'a> = std::sync::RwLockWriteGuard<
+    'a,
+    vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>,
+>;
+
+/// Fixed-file indices in every ring.
+pub const FILE_PRIMARY: u32 = 0;
+pub const FILE_BUFFERED: u32 = 1;
+
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+/// Longest a worker keeps polling in one go before it returns to epoll, however busy.
+const MAX_POLL_STRETCH: Duration = Duration::from_millis(2);
+
+/// How a queue's worker trades CPU for latency and throughput (`--poll-us`,
+/// `--submit-batch`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Longest polling window after a wakeup (see [`PollWindow`]); zero disables polling.
+    pub max_poll: Duration,
+    /// Most SQEs queued before they go to the kernel. One kick can bring a whole queue's worth
+    /// of requests; submitting them in groups lets the disk start on the first while the rest
+    /// are parsed, and its completions come back spread out rather than all at once, so a
+    /// closed-loop guest refills the queue continuously instead of in lock-step rounds.
+    pub submit_batch: usize,
+}
+
+/// Counters of one queue, logged when its connection ends: they show whether batching and
+/// polling work (SQEs per io_uring_enter, wakeups per request).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub wakeups: u64,
+    pub requests: u64,
+    pub sqes: u64,
+    pub enters: u64,
+}
+
+/// One restricted ring and the memory layout it was registered with.
+pub struct Engine {
+    ring: IoUring,
+    map: FixedBufferMap,
+    /// Keeps the guest RAM mappings behind the fixed buffers alive as long as the ring.
+    _mem: Arc<GuestMemoryMmap>,
+    /// SQEs submitted and not yet completed.
+    inflight: usize,
+}
+
+impl Engine {
+    pub fn new(ring: IoUring, map: FixedBufferMap, mem: Arc<GuestMemoryMmap>) -> Self {
+        Engine {
+            ring,
+            map,
+            _mem: mem,
+            inflight: 0,
+        }
+    }
+}
+
+/// Settings shared by every queue of one connection.
+pub struct Shared {
+    pub serial: [u8; SERIAL_LEN],
+    /// Whether fixed file 0 is opened O_DIRECT (then fixed file 1 is the buffered twin).
+    pub direct: bool,
+    pub dio_mem_align: u64,
+    pub dio_offset_align: u64,
+    /// Whether rings allow READV_FIXED/WRITEV_FIXED (Linux 6.15+), used for requests that
+    /// translate to more than one piece.
+    pub vectored: bool,
+    /// The guest's `writeback` config byte: when clear, writes are made durable (RWF_DSYNC)
+    /// before they complete.
+    pub writeback: AtomicBool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    busy: bool,
+    pending: u32,
+    failed: bool,
+    status: Option<u64>,
+    used_len: u32,
+    ranges: Vec<ZeroRange>,
+    /// iovecs of a vectored request, alive until it completes.
+    iov: Vec<[u64; 2]>,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<[u64; 2]>() == std::mem::size_of::<libc::iovec>()
+        && std::mem::align_of::<libc::iovec>() <= std::mem::align_of::<[u64; 2]>()
+);
+
+/// Everything one queue's worker owns. Locked by the worker for each event, and by the
+/// control thread to install a new ring or to wait for in-flight requests.
+pub struct QueueState {
+    pub index: u16,
+    engine: Option<Engine>,
+    /// Rings of an older memory layout, kept until their last request completes.
+    retiring: Vec<Engine>,
+    slots: Vec<Slot>,
+    inflight_reqs: usize,
+    limits: Option<Limits>,
+    zero_range_unsupported: bool,
+    used_added: bool,
+    poll: PollWindow,
+    /// Most SQEs queued before they are submitted (see [`Tuning`]).
+    submit_batch: usize,
+    stats: Stats,
+    faults_seen: u64,
+    completion_fd: EventFd,
+    // Scratch space reused for every request: no allocation on the hot path.
+    descs: Vec<Desc>,
+    segs: Vec<Segment>,
+    ranges: Vec<ZeroRange>,
+    pieces: Vec<Piece>,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl QueueState {
+    pub fn new(index: u16, max_queue_size: u16, tuning: Tuning) -> std::io::Result<Self> {
+        Ok(QueueState {
+            index,
+            engine: None,
+            retiring: Vec::new(),
+            slots: vec![Slot::default(); usize::from(max_queue_size)],
+            inflight_reqs: 0,
+            limits: None,
+            zero_range_unsupported: false,
+            used_added: false,
+            poll: PollWindow::new(tuning.max_poll),
+            submit_batch: tuning.submit_batch.max(1),
+            stats: Stats::default(),
+            faults_seen: 0,
+            completion_fd: EventFd::new(EFD_NONBLOCK)?,
+            descs: Vec::new(),
+            segs: Vec::new(),
+            ranges: Vec::new(),
+            pieces: Vec::new(),
+            cqes: Vec::new(),
+        })
+    }
+
+    /// The eventfd every ring of this queue signals on completion; the worker's epoll
+    /// watches it.
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.completion_fd
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn inflight_requests(&self) -> usize {
+        self.inflight_reqs
+    }
+
+    /// Make `engine` the ring for new requests; the previous one retires once idle.
+    pub fn install(&mut self, engine: Engine, limits: Limits) {
+        if let Some(old) = self.engine.replace(engine) {
+            if old.inflight > 0 {
+                self.retiring.push(old);
+            }
+        }
+        self.limits = Some(limits);
+    }
+
+    /// Stop serving: no ring, no limits; requests wait until a new ring is installed.
+    pub fn uninstall(&mut self) {
+        if let Some(old) = self.engine.take() {
+            if old.inflight > 0 {
+                self.retiring.push(old);
+            }
+        }
+        self.limits = None;
+    }
+
+    /// Handle one wakeup of the worker: reap completions, take new requests, and while the
+    /// queue is busy keep polling (see [`PollWindow`]) with guest kicks and completion
+    /// eventfd signals switched off, so that a busy queue costs no wakeups at all. `stop`
+    /// is raised by the control thread when it needs the queue (GET_VRING_BASE, a new ring).
+    pub fn run(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        completion_event: bool,
+        stop: &AtomicBool,
+    ) {
+        self.stats.wakeups += 1;
+        if completion_event {
+            // Reset the eventfd before reaping, so a completion that lands after the reap
+            // wakes us again.
+            let _ = self.completion_fd.read();
+        }
+        let mut vs = vring.get_mut();
+        self.guard_call_fd(&vs);
+        let serving = self.engine.is_some()
+            && self.limits.is_some()
+            && vs.get_queue().ready()
+            && vs.is_enabled();
+        let budget = if serving {
+            self.poll.budget(Instant::now())
+        } else {
+            Duration::ZERO
+        };
+        if budget.is_zero() {
+            self.step(&mut vs, mem, shared, serving, true);
+            self.notify(&mut vs);
+            if serving {
+                self.poll.gave_up(Instant::now());
+            }
+            return;
+        }
+
+        self.set_completion_signals(false);
+        let entered = Instant::now();
+        let mut last = entered;
+        self.step(&mut vs, mem, shared, true, false);
+        self.notify(&mut vs);
+        loop {
+            if self.has_completions() || self.has_requests(&vs, mem) {
+                self.step(&mut vs, mem, shared, true, false);
+                self.notify(&mut vs);
+                last = Instant::now();
+            } else if last.elapsed() >= budget {
+                self.poll.gave_up(Instant::now());
+                break;
+            }
+            if stop.load(Ordering::Relaxed) || entered.elapsed() >= MAX_POLL_STRETCH {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        // Back to sleeping: signals on, then one more look so that nothing that arrived
+        // before they were on is left behind.
+        self.set_completion_signals(true);
+        self.step(&mut vs, mem, shared, true, true);
+        self.notify(&mut vs);
+    }
+
+    /// Warn once per new fault absorbed by the SIGBUS handler.
+    pub fn report_memory_faults(&mut self) {
+        let n = crate::sandbox::GUEST_MEMORY_FAULTS.load(Ordering::Relaxed);
+        if n != self.faults_seen {
+            self.faults_seen = n;
+            warn!(
+                "queue {}: guest RAM vanished under us ({n} page(s) so far): the VMM shrank a \
+                 memory file it had shared; those pages now read as zeroes",
+                self.index
+            );
+        }
+    }
+
+    /// Reap, take new requests, submit them, and reap what already completed. With
+    /// `rearm`, guest notifications are re-enabled after taking requests; without, they stay
+    /// off (the guest does not kick while we poll).
+    fn step(
+        &mut self,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        serving: bool,
+        rearm: bool,
+    ) {
+        self.reap(vs, mem);
+        if serving {
+            self.take_requests(vs, mem, shared, rearm);
+            self.submit(vs, mem);
+            self.reap(vs, mem);
+        }
+    }
+
+    /// The guest's call fd must never block us: a VMM could hand over the write end of a
+    /// full pipe. Make it non-blocking (a lost notification is the VMM's own doing).
+    fn guard_call_fd(&mut self, vs: &VringState<'_>) {
+        let Some(call) = vs.get_call() else { return };
+        let fd = call.as_raw_fd();
+        // SAFETY: fcntl on an fd the vring owns; F_GETFL/F_SETFL only change status flags.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+    }
+
+    fn set_completion_signals(&mut self, on: bool) {
+        for e in self.engine.iter_mut().chain(self.retiring.iter_mut()) {
+            let cq = e.ring.completion();
+            if on {
+                cq.enable_eventfd();
+            } else {
+                cq.disable_eventfd();
+            }
+        }
+    }
+
+    fn has_completions(&mut self) -> bool {
+        self.engine
+            .iter_mut()
+            .chain(self.retiring.iter_mut())
+            .any(|e| !e.ring.completion().is_empty())
+    }
+
+    fn has_requests(&self, vs: &VringState<'_>, mem: &GuestMemoryMmap) -> bool {
+        let q = vs.get_queue();
+        q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| idx.0 != q.next_avail())
+            .unwrap_or(false)
+    }
+
+    /// Tell the guest about new used entries, if it wants to hear.
+    fn notify(&mut self, vs: &mut VringState<'_>) {
+        if std::mem::take(&mut self.used_added) {
+            match vs.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vs.signal_used_queue() {
+                        debug!("queue {}: cannot signal the guest: {e}", self.index);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => debug!("queue {}: cannot read used_event: {e}", self.index),
+            }
+        }
+    }
+}
+
+impl Drop for QueueState {
+    fn drop(&mut self) {
+        let s = self.stats;
+        if s.requests > 0 {
+            info!(
+                "queue {}: {} requests, {} SQEs in {} io_uring_enter calls, {} wakeups",
+                self.index, s.requests, s.sqes, s.enters, s.wakeups
+            );
+        }
+    }
+}
+
+/// Raw fd of a queue's completion eventfd (for epoll registration).
+pub fn completion_raw_fd(q: &QueueState) -> i32 {
+    q.completion_fd.as_raw_fd()
+}

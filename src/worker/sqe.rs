@@ -1,0 +1,225 @@
+//! Building SQEs for a parsed request and handing them to the kernel.
+
+use std::sync::atomic::Ordering;
+
+use io_uring::{opcode, squeue, types};
+use log::{debug, error};
+use vm_memory::GuestMemoryMmap;
+
+use super::{QueueState, Shared, VringState, FILE_BUFFERED, FILE_PRIMARY, STATUS_IOERR, STATUS_OK};
+use crate::request::ZeroRange;
+
+// user_data layout: head (16 bits) | kind (8) | range index (8) | expected length (32).
+pub(super) const KIND_RW: u64 = 0;
+pub(super) const KIND_FSYNC: u64 = 1;
+pub(super) const KIND_ZERO_RANGE: u64 = 2;
+pub(super) const KIND_PUNCH: u64 = 3;
+pub(super) const KIND_DISCARD: u64 = 4;
+
+pub(super) fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
+    u64::from(head) | kind << 16 | ((idx as u64) & 0xff) << 24 | u64::from(len) << 32
+}
+
+impl QueueState {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_rw(
+        &mut self,
+        head: u16,
+        status: Option<u64>,
+        offset: u64,
+        len: u64,
+        write: bool,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+    ) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        self.pieces.clear();
+        for s in &self.segs {
+            if let Err(e) = engine.map.translate(s.addr, s.len, |p| self.pieces.push(p)) {
+                debug!("queue {}: request {head}: {e}", self.index);
+                self.complete(head, status, STATUS_IOERR, 1, vs, mem);
+                return;
+            }
+        }
+        if self.pieces.is_empty() {
+            self.complete(head, status, STATUS_OK, 1, vs, mem);
+            return;
+        }
+        let file = if shared.direct && self.direct_ok(offset, shared) {
+            FILE_PRIMARY
+        } else if shared.direct {
+            FILE_BUFFERED
+        } else {
+            FILE_PRIMARY
+        };
+        let used_len = if write {
+            1
+        } else {
+            (len as u32).saturating_add(1)
+        };
+        let dsync = write && !shared.writeback.load(Ordering::Relaxed);
+        let rw_flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        let hi = usize::from(head);
+        if shared.vectored && self.pieces.len() > 1 {
+            // One READV_FIXED/WRITEV_FIXED per run of pieces in the same fixed buffer: the
+            // kernel requires every iovec of one SQE to lie in the buffer it names.
+            let groups = 1 + self
+                .pieces
+                .windows(2)
+                .filter(|w| w[0].buf_index != w[1].buf_index)
+                .count();
+            self.occupy(head, status, groups as u32, used_len, Vec::new());
+            let iov = &mut self.slots[hi].iov;
+            iov.clear();
+            iov.extend(self.pieces.iter().map(|p| [p.host, u64::from(p.len)]));
+            let mut off = offset;
+            let mut a = 0;
+            while a < self.pieces.len() {
+                let idx = self.pieces[a].buf_index;
+                let b = a + self.pieces[a..]
+                    .iter()
+                    .take_while(|p| p.buf_index == idx)
+                    .count();
+                let total: u64 = self.pieces[a..b].iter().map(|p| u64::from(p.len)).sum();
+                // `[u64; 2]` has the layout of `struct iovec` on 64-bit Linux (checked at
+                // compile time below); the slot keeps the array until the request completes.
+                let ptr = self.slots[hi].iov[a..].as_ptr() as *const libc::iovec;
+                let n = (b - a) as u32;
+                // total <= len, and a request's len fits in u32 (seg_max * size_max).
+                let ud = user_data(head, KIND_RW, 0, total as u32);
+                let e = if write {
+                    opcode::WritevFixed::new(types::Fixed(file), ptr, n, idx)
+                        .offset(off)
+                        .rw_flags(rw_flags)
+                        .build()
+                } else {
+                    opcode::ReadvFixed::new(types::Fixed(file), ptr, n, idx)
+                        .offset(off)
+                        .build()
+                };
+                self.push(e.user_data(ud), vs, mem);
+                off += total;
+                a = b;
+            }
+            return;
+        }
+        self.occupy(head, status, self.pieces.len() as u32, used_len, Vec::new());
+        let mut off = offset;
+        for i in 0..self.pieces.len() {
+            let p = self.pieces[i];
+            let ud = user_data(head, KIND_RW, 0, p.len);
+            let e = if write {
+                opcode::WriteFixed::new(types::Fixed(file), p.host as *const u8, p.len, p.buf_index)
+                    .offset(off)
+                    .rw_flags(rw_flags)
+                    .build()
+            } else {
+                opcode::ReadFixed::new(types::Fixed(file), p.host as *mut u8, p.len, p.buf_index)
+                    .offset(off)
+                    .build()
+            };
+            self.push(e.user_data(ud), vs, mem);
+            off += u64::from(p.len);
+        }
+    }
+
+    /// Whether every piece of the current request meets the O_DIRECT alignment.
+    fn direct_ok(&self, offset: u64, shared: &Shared) -> bool {
+        offset.is_multiple_of(shared.dio_offset_align)
+            && self.pieces.iter().all(|p| {
+                p.host % shared.dio_mem_align == 0
+                    && u64::from(p.len) % shared.dio_offset_align == 0
+            })
+    }
+
+    pub(super) fn occupy(
+        &mut self,
+        head: u16,
+        status: Option<u64>,
+        pending: u32,
+        used_len: u32,
+        ranges: Vec<ZeroRange>,
+    ) {
+        let slot = &mut self.slots[usize::from(head)];
+        slot.busy = true;
+        slot.pending = pending;
+        slot.failed = false;
+        slot.status = status;
+        slot.used_len = used_len;
+        slot.ranges = ranges;
+        self.inflight_reqs += 1;
+    }
+
+    /// Queue one SQE, submitting what is queued if the submission queue is full.
+    pub(super) fn push(
+        &mut self,
+        e: squeue::Entry,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+    ) {
+        for _ in 0..1000 {
+            let Some(engine) = self.engine.as_mut() else {
+                return;
+            };
+            // SAFETY: the SQE names only fixed files and fixed buffers of this ring; its buffer
+            // pointer lies in a registered buffer (checked by translation, re-checked by the
+            // kernel), which `Engine::_mem` keeps mapped while the ring lives.
+            if unsafe { engine.ring.submission().push(&e) }.is_ok() {
+                engine.inflight += 1;
+                self.stats.sqes += 1;
+                return;
+            }
+            self.submit(vs, mem);
+        }
+        error!(
+            "queue {}: submission queue stays full; request dropped",
+            self.index
+        );
+    }
+
+    pub(super) fn queued_sqes(&mut self) -> usize {
+        self.engine
+            .as_mut()
+            .map(|e| e.ring.submission().len())
+            .unwrap_or(0)
+    }
+
+    /// Hand queued SQEs to the kernel: one io_uring_enter for the whole batch.
+    pub(super) fn submit(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+        for _ in 0..1000 {
+            let Some(engine) = self.engine.as_mut() else {
+                return;
+            };
+            if engine.ring.submission().is_empty() {
+                return;
+            }
+            self.stats.enters += 1;
+            match engine.ring.submit() {
+                Ok(_) => continue,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => self.reap(vs, mem),
+                    _ => {
+                        error!("queue {}: io_uring_enter failed: {e}", self.index);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+pub(super) fn fallocate_sqe(head: u16, kind: u64, idx: usize, r: &ZeroRange) -> squeue::Entry {
+    let mode = match kind {
+        KIND_ZERO_RANGE => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    };
+    opcode::Fallocate::new(types::Fixed(FILE_PRIMARY), r.len)
+        .offset(r.offset)
+        .mode(mode)
+        .build()
+        .user_data(user_data(head, kind, idx, 0))
+}
