@@ -18,4 +18,5 @@ pub mod kernel;
 pub mod request;
 pub mod ring;
 pub mod sandbox;
+pub mod vring;
 pub mod worker;

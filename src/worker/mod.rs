@@ -31,7 +31,7 @@ use crate::guest_map::{FixedBufferMap, Piece};
 use crate::request::{Desc, Limits, Segment, ZeroRange};
 
 /// The vring type the backend serves.
-pub type Vring = vhost_user_backend::VringRwLock<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>;
+pub use crate::vring::Vring;
 type VringState<'a> = std::sync::RwLockWriteGuard<
     'a,
     vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>,
