@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
@@ -1145,6 +1147,18 @@ const RAW_READ: usize = 2048 * 512;
 
 #[test]
 fn unmap_deallocates_and_no_unmap_keeps_the_allocation() {
+    unmap_semantics(None, &[]);
+}
+
+/// tmpfs has no FALLOC_FL_ZERO_RANGE: write-zeroes without UNMAP must still complete (with no
+/// other I/O to push a follow-up SQE out), read back zeroes and keep the range allocated.
+#[test]
+fn write_zeroes_on_tmpfs_completes_and_keeps_the_allocation() {
+    // Without polling, nothing but the follow-up's own submission can push it to the kernel.
+    unmap_semantics(Some(Path::new("/dev/shm")), &["--poll-us", "0"]);
+}
+
+fn unmap_semantics(image_dir: Option<&Path>, extra: &[&str]) {
     // README: write-zeroes with UNMAP (and discard) punch a hole; without UNMAP the range is
     // zeroed in place. qemu-storage-daemon's launcher leaves discard=ignore, so ringfence only.
     if target() == Target::Qsd {
@@ -1156,6 +1170,8 @@ fn unmap_deallocates_and_no_unmap_keeps_the_allocation() {
     let b = Backend::start(BackendOpts {
         size,
         fill_seed: Some(17),
+        image_dir: image_dir.map(Path::to_path_buf),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     });
     let allocated = || std::fs::metadata(&b.image).unwrap().blocks() * 512;

@@ -3,7 +3,10 @@
 use log::{debug, error};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::sqe::{fallocate_sqe, KIND_DISCARD, KIND_PUNCH, KIND_RW, KIND_ZERO_RANGE};
+use super::sqe::{
+    fallocate_sqe, fsync_sqe, KIND_ALLOC, KIND_DISCARD, KIND_PUNCH, KIND_PUNCH_REALLOC, KIND_RW,
+    KIND_ZERO_RANGE,
+};
 use super::{QueueState, VringState, STATUS_IOERR, STATUS_OK};
 
 impl QueueState {
@@ -28,7 +31,13 @@ impl QueueState {
         self.cqes = cqes;
     }
 
-    fn on_completion(&mut self, ud: u64, res: i32, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+    pub(super) fn on_completion(
+        &mut self,
+        ud: u64,
+        res: i32,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+    ) {
         let head = (ud & 0xffff) as u16;
         let kind = (ud >> 16) & 0xff;
         let idx = ((ud >> 24) & 0xff) as usize;
@@ -38,20 +47,34 @@ impl QueueState {
             error!("queue {q}: completion for idle slot {head}");
             return;
         };
+        let range = slot.ranges.get(idx).copied();
+        let unsupported = res == -libc::EOPNOTSUPP;
+        // A step of a zeroing range that the filesystem cannot do is replaced by another that
+        // gives the same result, now and for every later request.
+        let next = match (kind, range) {
+            // Zeroing in place: punch a hole, then allocate it again (reads back as zeroes,
+            // stays allocated).
+            (KIND_ZERO_RANGE, Some(r)) if unsupported => {
+                self.zero_range_unsupported = true;
+                Some((KIND_PUNCH_REALLOC, r))
+            }
+            // UNMAP is a hint: where holes cannot be punched, zero in place.
+            (KIND_PUNCH, Some(r)) if unsupported => {
+                self.punch_unsupported = true;
+                Some((KIND_ZERO_RANGE, r))
+            }
+            (KIND_PUNCH_REALLOC, Some(r)) if res >= 0 => Some((KIND_ALLOC, r)),
+            _ => None,
+        };
+        if let Some((kind, r)) = next {
+            let e = fallocate_sqe(head, kind, idx, &r);
+            self.push(e, vs, mem);
+            return;
+        }
         let ok = match kind {
             KIND_RW => res >= 0 && res as u32 == expected,
-            KIND_ZERO_RANGE if res == -libc::EOPNOTSUPP => {
-                // The filesystem cannot zero in place: punch a hole instead (it reads back as
-                // zeroes too), now and from now on.
-                self.zero_range_unsupported = true;
-                if let Some(r) = slot.ranges.get(idx).copied() {
-                    let e = fallocate_sqe(head, KIND_PUNCH, idx, &r);
-                    self.push(e, vs, mem);
-                    return;
-                }
-                false
-            }
-            KIND_DISCARD => res >= 0 || res == -libc::EOPNOTSUPP,
+            // Discard is advisory (virtio 1.2 §5.2.6.2): a filesystem without holes ignores it.
+            KIND_DISCARD => res >= 0 || unsupported,
             _ => res >= 0,
         };
         if !ok {
@@ -63,6 +86,13 @@ impl QueueState {
         slot.failed |= !ok;
         slot.pending = slot.pending.saturating_sub(1);
         if slot.pending > 0 {
+            return;
+        }
+        if std::mem::take(&mut slot.sync_after) && !slot.failed {
+            // Durable before it completes (writethrough): one fdatasync, then complete.
+            slot.pending = 1;
+            let e = fsync_sqe(head);
+            self.push(e, vs, mem);
             return;
         }
         slot.busy = false;

@@ -1,14 +1,16 @@
 //! Popping: take descriptor chains off the avail ring, parse them and start each request.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use io_uring::{opcode, types};
 use log::{debug, warn};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::sqe::{fallocate_sqe, user_data, KIND_DISCARD, KIND_FSYNC, KIND_PUNCH, KIND_ZERO_RANGE};
-use super::{QueueState, Shared, VringState, FILE_PRIMARY, STATUS_IOERR, STATUS_OK};
+use super::sqe::{
+    fallocate_sqe, fsync_sqe, KIND_DISCARD, KIND_PUNCH, KIND_PUNCH_REALLOC, KIND_ZERO_RANGE,
+};
+use super::{suppressed_note, QueueState, Shared, VringState, STATUS_IOERR, STATUS_OK};
 use crate::config::SERIAL_LEN;
 use crate::request::{self, Desc, Op, Parsed, ZeroMode};
 
@@ -19,9 +21,14 @@ impl QueueState {
         mem: &GuestMemoryMmap,
         shared: &Shared,
         rearm: bool,
+        stop: &AtomicBool,
     ) {
         // Rounds in a row that popped nothing although the avail index said "more".
         let mut empty_rounds = 0;
+        // A guest that keeps refilling the ring must not keep the worker here (and the queue
+        // locked) forever: at most two rings' worth of requests per pass, and none once the
+        // control thread asks for the queue. What is left is taken on the next wakeup.
+        let mut budget = 2 * usize::from(vs.get_queue().size()).max(1);
         loop {
             if let Err(e) = vs.disable_notification() {
                 debug!("queue {}: disable_notification: {e}", self.index);
@@ -29,6 +36,7 @@ impl QueueState {
             let mut popped = 0usize;
             while let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) {
                 popped += 1;
+                budget = budget.saturating_sub(1);
                 let head = chain.head_index();
                 self.descs.clear();
                 self.descs.extend(chain.map(|d| Desc {
@@ -40,6 +48,18 @@ impl QueueState {
                 if self.queued_sqes() >= self.submit_batch {
                     self.submit(vs, mem);
                 }
+                if budget == 0 || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            if stop.load(Ordering::Relaxed) {
+                // The control thread wakes the worker when it hands the queue back.
+                return;
+            }
+            if budget == 0 {
+                // Leave notifications off and come back: nothing is lost, nothing waits on a kick.
+                self.wake_self();
+                return;
             }
             if !rearm {
                 break;
@@ -52,12 +72,15 @@ impl QueueState {
                     if empty_rounds >= 3 {
                         // The index says "more" yet nothing can be popped: the ring is corrupt
                         // (e.g. the index jumped by more than the queue size).
-                        warn!(
-                            "queue {}: avail index {:?} is inconsistent with the ring; waiting for \
-                             the next kick",
-                            self.index,
-                            vs.get_queue().avail_idx(mem, Ordering::Acquire).ok()
-                        );
+                        if let Some(n) = self.warn_limit.allow(Instant::now()) {
+                            warn!(
+                                "queue {}: avail index {:?} is inconsistent with the ring; \
+                                 waiting for the next kick{}",
+                                self.index,
+                                vs.get_queue().avail_idx(mem, Ordering::Acquire).ok(),
+                                suppressed_note(n)
+                            );
+                        }
                         break;
                     }
                 }
@@ -82,17 +105,24 @@ impl QueueState {
         self.stats.requests += 1;
         let hi = usize::from(head);
         if hi >= self.slots.len() || usize::from(head) >= usize::from(vs.get_queue().size()) {
-            warn!(
-                "queue {}: descriptor head {head} is out of range; dropped",
-                self.index
-            );
+            if let Some(n) = self.warn_limit.allow(Instant::now()) {
+                warn!(
+                    "queue {}: descriptor head {head} is out of range; dropped{}",
+                    self.index,
+                    suppressed_note(n)
+                );
+            }
             return;
         }
         if self.slots[hi].busy {
-            warn!(
-                "queue {}: descriptor head {head} made available again while in flight; ignored",
-                self.index
-            );
+            if let Some(n) = self.warn_limit.allow(Instant::now()) {
+                warn!(
+                    "queue {}: descriptor head {head} made available again while in flight; \
+                     ignored{}",
+                    self.index,
+                    suppressed_note(n)
+                );
+            }
             return;
         }
         let req = request::parse(&self.descs, mem, &limits, &mut self.segs, &mut self.ranges);
@@ -126,21 +156,29 @@ impl QueueState {
             }
             Parsed::Op(Op::Flush) => {
                 self.occupy(head, req.status, 1, 1, Vec::new());
-                let e = opcode::Fsync::new(types::Fixed(FILE_PRIMARY))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build()
-                    .user_data(user_data(head, KIND_FSYNC, 0, 0));
-                self.push(e, vs, mem);
+                self.push(fsync_sqe(head), vs, mem);
             }
             Parsed::Op(Op::Zero) => {
+                // A segment of zero sectors asks for nothing: it completes OK.
                 let ranges = std::mem::take(&mut self.ranges);
-                self.occupy(head, req.status, ranges.len() as u32, 1, ranges);
+                let work = ranges.iter().filter(|r| r.len > 0).count() as u32;
+                if work == 0 {
+                    self.complete(head, req.status, STATUS_OK, 1, vs, mem);
+                    return;
+                }
+                self.occupy(head, req.status, work, 1, ranges);
+                // Under a writethrough cache the change must be durable before it completes.
+                self.slots[hi].sync_after = !shared.writeback.load(Ordering::Relaxed);
                 for i in 0..self.slots[hi].ranges.len() {
                     let r = self.slots[hi].ranges[i];
+                    if r.len == 0 {
+                        continue;
+                    }
                     let kind = match r.mode {
                         ZeroMode::Discard => KIND_DISCARD,
+                        ZeroMode::Unmap if self.punch_unsupported => KIND_ZERO_RANGE,
                         ZeroMode::Unmap => KIND_PUNCH,
-                        ZeroMode::InPlace if self.zero_range_unsupported => KIND_PUNCH,
+                        ZeroMode::InPlace if self.zero_range_unsupported => KIND_PUNCH_REALLOC,
                         ZeroMode::InPlace => KIND_ZERO_RANGE,
                     };
                     let e = fallocate_sqe(head, kind, i, &r);

@@ -47,6 +47,63 @@ const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Longest a worker keeps polling in one go before it returns to epoll, however busy.
 const MAX_POLL_STRETCH: Duration = Duration::from_millis(2);
 
+/// Rate limit for warnings a guest can trigger at will (a busy head made available again, an
+/// out-of-range head, a corrupt avail index): at most `BURST` per `WINDOW` per queue, and the
+/// next one that is logged says how many were suppressed.
+#[derive(Debug)]
+pub struct WarnLimit {
+    window_start: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl WarnLimit {
+    const BURST: u32 = 5;
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Self {
+        WarnLimit {
+            window_start: None,
+            in_window: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log a warning now; `Some(n)`: log it, and say that `n` were suppressed
+    /// since the last one logged.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.window_start {
+            Some(t) if now.saturating_duration_since(t) < Self::WINDOW => {}
+            _ => {
+                self.window_start = Some(now);
+                self.in_window = 0;
+            }
+        }
+        if self.in_window < Self::BURST {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+impl Default for WarnLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// " (N similar warnings suppressed)", or nothing.
+fn suppressed_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar warning(s) suppressed)")
+    }
+}
+
 /// How a queue's worker trades CPU for latency and throughput (`--poll-us`,
 /// `--submit-batch`).
 #[derive(Clone, Copy, Debug)]
@@ -114,6 +171,9 @@ struct Slot {
     status: Option<u64>,
     used_len: u32,
     ranges: Vec<ZeroRange>,
+    /// Make the request's effect durable (fdatasync) before it completes: discard and
+    /// write-zeroes under a writethrough cache.
+    sync_after: bool,
     /// iovecs of a vectored request, alive until it completes.
     iov: Vec<[u64; 2]>,
 }
@@ -133,13 +193,19 @@ pub struct QueueState {
     slots: Vec<Slot>,
     inflight_reqs: usize,
     limits: Option<Limits>,
+    /// The filesystem refused FALLOC_FL_ZERO_RANGE (tmpfs): zero in place by punching a hole
+    /// and allocating it again.
     zero_range_unsupported: bool,
+    /// The filesystem refused FALLOC_FL_PUNCH_HOLE: write-zeroes with UNMAP zeroes in place.
+    punch_unsupported: bool,
     used_added: bool,
     poll: PollWindow,
     /// Most SQEs queued before they are submitted (see [`Tuning`]).
     submit_batch: usize,
     stats: Stats,
     faults_seen: u64,
+    /// Guest-triggered warnings of this queue.
+    warn_limit: WarnLimit,
     completion_fd: EventFd,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
@@ -159,11 +225,13 @@ impl QueueState {
             inflight_reqs: 0,
             limits: None,
             zero_range_unsupported: false,
+            punch_unsupported: false,
             used_added: false,
             poll: PollWindow::new(tuning.max_poll),
             submit_batch: tuning.submit_batch.max(1),
             stats: Stats::default(),
             faults_seen: 0,
+            warn_limit: WarnLimit::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
             descs: Vec::new(),
             segs: Vec::new(),
@@ -237,7 +305,7 @@ impl QueueState {
             Duration::ZERO
         };
         if budget.is_zero() {
-            self.step(&mut vs, mem, shared, serving, true);
+            self.step(&mut vs, mem, shared, serving, true, stop);
             self.notify(&mut vs);
             if serving {
                 self.poll.gave_up(Instant::now());
@@ -248,11 +316,11 @@ impl QueueState {
         self.set_completion_signals(false);
         let entered = Instant::now();
         let mut last = entered;
-        self.step(&mut vs, mem, shared, true, false);
+        self.step(&mut vs, mem, shared, true, false, stop);
         self.notify(&mut vs);
         loop {
             if self.has_completions() || self.has_requests(&vs, mem) {
-                self.step(&mut vs, mem, shared, true, false);
+                self.step(&mut vs, mem, shared, true, false, stop);
                 self.notify(&mut vs);
                 last = Instant::now();
             } else if last.elapsed() >= budget {
@@ -267,7 +335,7 @@ impl QueueState {
         // Back to sleeping: signals on, then one more look so that nothing that arrived
         // before they were on is left behind.
         self.set_completion_signals(true);
-        self.step(&mut vs, mem, shared, true, true);
+        self.step(&mut vs, mem, shared, true, true, stop);
         self.notify(&mut vs);
     }
 
@@ -294,13 +362,28 @@ impl QueueState {
         shared: &Shared,
         serving: bool,
         rearm: bool,
+        stop: &AtomicBool,
     ) {
         self.reap(vs, mem);
         if serving {
-            self.take_requests(vs, mem, shared, rearm);
+            self.take_requests(vs, mem, shared, rearm, stop);
+        }
+        // Reaping can queue follow-up SQEs (a write-zeroes fallback, a writethrough
+        // fdatasync): submit until nothing is left queued, so none waits for an unrelated kick.
+        for _ in 0..8 {
             self.submit(vs, mem);
             self.reap(vs, mem);
+            if self.queued_sqes() == 0 {
+                return;
+            }
         }
+        // Still more: come back at once rather than hold the queue lock.
+        self.wake_self();
+    }
+
+    /// Make the worker run again soon (work left over from a bounded pass).
+    fn wake_self(&self) {
+        let _ = self.completion_fd.write(1);
     }
 
     /// The guest's call fd must never block us: a VMM could hand over the write end of a
@@ -373,4 +456,22 @@ impl Drop for QueueState {
 /// Raw fd of a queue's completion eventfd (for epoll registration).
 pub fn completion_raw_fd(q: &QueueState) -> i32 {
     q.completion_fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_triggered_warnings_are_rate_limited_and_counted() {
+        let mut l = WarnLimit::new();
+        let t = Instant::now();
+        let logged = (0..1000).filter(|_| l.allow(t).is_some()).count();
+        assert_eq!(logged, WarnLimit::BURST as usize);
+        // The next window logs again and reports what was suppressed.
+        assert_eq!(l.allow(t + WarnLimit::WINDOW), Some(1000 - 5));
+        assert_eq!(l.allow(t + WarnLimit::WINDOW), Some(0));
+        assert_eq!(suppressed_note(0), "");
+        assert!(suppressed_note(3).contains("3 similar"));
+    }
 }

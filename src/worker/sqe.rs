@@ -15,6 +15,11 @@ pub(super) const KIND_FSYNC: u64 = 1;
 pub(super) const KIND_ZERO_RANGE: u64 = 2;
 pub(super) const KIND_PUNCH: u64 = 3;
 pub(super) const KIND_DISCARD: u64 = 4;
+/// A hole punched as the first half of zeroing in place where the filesystem cannot zero a
+/// range (tmpfs): its completion re-allocates the range (`KIND_ALLOC`), so that write-zeroes
+/// without UNMAP leaves the range allocated, as the guest asked.
+pub(super) const KIND_PUNCH_REALLOC: u64 = 5;
+pub(super) const KIND_ALLOC: u64 = 6;
 
 pub(super) fn user_data(head: u16, kind: u64, idx: usize, len: u32) -> u64 {
     u64::from(head) | kind << 16 | ((idx as u64) & 0xff) << 24 | u64::from(len) << 32
@@ -150,34 +155,53 @@ impl QueueState {
         slot.status = status;
         slot.used_len = used_len;
         slot.ranges = ranges;
+        slot.sync_after = false;
         self.inflight_reqs += 1;
     }
 
-    /// Queue one SQE, submitting what is queued if the submission queue is full.
+    /// Queue one SQE, submitting what is queued if the submission queue is full. An SQE that
+    /// cannot be queued (no ring, or a queue that stays full) fails its part of the request
+    /// at once, as if the kernel had failed it: no request waits forever for a lost SQE.
     pub(super) fn push(
         &mut self,
         e: squeue::Entry,
         vs: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
     ) {
+        if !self.try_push(&e, vs, mem) {
+            self.on_completion(e.get_user_data(), -libc::ECANCELED, vs, mem);
+        }
+    }
+
+    fn try_push(
+        &mut self,
+        e: &squeue::Entry,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
         for _ in 0..1000 {
             let Some(engine) = self.engine.as_mut() else {
-                return;
+                error!(
+                    "queue {}: no ring to submit to; the request fails",
+                    self.index
+                );
+                return false;
             };
             // SAFETY: the SQE names only fixed files and fixed buffers of this ring; its buffer
             // pointer lies in a registered buffer (checked by translation, re-checked by the
             // kernel), which `Engine::_mem` keeps mapped while the ring lives.
-            if unsafe { engine.ring.submission().push(&e) }.is_ok() {
+            if unsafe { engine.ring.submission().push(e) }.is_ok() {
                 engine.inflight += 1;
                 self.stats.sqes += 1;
-                return;
+                return true;
             }
             self.submit(vs, mem);
         }
         error!(
-            "queue {}: submission queue stays full; request dropped",
+            "queue {}: submission queue stays full; the request fails",
             self.index
         );
+        false
     }
 
     pub(super) fn queued_sqes(&mut self) -> usize {
@@ -212,9 +236,19 @@ impl QueueState {
     }
 }
 
+/// fdatasync of the image (FLUSH, and writethrough discard/write-zeroes).
+pub(super) fn fsync_sqe(head: u16) -> squeue::Entry {
+    opcode::Fsync::new(types::Fixed(FILE_PRIMARY))
+        .flags(types::FsyncFlags::DATASYNC)
+        .build()
+        .user_data(user_data(head, KIND_FSYNC, 0, 0))
+}
+
+/// The fallocate SQE of one step of a discard or write-zeroes range.
 pub(super) fn fallocate_sqe(head: u16, kind: u64, idx: usize, r: &ZeroRange) -> squeue::Entry {
     let mode = match kind {
         KIND_ZERO_RANGE => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        KIND_ALLOC => libc::FALLOC_FL_KEEP_SIZE,
         _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
     };
     opcode::Fallocate::new(types::Fixed(FILE_PRIMARY), r.len)

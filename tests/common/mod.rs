@@ -333,6 +333,8 @@ pub struct BackendOpts {
     pub fill_seed: Option<u64>,
     /// Extra ringfence options (ignored for qemu-storage-daemon).
     pub extra: Vec<String>,
+    /// Where the image's temporary directory is made (default: the system temp dir).
+    pub image_dir: Option<PathBuf>,
 }
 
 impl Default for BackendOpts {
@@ -343,6 +345,7 @@ impl Default for BackendOpts {
             num_queues: 1,
             fill_seed: None,
             extra: Vec::new(),
+            image_dir: None,
         }
     }
 }
@@ -366,10 +369,13 @@ impl Backend {
     }
 
     pub fn start_on(target: Target, opts: BackendOpts) -> Backend {
-        let dir = tempfile::Builder::new()
-            .prefix("ringfence-it")
-            .tempdir()
-            .expect("tempdir");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("ringfence-it");
+        let dir = match &opts.image_dir {
+            Some(root) => builder.tempdir_in(root),
+            None => builder.tempdir(),
+        }
+        .expect("tempdir");
         let image = dir.path().join("disk.img");
         let socket = dir.path().join("vhost.sock");
         create_image(&image, opts.size, opts.fill_seed);
