@@ -90,7 +90,11 @@ impl BlkBackend {
             dio_offset_align: u64::from(image.dio_offset_align),
             // A read-only disk's rings allow READ_FIXED alone.
             vectored: !spec.read_only && crate::kernel::Kernel::get().vectored_fixed,
-            writeback: AtomicBool::new(true),
+            writeback: AtomicBool::new(crate::config::serves_writeback(
+                !spec.read_only,
+                !spec.read_only,
+                image.write_cache.get(),
+            )),
         };
         Ok(BlkBackend {
             spec,
@@ -143,6 +147,26 @@ impl BlkBackend {
         set & (1u64 << bit) != 0
     }
 
+    /// Serve the write cache virtio 1.2 §5.2.6 prescribes for the negotiated features and the
+    /// guest's choice (see `config::serves_writeback`), and say when it changes.
+    fn update_write_cache(&self) {
+        let wb = crate::config::serves_writeback(
+            self.effective(VIRTIO_BLK_F_FLUSH),
+            self.effective(VIRTIO_BLK_F_CONFIG_WCE),
+            self.image.write_cache.get(),
+        );
+        if self.shared.writeback.swap(wb, Ordering::AcqRel) != wb {
+            info!(
+                "write cache: {}",
+                if wb {
+                    "writeback (FLUSH makes writes durable)"
+                } else {
+                    "writethrough (every write is durable before it completes)"
+                }
+            );
+        }
+    }
+
     fn policy(&self) -> RingPolicy {
         let p = RingPolicy::for_device(
             !self.spec.read_only,
@@ -165,7 +189,7 @@ impl BlkBackend {
             max_discard_seg: config::MAX_DISCARD_SEG,
             max_discard_sectors: config::MAX_DISCARD_SECTORS,
             read_only: self.spec.read_only,
-            flush: policy.allows(SqeOp::Fsync),
+            flush: policy.allows(SqeOp::Fsync) && self.effective(VIRTIO_BLK_F_FLUSH),
             discard: policy.allows(SqeOp::Fallocate) && self.effective(VIRTIO_BLK_F_DISCARD),
             write_zeroes: policy.allows(SqeOp::Fallocate)
                 && self.effective(VIRTIO_BLK_F_WRITE_ZEROES),
@@ -182,6 +206,11 @@ impl BlkBackend {
         }
         let policy = self.policy();
         if !force && lock(&self.built).as_ref() == Some(&policy) {
+            // Same rings; the limits may still differ (DISCARD and WRITE_ZEROES share FALLOCATE).
+            let limits = self.limits(&policy);
+            for q in &self.queues {
+                lock(&q.state).set_limits(limits);
+            }
             return Ok(());
         }
         check_regions(&mem)?;
@@ -311,6 +340,7 @@ impl VhostUserBackend for Backend {
 
     fn acked_features(&self, features: u64) {
         self.0.acked.store(features, Ordering::Release);
+        self.0.update_write_cache();
         if let Err(e) = self.0.rebuild_rings(false) {
             error!("cannot rebuild rings for the negotiated features: {e}");
         }
@@ -339,12 +369,8 @@ impl VhostUserBackend for Backend {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let wce = self.0.acked_has(VIRTIO_BLK_F_CONFIG_WCE);
         if wce && offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
-            let wb = buf[0] != 0;
-            self.0.shared.writeback.store(wb, Ordering::Release);
-            info!(
-                "guest set the write cache to {}",
-                if wb { "writeback" } else { "writethrough" }
-            );
+            self.0.image.write_cache.set(buf[0] != 0);
+            self.0.update_write_cache();
             return Ok(());
         }
         warn!(

@@ -24,6 +24,41 @@ pub const CONFIG_WRITEBACK_OFFSET: usize = 32;
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 
+/// The write-cache mode a guest chose through the config space (CONFIG_WCE). It belongs to the
+/// device, not to one connection: a VMM that reconnects finds the mode its guest set.
+#[derive(Debug, Default)]
+pub struct WriteCacheChoice(std::sync::atomic::AtomicU8);
+
+impl WriteCacheChoice {
+    const WRITETHROUGH: u8 = 1;
+    const WRITEBACK: u8 = 2;
+
+    pub fn set(&self, writeback: bool) {
+        let v = if writeback {
+            Self::WRITEBACK
+        } else {
+            Self::WRITETHROUGH
+        };
+        self.0.store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `Some(writeback)` once a guest chose.
+    pub fn get(&self) -> Option<bool> {
+        match self.0.load(std::sync::atomic::Ordering::Acquire) {
+            Self::WRITETHROUGH => Some(false),
+            Self::WRITEBACK => Some(true),
+            _ => None,
+        }
+    }
+}
+
+/// The write cache the device serves (virtio 1.2 §5.2.6): without FLUSH the driver cannot
+/// make writes durable, so every write is (writethrough); with FLUSH it is writeback, unless
+/// the driver negotiated CONFIG_WCE and chose writethrough.
+pub fn serves_writeback(flush: bool, config_wce: bool, choice: Option<bool>) -> bool {
+    flush && (!config_wce || choice.unwrap_or(true))
+}
+
 /// What the operator asked for; everything the guest sees is derived from this.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSpec {
@@ -195,5 +230,23 @@ mod tests {
             serial_bytes(None, "0123456789012345678901234"),
             *b"01234567890123456789"
         );
+    }
+
+    #[test]
+    fn write_cache_follows_virtio_5_2_6() {
+        // No FLUSH: writethrough, whatever was chosen.
+        assert!(!serves_writeback(false, true, Some(true)));
+        assert!(!serves_writeback(false, false, None));
+        // FLUSH without CONFIG_WCE: writeback.
+        assert!(serves_writeback(true, false, Some(false)));
+        // FLUSH with CONFIG_WCE: writeback until the driver chooses.
+        assert!(serves_writeback(true, true, None));
+        assert!(!serves_writeback(true, true, Some(false)));
+        let c = WriteCacheChoice::default();
+        assert_eq!(c.get(), None);
+        c.set(false);
+        assert_eq!(c.get(), Some(false));
+        c.set(true);
+        assert_eq!(c.get(), Some(true));
     }
 }

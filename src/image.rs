@@ -28,6 +28,8 @@ pub struct Image {
     pub dio_mem_align: u32,
     /// Alignment of file offsets and lengths for O_DIRECT.
     pub dio_offset_align: u32,
+    /// The guest's write-cache choice, kept across VMM connections.
+    pub write_cache: crate::config::WriteCacheChoice,
 }
 
 impl Image {
@@ -129,6 +131,7 @@ impl Image {
             direct,
             dio_mem_align,
             dio_offset_align,
+            write_cache: Default::default(),
         })
     }
 

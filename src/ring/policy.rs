@@ -101,12 +101,13 @@ pub struct RingPolicy {
 
 impl RingPolicy {
     /// The policy for a device: a read-only disk gets READ_FIXED alone; a writable one adds
-    /// WRITE_FIXED; a negotiated FLUSH adds FSYNC; DISCARD or WRITE_ZEROES add FALLOCATE.
+    /// WRITE_FIXED; DISCARD or WRITE_ZEROES add FALLOCATE; a negotiated FLUSH adds FSYNC, and
+    /// so do DISCARD or WRITE_ZEROES (under a writethrough cache they end with an fdatasync).
     pub fn for_device(writable: bool, flush: bool, zeroing: bool) -> Self {
         let mut sqe_ops = vec![SqeOp::ReadFixed];
         if writable {
             sqe_ops.push(SqeOp::WriteFixed);
-            if flush {
+            if flush || zeroing {
                 sqe_ops.push(SqeOp::Fsync);
             }
             if zeroing {
@@ -232,6 +233,15 @@ mod tests {
         assert_eq!(
             RingPolicy::for_device(true, true, false).sqe_ops(),
             &[SqeOp::ReadFixed, SqeOp::WriteFixed, SqeOp::Fsync]
+        );
+        assert_eq!(
+            RingPolicy::for_device(true, false, true).sqe_ops(),
+            &[
+                SqeOp::ReadFixed,
+                SqeOp::WriteFixed,
+                SqeOp::Fsync,
+                SqeOp::Fallocate
+            ]
         );
         assert_eq!(
             RingPolicy::for_device(true, true, true).sqe_ops(),

@@ -125,6 +125,10 @@ pub struct Stats {
     pub requests: u64,
     pub sqes: u64,
     pub enters: u64,
+    /// Write SQEs that carried RWF_DSYNC (writethrough).
+    pub dsync_writes: u64,
+    /// fdatasync SQEs (FLUSH, and writethrough discard/write-zeroes).
+    pub fdatasyncs: u64,
 }
 
 /// One restricted ring and the memory layout it was registered with.
@@ -253,6 +257,14 @@ impl QueueState {
 
     pub fn inflight_requests(&self) -> usize {
         self.inflight_reqs
+    }
+
+    /// New limits for the same rings (a renegotiation that changed DISCARD or WRITE_ZEROES but
+    /// not the ring policy).
+    pub fn set_limits(&mut self, limits: Limits) {
+        if self.limits.is_some() {
+            self.limits = Some(limits);
+        }
     }
 
     /// Make `engine` the ring for new requests; the previous one retires once idle.
@@ -446,8 +458,9 @@ impl Drop for QueueState {
         let s = self.stats;
         if s.requests > 0 {
             info!(
-                "queue {}: {} requests, {} SQEs in {} io_uring_enter calls, {} wakeups",
-                self.index, s.requests, s.sqes, s.enters, s.wakeups
+                "queue {}: {} requests, {} SQEs in {} io_uring_enter calls, {} wakeups; \
+                 {} RWF_DSYNC writes, {} fdatasyncs",
+                self.index, s.requests, s.sqes, s.enters, s.wakeups, s.dsync_writes, s.fdatasyncs
             );
         }
     }

@@ -193,6 +193,7 @@ impl QueueState {
             if unsafe { engine.ring.submission().push(e) }.is_ok() {
                 engine.inflight += 1;
                 self.stats.sqes += 1;
+                self.count_durability(e);
                 return true;
             }
             self.submit(vs, mem);
@@ -202,6 +203,22 @@ impl QueueState {
             self.index
         );
         false
+    }
+
+    /// Count what the kernel is told to make durable, from the SQE itself.
+    fn count_durability(&mut self, e: &squeue::Entry) {
+        let flags = sqe_op_flags(e);
+        match e.get_opcode() as u8 {
+            opcode::WriteFixed::CODE | opcode::WritevFixed::CODE
+                if flags & libc::RWF_DSYNC as u32 != 0 =>
+            {
+                self.stats.dsync_writes += 1
+            }
+            opcode::Fsync::CODE if flags & types::FsyncFlags::DATASYNC.bits() != 0 => {
+                self.stats.fdatasyncs += 1
+            }
+            _ => {}
+        }
     }
 
     pub(super) fn queued_sqes(&mut self) -> usize {
@@ -233,6 +250,22 @@ impl QueueState {
                 },
             }
         }
+    }
+}
+
+/// The `op_flags` word of an SQE (rw_flags, fsync_flags...), as the kernel will read it.
+fn sqe_op_flags(e: &squeue::Entry) -> u32 {
+    const OP_FLAGS_OFFSET: usize = 28;
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: `Entry` is a repr(C) wrapper around `struct io_uring_sqe` (64 bytes, asserted
+    // above), whose op_flags union is the u32 at offset 28; the read stays inside `e`.
+    unsafe {
+        std::ptr::read_unaligned(
+            (e as *const squeue::Entry)
+                .cast::<u8>()
+                .add(OP_FLAGS_OFFSET)
+                .cast::<u32>(),
+        )
     }
 }
 

@@ -833,6 +833,11 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(socket: &Path) -> std::io::Result<RawClient> {
+        Self::connect_without(socket, 0)
+    }
+
+    /// Connect, accepting every feature the driver knows but those in `unwanted` (bits).
+    pub fn connect_without(socket: &Path, unwanted: u64) -> std::io::Result<RawClient> {
         use virtio_driver::{
             virtqueue::{Virtqueue, VirtqueueLayout},
             VirtioBlkFeatureFlags as B, VirtioFeatureFlags as V, VirtioTransport,
@@ -849,6 +854,7 @@ impl RawClient {
                 | B::DISCARD
                 | B::WRITE_ZEROES)
                 .bits();
+        let want = want & !unwanted;
         let mut transport = RawTransport::new(socket.to_str().expect("utf-8 path"), want)?;
         let feats = V::from_bits_truncate(transport.get_features());
         let layout = VirtqueueLayout::new::<RawReq>(1, RAW_QUEUE_SIZE.into(), feats)?;
