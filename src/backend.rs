@@ -273,6 +273,32 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// Wait (until `timeout`) for every SQE of every ring to complete, so that nothing of this
+    /// connection lands after the next one starts, the image lock is released or the process
+    /// exits. Call when no worker serves the queues any more (the connection is over, or the
+    /// process is ending); the queues stay locked by the caller's thread meanwhile only for
+    /// the wait. Returns the SQEs still in flight at the deadline.
+    ///
+    /// With `hold`, every queue stays locked afterwards (for the process's exit: no worker may
+    /// start another request).
+    pub fn quiesce(&self, timeout: Duration, hold: bool) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut guards: Vec<_> = self
+            .queues
+            .iter()
+            .map(|q| {
+                q.stop.store(true, Ordering::Relaxed);
+                lock(&q.state)
+            })
+            .collect();
+        let left = guards.iter_mut().map(|st| st.quiesce(deadline)).sum();
+        if hold {
+            // The process exits next: the queues must never be unlocked again.
+            std::mem::forget(guards);
+        }
+        left
+    }
+
     /// Close the exit-event fds the crate leaks. Call only after the daemon (and so every
     /// worker thread and epoll instance using them) has been dropped.
     pub fn close_exit_events(&self) {
@@ -381,6 +407,8 @@ impl VhostUserBackend for Backend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // Before anything reads it: the SIGBUS handler absorbs faults only in known guest RAM.
+        crate::sandbox::track_guest_ram(&mem.memory().into_inner());
         let snapshot = mem.memory();
         info!(
             "memory table: {} region(s), {} MiB",
@@ -428,9 +456,10 @@ impl VhostUserBackend for Backend {
         while st.inflight_requests() > 0 {
             let now = Instant::now();
             if now >= deadline {
+                let n = st.orphan_inflight();
                 warn!(
-                    "queue {queue_index}: {} request(s) still in flight after {DRAIN_TIMEOUT:?}",
-                    st.inflight_requests()
+                    "queue {queue_index}: {n} request(s) still in flight after {DRAIN_TIMEOUT:?}: \
+                     given up on; their completions will not reach the used ring"
                 );
                 break;
             }

@@ -152,9 +152,12 @@ fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// The JSON printed by `--print-capabilities`.
+/// The JSON printed by `--print-capabilities`, as QEMU's `docs/interop/vhost-user.json`
+/// defines it for block backends (`VHostUserBackendCapabilities` with type `block`): the
+/// optional options of the vhost-user-blk conventions that ringfence supports, `--read-only`
+/// and `--blk-file`.
 pub fn capabilities_json() -> &'static str {
-    "{\n  \"type\": \"block-device\",\n  \"features\": []\n}"
+    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}"
 }
 
 #[cfg(test)]

@@ -53,6 +53,8 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     // Before the first thread: every thread and ring inherits it (Linux 7.0+).
     let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
 
+    // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
+    crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
     let (mut listener, socket_path) = listen(opts)?;
     sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
     info!(
@@ -118,7 +120,11 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );
-        let mut daemon = VhostUserDaemon::new("ringfence".into(), Backend(backend.clone()), mem)
+        *lock_serving() = Some(backend.clone());
+        // The vrings of this connection can drop it (a kick or call fd that is no eventfd).
+        let conn = crate::vring::Connection::new();
+        let mut daemon = conn
+            .scope(|| VhostUserDaemon::new("ringfence".into(), Backend(backend.clone()), mem))
             .map_err(|e| StartupError::VhostUser(format!("cannot create the daemon: {e}")))?;
         let handlers = daemon.get_epoll_handlers();
         for (h, fd) in handlers.iter().zip(backend.completion_fds()) {
@@ -145,6 +151,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
 
         match daemon.start(&mut listener) {
             Ok(()) => {
+                conn.attach(daemon.shutdown_handle());
                 info!("VMM connected");
                 match daemon.wait() {
                     Ok(())
@@ -165,8 +172,13 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             h.send_exit_event();
         }
         drop(handlers);
+        // Nothing of this connection may land after the next one starts: wait for its I/O
+        // (the kernel would also hold each worker thread's exit for the requests it punted
+        // to io-wq, but not for requests in flight in the block layer).
+        quiesce(&backend, false);
         // Dropping the daemon joins its worker threads.
         drop(daemon);
+        *lock_serving() = None;
         backend.close_exit_events();
         drop(backend);
         if opts.once {
@@ -265,6 +277,28 @@ fn check_listening_fd(fd: i32) -> Result<(), StartupError> {
     Ok(())
 }
 
+/// The device of the current connection, for the signal thread.
+static SERVING: Mutex<Option<Arc<BlkBackend>>> = Mutex::new(None);
+
+fn lock_serving() -> std::sync::MutexGuard<'static, Option<Arc<BlkBackend>>> {
+    SERVING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long the end of a connection, or the exit, waits for the I/O in flight.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Wait for every SQE of `backend`'s rings (see `BlkBackend::quiesce`); say so if some are
+/// still in flight at the deadline.
+fn quiesce(backend: &BlkBackend, hold: bool) {
+    let left = backend.quiesce(QUIESCE_TIMEOUT, hold);
+    if left > 0 {
+        error!(
+            "{left} I/O operation(s) still in flight after {QUIESCE_TIMEOUT:?}: the disk does not \
+             answer; they may still complete later"
+        );
+    }
+}
+
 /// SIGTERM/SIGINT: remove our socket, make the image durable, exit 0.
 fn spawn_signal_thread(socket: Option<PathBuf>, image: Arc<Image>) {
     std::thread::Builder::new()
@@ -274,6 +308,11 @@ fn spawn_signal_thread(socket: Option<PathBuf>, image: Arc<Image>) {
             info!("received signal {sig}; exiting");
             if let Some(p) = socket {
                 let _ = std::fs::remove_file(p);
+            }
+            // Every write in flight lands before the data is synced and the lock released.
+            let serving = lock_serving().clone();
+            if let Some(b) = serving {
+                quiesce(&b, true);
             }
             if !image.read_only {
                 let _ = image.buffered.sync_data();

@@ -5,27 +5,43 @@
 //! nothing against a thread that simply creates a new, unrestricted ring, or that calls
 //! `openat(2)` itself. So:
 //! - every thread, once startup is done, runs under a deny list: no exec, no fork, no new
-//!   sockets or connections, no opening of files, no executable memory, no ptrace, no kernel
-//!   module or BPF loading;
+//!   sockets or connections, no opening of files, no executable memory (nor `shmat` with
+//!   `SHM_EXEC`), no ptrace or `process_vm_*`, no pidfds (`pidfd_open`/`pidfd_getfd` would
+//!   take fds from a VMM of the same user), no signals to other processes (`kill`, `tgkill`,
+//!   `rt_sigqueueinfo`... are allowed only with our own pid), no mounts (old and new mount
+//!   API), no kernel module or BPF loading, no keyrings, `perf_event_open` or `userfaultfd`;
+//! - every thread but the signal thread also may not remove anything (`unlink`, `unlinkat`,
+//!   `rmdir`): the signal thread removes the socket file on SIGTERM, so it is started before
+//!   that filter, which goes on the main thread alone and is inherited by every thread the
+//!   main thread creates afterwards (the vhost-user control thread, the workers);
 //! - worker threads, which touch guest data, add a strict allowlist: the few calls the worker
 //!   loop makes (io_uring_enter on its existing ring, eventfd read/write, epoll_wait, futex,
 //!   memory management without PROT_EXEC, close). `io_uring_setup` and `io_uring_register`
 //!   are among what they cannot do.
 //!
-//! The control thread (vhost-user messages) keeps `io_uring_setup`/`io_uring_register`: it
-//! must build new rings when the memory table changes. It never interprets guest data beyond
-//! the vring addresses the VMM sends, and every ring it builds is restricted before any
-//! worker can use it. On Linux 7.0+ the whole process also carries a task-level io_uring
-//! allowlist (`restrict_process_rings`), so that even a ring the control thread could be
-//! tricked into creating can do nothing but fixed-buffer I/O on registered files.
+//! Which threads keep `io_uring_setup`: the vhost-user control thread must, to build new rings
+//! when the memory table changes; the main thread (which creates the control thread, so its
+//! filters are the control thread's) and the signal thread keep it too. No worker does. The
+//! control thread never interprets guest data beyond the vring addresses the VMM sends, and
+//! every ring it builds is restricted before any worker can use it. On Linux 7.0+ the whole
+//! process also carries a task-level io_uring allowlist (`restrict_process_rings`), so that
+//! even a ring one of those threads could be tricked into creating can do nothing but
+//! fixed-buffer I/O on registered files.
+//!
+//! The SIGBUS handler absorbs faults on guest RAM whose file the VMM shrank, and only there:
+//! the mappings are registered with [`track_guest_ram`] when a memory table arrives; any other
+//! SIGBUS ends the process with a message.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
-use log::info;
+use log::{info, warn};
 use seccompiler::{
     apply_filter, apply_filter_all_threads, BpfProgram, SeccompAction, SeccompCmpArgLen,
     SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::cli::SandboxMode;
 use crate::error::RingError;
@@ -84,6 +100,22 @@ fn process_denied() -> Vec<i64> {
         libc::SYS_fchmodat,
         libc::SYS_fchownat,
         libc::SYS_memfd_create,
+        // pidfds: pidfd_getfd takes any fd from a process of the same user (the VMM).
+        libc::SYS_pidfd_open,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_pidfd_send_signal,
+        // Signals to a thread of any process (tgkill and the others are checked below).
+        libc::SYS_tkill,
+        // The new mount API.
+        libc::SYS_open_tree,
+        SYS_OPEN_TREE_ATTR,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_move_mount,
+        libc::SYS_mount_setattr,
+        SYS_FCHMODAT2,
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([
@@ -102,11 +134,29 @@ fn process_denied() -> Vec<i64> {
     v
 }
 
+/// Syscall numbers the libc crate may not name on every architecture (numbers from 424 on are
+/// the same everywhere).
+const SYS_FCHMODAT2: i64 = 452;
+const SYS_OPEN_TREE_ATTR: i64 = 467;
+
+/// Syscalls that remove directory entries: denied to every thread but the signal thread, which
+/// removes the socket file on SIGTERM.
+fn removal_denied() -> Vec<i64> {
+    let mut v = vec![libc::SYS_unlinkat];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([libc::SYS_unlink, libc::SYS_rmdir]);
+    v
+}
+
 /// What a worker thread may do (everything else fails with EPERM).
 fn worker_allowed() -> Vec<i64> {
     let mut v = vec![
         libc::SYS_io_uring_enter,
         libc::SYS_read,
+        // The kick eventfd is read with preadv2(RWF_NOWAIT) (src/vring.rs).
+        libc::SYS_preadv2,
+        // Dropping the connection when the kick fd turns out to be a semaphore (src/vring.rs).
+        libc::SYS_shutdown,
         libc::SYS_write,
         libc::SYS_writev,
         libc::SYS_epoll_pwait,
@@ -153,11 +203,16 @@ fn no_exec(arg: u8) -> Result<SeccompRule, String> {
 }
 
 fn with_exec(arg: u8) -> Result<SeccompRule, String> {
+    masked_rule(arg, libc::PROT_EXEC as u64, libc::PROT_EXEC as u64)
+}
+
+/// `arg & mask == value`.
+fn masked_rule(arg: u8, mask: u64, value: u64) -> Result<SeccompRule, String> {
     let cond = SeccompCondition::new(
         arg,
         SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-        libc::PROT_EXEC as u64,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
     )
     .map_err(|e| e.to_string())?;
     SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
@@ -191,6 +246,30 @@ fn process_filters() -> Result<Vec<BpfProgram>, String> {
     deny.insert(libc::SYS_mmap, vec![with_exec(2)?]);
     deny.insert(libc::SYS_mprotect, vec![with_exec(2)?]);
     deny.insert(libc::SYS_pkey_mprotect, vec![with_exec(2)?]);
+    deny.insert(
+        libc::SYS_shmat,
+        vec![masked_rule(
+            2,
+            libc::SHM_EXEC as u64,
+            libc::SHM_EXEC as u64,
+        )?],
+    );
+    // Signals only to ourselves: the pid argument must be our own (known now: no fork later).
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u32 as u64;
+    for nr in [
+        libc::SYS_kill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+    ] {
+        let other = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, me)
+            .map_err(|e| e.to_string())?;
+        deny.insert(
+            nr,
+            vec![SeccompRule::new(vec![other]).map_err(|e| e.to_string())?],
+        );
+    }
     let eperm = compile(
         deny,
         SeccompAction::Allow,
@@ -205,12 +284,24 @@ fn process_filters() -> Result<Vec<BpfProgram>, String> {
     Ok(vec![eperm, enosys])
 }
 
-/// Install the process-wide filters on every thread.
+/// The filter of every thread but the signal thread: no removing of files or directories.
+fn removal_filter() -> Result<BpfProgram, String> {
+    compile(
+        removal_denied().into_iter().map(|s| (s, vec![])).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )
+}
+
+/// Install the process-wide filters on every thread, then the removal filter (no `unlink*`,
+/// `rmdir`) on the calling thread alone. Call on the main thread once the signal thread runs
+/// (it alone keeps `unlink`, to remove the socket file on exit) and before any other thread is
+/// created: every thread the caller creates afterwards inherits both.
 pub fn apply_process_filter() -> Result<(), String> {
     for f in process_filters()? {
         apply_filter_all_threads(&f).map_err(|e| format!("cannot install seccomp filter: {e}"))?;
     }
-    Ok(())
+    apply_filter(&removal_filter()?).map_err(|e| format!("cannot install seccomp filter: {e}"))
 }
 
 /// The worker allowlist.
@@ -276,7 +367,8 @@ pub fn log_status(mode: SandboxMode, process_rings: Option<&RingPolicy>) {
     match mode {
         SandboxMode::Seccomp => info!(
             "sandbox: seccomp active: process deny list (exec, fork, socket/connect, open*, \
-             PROT_EXEC, ptrace, bpf, modules...) on all threads, strict allowlist on worker \
+             PROT_EXEC, ptrace, pidfds, signals to other processes, mounts, bpf, modules...) on \
+             all threads, no unlink/rmdir but on the signal thread, strict allowlist on worker \
              threads (no io_uring_setup/register, no open*, no socket); {rings}"
         ),
         SandboxMode::None => {
@@ -286,20 +378,149 @@ pub fn log_status(mode: SandboxMode, process_rings: Option<&RingPolicy>) {
 }
 
 /// Faults on guest RAM that the SIGBUS handler absorbed.
-pub static GUEST_MEMORY_FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static PAGE_SIZE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4096);
+pub static GUEST_MEMORY_FAULTS: AtomicU64 = AtomicU64::new(0);
+static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
+
+/// Most guest-RAM mappings the SIGBUS handler knows at once: a memory table has at most 509
+/// regions (the slots vhost-user-backend offers), and the mappings of an older table stay
+/// until its last requests complete. Mappings past this are not absorbed (the process ends
+/// on a fault there, as on any other unknown address), and the log says so.
+const GUEST_RAM_SLOTS: usize = 1024;
+
+/// The guest-RAM mappings, for the SIGBUS handler: `[start, end)` host addresses, published
+/// with a sequence lock (odd while being rewritten) so that the handler reads them without
+/// taking any lock. Written only under `TRACKED`.
+struct GuestRam {
+    seq: AtomicU64,
+    len: AtomicUsize,
+    start: [AtomicUsize; GUEST_RAM_SLOTS],
+    end: [AtomicUsize; GUEST_RAM_SLOTS],
+}
+
+static GUEST_RAM: GuestRam = GuestRam {
+    seq: AtomicU64::new(0),
+    len: AtomicUsize::new(0),
+    start: [const { AtomicUsize::new(0) }; GUEST_RAM_SLOTS],
+    end: [const { AtomicUsize::new(0) }; GUEST_RAM_SLOTS],
+};
+
+/// A memory table handed to [`track_guest_ram`]: its mappings last as long as the table.
+struct Tracked {
+    mem: Weak<GuestMemoryMmap>,
+    ranges: Vec<(usize, usize)>,
+}
+
+static TRACKED: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
+
+/// Tell the SIGBUS handler about the guest-RAM mappings of a new memory table (call with the
+/// table the VMM just set, before anything reads it: `update_memory`). Tables no longer alive
+/// (their mappings are gone) are forgotten at the same time; tables still alive (requests of
+/// an older table in flight) stay known.
+pub fn track_guest_ram(mem: &Arc<GuestMemoryMmap>) {
+    let mut tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());
+    tracked.retain(|t| t.mem.strong_count() > 0);
+    if !tracked
+        .iter()
+        .any(|t| std::ptr::eq(t.mem.as_ptr(), Arc::as_ptr(mem)))
+    {
+        tracked.push(Tracked {
+            mem: Arc::downgrade(mem),
+            ranges: mem
+                .iter()
+                .map(|r| (r.as_ptr() as usize, r.len() as usize))
+                .collect(),
+        });
+    }
+    let ranges: Vec<(usize, usize)> = tracked
+        .iter()
+        .flat_map(|t| t.ranges.iter().copied())
+        .collect();
+    if ranges.len() > GUEST_RAM_SLOTS {
+        warn!(
+            "{} guest RAM mappings, of which the SIGBUS handler knows the first \
+             {GUEST_RAM_SLOTS}: a fault on the others (the VMM shrinking their memory file) \
+             ends the process",
+            ranges.len()
+        );
+    }
+    publish_guest_ram(&ranges);
+}
+
+/// The `[start, end)` ranges the SIGBUS handler absorbs faults in (for tests and the log).
+pub fn guest_ram_ranges() -> Vec<(usize, usize)> {
+    let g = &GUEST_RAM;
+    loop {
+        let s1 = g.seq.load(Ordering::Acquire);
+        let n = g.len.load(Ordering::Relaxed).min(GUEST_RAM_SLOTS);
+        let v: Vec<(usize, usize)> = (0..n)
+            .map(|i| {
+                (
+                    g.start[i].load(Ordering::Relaxed),
+                    g.end[i].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        fence(Ordering::Acquire);
+        if s1 & 1 == 0 && g.seq.load(Ordering::Relaxed) == s1 {
+            return v;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Rewrite the table (the caller holds `TRACKED`).
+fn publish_guest_ram(ranges: &[(usize, usize)]) {
+    let g = &GUEST_RAM;
+    let s = g.seq.load(Ordering::Relaxed);
+    g.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+    fence(Ordering::Release);
+    let n = ranges.len().min(GUEST_RAM_SLOTS);
+    for (i, &(start, len)) in ranges.iter().take(n).enumerate() {
+        g.start[i].store(start, Ordering::Relaxed);
+        g.end[i].store(start.saturating_add(len), Ordering::Relaxed);
+    }
+    g.len.store(n, Ordering::Relaxed);
+    g.seq.store(s.wrapping_add(2), Ordering::Release);
+}
+
+/// Whether `[page, page + size)` lies inside one guest-RAM mapping. Async-signal-safe: atomic
+/// loads only, a bounded number of tries (a writer is never interrupted by this handler on its
+/// own thread: writers do not touch guest RAM).
+fn in_guest_ram(page: usize, size: usize) -> bool {
+    let Some(page_end) = page.checked_add(size) else {
+        return false;
+    };
+    let g = &GUEST_RAM;
+    for _ in 0..1_000_000 {
+        let s1 = g.seq.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let n = g.len.load(Ordering::Relaxed).min(GUEST_RAM_SLOTS);
+        let hit = (0..n).any(|i| {
+            g.start[i].load(Ordering::Relaxed) <= page
+                && page_end <= g.end[i].load(Ordering::Relaxed)
+        });
+        fence(Ordering::Acquire);
+        if g.seq.load(Ordering::Relaxed) == s1 {
+            return hit;
+        }
+    }
+    false
+}
 
 /// Guest RAM is a file the VMM shares with us (a memfd). If the VMM shrinks that file after
-/// handing it over, touching the vanished part raises SIGBUS. The only file mappings this
-/// process makes are guest RAM, so the handler replaces the faulting page with a private
-/// zero page and lets the access complete: the guest sees zeroes where its memory vanished,
-/// the daemon survives, and the worker logs what happened. Anything else ends the process
-/// with a message.
+/// handing it over, touching the vanished part raises SIGBUS. The handler replaces the faulting
+/// page with a private zero page and lets the access complete, but only if the page lies in a
+/// guest-RAM mapping the daemon made ([`track_guest_ram`]): the guest sees zeroes where its
+/// memory vanished, the daemon survives, and the worker logs what happened. Any other SIGBUS
+/// ends the process with a message naming the address.
 pub fn install_sigbus_handler() -> Result<(), String> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if page > 0 {
-        PAGE_SIZE.store(page as usize, std::sync::atomic::Ordering::Relaxed);
+        PAGE_SIZE.store(page as usize, Ordering::Relaxed);
     }
     // SAFETY: an all-zero sigaction is a valid value of this plain C struct; we fill in the
     // handler and flags, and sigaction copies it.
@@ -321,13 +542,13 @@ pub fn install_sigbus_handler() -> Result<(), String> {
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     const BUS_ADRERR: i32 = 2;
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; only
-    // async-signal-safe calls (mmap, write, _exit) follow.
+    // async-signal-safe calls (atomic loads, mmap, write, _exit) follow.
     unsafe {
         let code = (*info).si_code;
         let addr = (*info).si_addr() as usize;
-        if code == BUS_ADRERR && addr != 0 {
-            let page = PAGE_SIZE.load(std::sync::atomic::Ordering::Relaxed);
-            let start = addr & !(page - 1);
+        let page = PAGE_SIZE.load(Ordering::Relaxed);
+        let start = addr & !(page - 1);
+        if code == BUS_ADRERR && in_guest_ram(start, page) {
             let p = libc::mmap(
                 start as *mut libc::c_void,
                 page,
@@ -337,14 +558,55 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
                 0,
             );
             if p != libc::MAP_FAILED {
-                GUEST_MEMORY_FAULTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                GUEST_MEMORY_FAULTS.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        const MSG: &[u8] = b"ringfence: fatal: SIGBUS that is not a vanished guest memory page\n";
-        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        let mut msg = [0u8; 128];
+        let n = fatal_sigbus_message(&mut msg, addr, code);
+        libc::write(2, msg.as_ptr().cast(), n);
         libc::_exit(70);
     }
+}
+
+/// "ringfence: fatal: SIGBUS at 0x..., outside guest RAM (si_code N)\n" into `buf`, without
+/// allocating (signal context). Returns the length.
+fn fatal_sigbus_message(buf: &mut [u8; 128], addr: usize, code: i32) -> usize {
+    let mut n = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if n < buf.len() {
+                buf[n] = b;
+                n += 1;
+            }
+        }
+    };
+    put(b"ringfence: fatal: SIGBUS at 0x");
+    let mut hex = [0u8; 16];
+    for (i, h) in hex.iter_mut().enumerate() {
+        let nib = (addr >> ((15 - i) * 4)) & 0xf;
+        *h = b"0123456789abcdef"[nib];
+    }
+    put(&hex);
+    put(b", outside guest RAM (si_code ");
+    let mut dec = [0u8; 11];
+    let mut i = dec.len();
+    let neg = code < 0;
+    let mut v = code.unsigned_abs();
+    loop {
+        i -= 1;
+        dec[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if neg {
+        put(b"-");
+    }
+    put(&dec[i..]);
+    put(b")\n");
+    n
 }
 
 /// Block SIGTERM/SIGINT/SIGHUP in this thread and every thread it creates from now on,
@@ -494,6 +756,187 @@ mod tests {
     #[test]
     fn filters_compile() {
         assert_eq!(process_filters().unwrap().len(), 2);
+        assert!(!removal_filter().unwrap().is_empty());
         assert!(!worker_filter().unwrap().is_empty());
+    }
+
+    /// What src/vring.rs does on a worker: read the kick eventfd with preadv2(RWF_NOWAIT), and
+    /// shut a socket down (the connection of a VMM whose kick fd is a semaphore).
+    #[test]
+    fn worker_can_read_kicks_without_waiting_and_drop_a_connection() {
+        let efd = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (nowait, shut) = in_worker(move || {
+            let mut v = 0u64;
+            let iov = libc::iovec {
+                iov_base: (&mut v as *mut u64).cast(),
+                iov_len: 8,
+            };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&efd);
+            // SAFETY: one iovec of 8 bytes pointing at `v`, which we own.
+            let rc = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+            let nowait = (rc, std::io::Error::last_os_error().raw_os_error());
+            (nowait, a.shutdown(std::net::Shutdown::Both).is_ok())
+        });
+        // An empty eventfd without O_NONBLOCK: "would block", at once.
+        assert_eq!(nowait, (-1, Some(libc::EAGAIN)));
+        assert!(shut);
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            std::io::Read::read(&mut &b, &mut buf).unwrap(),
+            0,
+            "peer sees EOF"
+        );
+    }
+
+    #[test]
+    fn the_fatal_sigbus_message_names_address_and_code() {
+        let mut buf = [0u8; 128];
+        let n = fatal_sigbus_message(&mut buf, 0x7f00_dead_b000, 2);
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            "ringfence: fatal: SIGBUS at 0x00007f00deadb000, outside guest RAM (si_code 2)\n"
+        );
+        let n = fatal_sigbus_message(&mut buf, 0, -6);
+        assert!(std::str::from_utf8(&buf[..n])
+            .unwrap()
+            .ends_with("(si_code -6)\n"));
+    }
+
+    /// A shared mapping of a memfd of `pages` pages: (file, mapping address, length).
+    fn memfd_pages(pages: usize) -> (std::fs::File, usize) {
+        use std::os::fd::FromRawFd;
+        let len = pages * 4096;
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned from here on.
+        let file = unsafe {
+            let fd = libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            std::fs::File::from_raw_fd(fd)
+        };
+        file.set_len(len as u64).expect("ftruncate");
+        (file, len)
+    }
+
+    /// Touch one byte at `addr` (volatile: the read must happen).
+    fn touch(addr: usize) -> u8 {
+        // SAFETY: `addr` lies in a live mapping of ours; a SIGBUS there is what is tested.
+        unsafe { std::ptr::read_volatile(addr as *const u8) }
+    }
+
+    /// The child side of the SIGBUS tests (re-executed test binary, see `run_sigbus_child`):
+    /// does nothing unless `RINGFENCE_SIGBUS_CHILD` says which case to run.
+    #[test]
+    fn sigbus_child() {
+        use std::os::fd::AsRawFd;
+        use vm_memory::{FileOffset, GuestAddress};
+        let Ok(case) = std::env::var("RINGFENCE_SIGBUS_CHILD") else {
+            return;
+        };
+        install_sigbus_handler().expect("handler");
+        match case.as_str() {
+            "guest" => {
+                // Guest RAM as the crate maps it: a GuestMemoryMmap over the VMM's memfd.
+                let (file, len) = memfd_pages(4);
+                let f2 = file.try_clone().unwrap();
+                let mem = Arc::new(
+                    GuestMemoryMmap::from_ranges_with_files(&[(
+                        GuestAddress(0x10_0000),
+                        len,
+                        Some(FileOffset::new(f2, 0)),
+                    )])
+                    .expect("guest memory"),
+                );
+                track_guest_ram(&mem);
+                let host = mem.iter().next().unwrap().as_ptr() as usize;
+                assert_eq!(guest_ram_ranges(), vec![(host, host + len)]);
+                // An older table still alive stays known; a dead one is forgotten.
+                let (file_b, len_b) = memfd_pages(1);
+                let mem_b = Arc::new(
+                    GuestMemoryMmap::from_ranges_with_files(&[(
+                        GuestAddress(0),
+                        len_b,
+                        Some(FileOffset::new(file_b, 0)),
+                    )])
+                    .unwrap(),
+                );
+                track_guest_ram(&mem_b);
+                assert_eq!(guest_ram_ranges().len(), 2);
+                drop(mem_b);
+                track_guest_ram(&mem);
+                assert_eq!(guest_ram_ranges(), vec![(host, host + len)]);
+                // The VMM shrinks its file: the vanished pages read as zeroes.
+                file.set_len(4096).expect("shrink");
+                assert_eq!(touch(host + 2 * 4096 + 17), 0);
+                assert_eq!(GUEST_MEMORY_FAULTS.load(Ordering::Relaxed), 1);
+                assert_eq!(touch(host + 2 * 4096), 0, "the zero page stays");
+                assert_eq!(GUEST_MEMORY_FAULTS.load(Ordering::Relaxed), 1);
+                drop(file);
+                println!("SIGBUS-CHILD-OK");
+            }
+            "foreign" => {
+                // A shared file mapping the daemon did not register as guest RAM.
+                let (file, len) = memfd_pages(2);
+                // SAFETY: a fresh shared mapping of our memfd; nothing else uses the range.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        file.as_raw_fd(),
+                        0,
+                    )
+                };
+                assert_ne!(p, libc::MAP_FAILED);
+                file.set_len(0).expect("shrink");
+                println!("SIGBUS-CHILD-ADDR {:#018x}", p as usize + 4096);
+                touch(p as usize + 4096);
+                unreachable!("the SIGBUS handler returned for a foreign address");
+            }
+            other => panic!("unknown case {other}"),
+        }
+    }
+
+    /// Run `sigbus_child` with `case` in a fresh process (the handler is process-wide, and the
+    /// foreign case ends the process): (exit code, stdout, stderr).
+    fn run_sigbus_child(case: &str) -> (Option<i32>, String, String) {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "sandbox::tests::sigbus_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("RINGFENCE_SIGBUS_CHILD", case)
+            .output()
+            .expect("run the child");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn sigbus_on_guest_ram_is_absorbed() {
+        let (code, out, err) = run_sigbus_child("guest");
+        assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+        assert!(
+            out.contains("SIGBUS-CHILD-OK"),
+            "stdout:\n{out}\nstderr:\n{err}"
+        );
+    }
+
+    #[test]
+    fn sigbus_elsewhere_ends_the_process_with_a_message() {
+        let (code, out, err) = run_sigbus_child("foreign");
+        assert_eq!(code, Some(70), "stdout:\n{out}\nstderr:\n{err}");
+        let addr = out
+            .lines()
+            .find_map(|l| l.split("SIGBUS-CHILD-ADDR ").nth(1))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no address in stdout:\n{out}"));
+        let want = format!("ringfence: fatal: SIGBUS at {addr}, outside guest RAM (si_code 2)");
+        assert!(err.contains(&want), "want {want:?} in stderr:\n{err}");
     }
 }

@@ -88,6 +88,15 @@ impl QueueState {
         if slot.pending > 0 {
             return;
         }
+        if slot.orphaned {
+            // Given up on when its queue was stopped: free the slot, tell nobody.
+            slot.busy = false;
+            slot.orphaned = false;
+            self.inflight_reqs -= 1;
+            self.orphaned_reqs -= 1;
+            debug!("queue {q}: request {head} completed after its queue was stopped; dropped");
+            return;
+        }
         if std::mem::take(&mut slot.sync_after) && !slot.failed {
             // Durable before it completes (writethrough): one fdatasync, then complete.
             slot.pending = 1;

@@ -178,6 +178,10 @@ struct Slot {
     /// Make the request's effect durable (fdatasync) before it completes: discard and
     /// write-zeroes under a writethrough cache.
     sync_after: bool,
+    /// In flight when the queue was stopped and the wait for it timed out: the VMM has been
+    /// told where the queue stands, so its completion must not reach the used ring (the head
+    /// may have been made available again for another request). Freed when its SQEs complete.
+    orphaned: bool,
     /// iovecs of a vectored request, alive until it completes.
     iov: Vec<[u64; 2]>,
 }
@@ -196,6 +200,8 @@ pub struct QueueState {
     retiring: Vec<Engine>,
     slots: Vec<Slot>,
     inflight_reqs: usize,
+    /// Of those, the ones given up on (see `orphan_inflight`).
+    orphaned_reqs: usize,
     limits: Option<Limits>,
     /// The filesystem refused FALLOC_FL_ZERO_RANGE (tmpfs): zero in place by punching a hole
     /// and allocating it again.
@@ -227,6 +233,7 @@ impl QueueState {
             retiring: Vec::new(),
             slots: vec![Slot::default(); usize::from(max_queue_size)],
             inflight_reqs: 0,
+            orphaned_reqs: 0,
             limits: None,
             zero_range_unsupported: false,
             punch_unsupported: false,
@@ -255,8 +262,66 @@ impl QueueState {
         self.stats
     }
 
+    /// Requests in flight that will still complete to the guest.
     pub fn inflight_requests(&self) -> usize {
-        self.inflight_reqs
+        self.inflight_reqs - self.orphaned_reqs
+    }
+
+    /// Give up on the requests still in flight (a queue stop whose wait timed out): their
+    /// completions free their slots but never reach the used ring. Returns how many.
+    pub fn orphan_inflight(&mut self) -> usize {
+        let mut n = 0;
+        for s in self.slots.iter_mut().filter(|s| s.busy && !s.orphaned) {
+            s.orphaned = true;
+            n += 1;
+        }
+        self.orphaned_reqs += n;
+        n
+    }
+
+    /// Wait until every SQE of every ring of this queue has completed, or `deadline`; the
+    /// completions are consumed without touching guest memory (the VMM is gone, or the process
+    /// is ending). Returns the SQEs still in flight (0: nothing of this queue can land later).
+    pub fn quiesce(&mut self, deadline: Instant) -> usize {
+        let waiting: usize = self
+            .engine
+            .iter()
+            .chain(self.retiring.iter())
+            .map(|e| e.inflight)
+            .sum();
+        if waiting > 0 {
+            info!(
+                "queue {}: waiting for {waiting} I/O operation(s) in flight",
+                self.index
+            );
+        }
+        for e in self.engine.iter_mut().chain(self.retiring.iter_mut()) {
+            while e.inflight > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let slice = left.min(Duration::from_millis(200));
+                let ts = io_uring::types::Timespec::from(slice);
+                let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+                match e.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                    Err(err) => {
+                        warn!("queue {}: waiting for completions: {err}", self.index);
+                        break;
+                    }
+                }
+                let done = e.ring.completion().count();
+                e.inflight = e.inflight.saturating_sub(done);
+            }
+        }
+        self.retiring.retain(|e| e.inflight > 0);
+        self.engine
+            .iter()
+            .chain(self.retiring.iter())
+            .map(|e| e.inflight)
+            .sum()
     }
 
     /// New limits for the same rings (a renegotiation that changed DISCARD or WRITE_ZEROES but

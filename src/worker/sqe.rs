@@ -156,6 +156,7 @@ impl QueueState {
         slot.used_len = used_len;
         slot.ranges = ranges;
         slot.sync_after = false;
+        slot.orphaned = false;
         self.inflight_reqs += 1;
     }
 
