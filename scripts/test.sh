@@ -5,6 +5,10 @@
 #   scripts/test.sh            everything: lints, unit + kernel + blkio + hostile-driver tests,
 #                              real QEMU guests, a short run of every fuzz target
 #   RINGFENCE_SKIP_FUZZ=1      leave out the fuzz run
+#   RINGFENCE_SKIP_MATRIX=1    leave out the kernel matrix (the unit, seccomp-gap, sandbox and
+#                              blkio tests inside Debian's 6.1, 6.12 and 7.x cloud kernels under
+#                              QEMU TCG: guest-tests/qemu/kernel-matrix.sh, whose
+#                              RINGFENCE_MATRIX_KERNELS="6.1 6.12" runs fewer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,15 +18,17 @@ sudo=
 step() { printf '\n== %s\n' "$*"; }
 
 step "system packages"
-pkgs=(qemu-system-x86 qemu-system-common fio busybox-static cpio kmod util-linux)
+# qemu-utils goes with qemu-system-x86 on purpose: install-host-packages.sh installs QEMU's
+# packages at one version, downgrading a backported qemu-utils when that is what blocks them.
+pkgs=(qemu-system-x86 qemu-system-common qemu-utils fio busybox-static cpio kmod util-linux
+    xz-utils zstd e2fsprogs python3 debian-archive-keyring)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    $sudo guest-tests/qemu/install-host-packages.sh "${pkgs[@]}"
 else
     echo "all present: ${pkgs[*]}"
 fi
@@ -41,7 +47,8 @@ guest-tests/qemu/prepare-assets.sh
 step "tests: unit, kernel enforcement, blkio, hostile driver, QEMU guests"
 cargo build --release --locked --bin ringfence
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+mlog=$(mktemp)
+trap 'rm -f "$log" "$mlog"' EXIT
 set +e
 RINGFENCE_BIN="$PWD/target/release/ringfence" cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
@@ -49,9 +56,40 @@ set -e
 count() { awk -v k="$1" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i ~ "^" k) s += $(i-1) } END { print s + 0 }' "$log"; }
 passed=$(count passed)
 failed=$(count failed)
+summary() { # the last line, with the kernel matrix's counts added in
+    if [[ -n $matrix ]]; then
+        echo "tests: $((passed + matrix_passed)) passed, $((failed + matrix_failed)) failed" \
+            "(cargo test: $passed passed, $failed failed; kernel matrix: $matrix)"
+    else
+        echo "tests: $passed passed, $failed failed"
+    fi
+}
+matrix="" matrix_passed=0 matrix_failed=0
 if [[ $status -ne 0 ]]; then
-    echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+    summary
     exit "$status"
+fi
+
+if [[ -z ${RINGFENCE_SKIP_MATRIX:-} ]]; then
+    step "kernel matrix (6.1, 6.12, 7.x under QEMU TCG)"
+    set +e
+    guest-tests/qemu/kernel-matrix.sh 2>&1 | tee "$mlog"
+    status=${PIPESTATUS[0]}
+    set -e
+    counts=$(sed -n 's/^kernel-matrix: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$mlog" | tail -n 1)
+    if [[ -n $counts ]]; then
+        read -r matrix_passed matrix_failed <<<"$counts"
+        matrix="$matrix_passed passed, $matrix_failed failed"
+    else
+        matrix_failed=1
+        matrix="did not run to the end"
+    fi
+    if [[ $status -ne 0 ]]; then
+        summary
+        exit "$status"
+    fi
+else
+    matrix="skipped (RINGFENCE_SKIP_MATRIX)"
 fi
 
 if [[ -z ${RINGFENCE_SKIP_FUZZ:-} ]]; then
@@ -60,4 +98,4 @@ if [[ -z ${RINGFENCE_SKIP_FUZZ:-} ]]; then
 fi
 
 step "summary"
-echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+summary

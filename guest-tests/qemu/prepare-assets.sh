@@ -49,28 +49,14 @@ as_root() {
     fi
 }
 
-pkg_installed() {
-    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
-}
-
-# qemu-utils is listed with qemu-system-x86 on purpose: on machines that carry a newer
-# qemu-utils from backports, installing bookworm's qemu-system-x86 removes it (and with it
-# qemu-img); asking for both keeps qemu-img and qemu-storage-daemon present and consistent.
-wanted_pkgs=(qemu-system-x86 qemu-utils fio busybox-static util-linux cpio kmod xz-utils zstd)
-missing=()
-for p in "${wanted_pkgs[@]}"; do
-    pkg_installed "$p" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! as_root apt-get install -y --no-install-recommends "${missing[@]}" >&2; then
-        log "apt-get install failed; updating the package lists and retrying"
-        as_root apt-get update >&2 || true
-        as_root apt-get install -y --no-install-recommends "${missing[@]}" >&2 ||
-            die "could not install ${missing[*]}; run as root: apt-get install ${missing[*]}"
-    fi
-fi
+# install-host-packages.sh installs what is missing and keeps QEMU's packages at one version: on
+# machines that carry a backported qemu-utils, installing bookworm's qemu-system-x86 either
+# fails ("held broken packages") or removes qemu-utils (and with it qemu-img and
+# qemu-storage-daemon); it installs bookworm's qemu-utils with it, downgrading only then.
+wanted_pkgs=(qemu-system-x86 qemu-system-common qemu-utils fio busybox-static util-linux cpio kmod
+    xz-utils zstd)
+"$here/install-host-packages.sh" "${wanted_pkgs[@]}" ||
+    die "could not install the host packages the guest tests need (see above)"
 for c in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio modinfo blkdiscard dpkg-deb \
     ldd ldconfig; do
     command -v "$c" >/dev/null 2>&1 || die "$c not found after installing packages"
