@@ -250,14 +250,19 @@ impl BlkBackend {
         for (i, q) in self.queues.iter().enumerate() {
             let efd = crate::worker::completion_raw_fd(&lock(&q.state));
             let label = format!("queue {i}");
-            let ring = build_ring(&RingSetup {
-                label: &label,
-                entries,
-                files: &files,
-                buffers: &map,
-                eventfd: Some(efd),
-                policy: &policy,
-            })?;
+            // SAFETY: `map` describes the regions of `mem`, which the Engine keeps alive as long
+            // as the ring; guest RAM is shared memory that Rust code only reads and writes
+            // through vm-memory's volatile accessors.
+            let ring = unsafe {
+                build_ring(&RingSetup {
+                    label: &label,
+                    entries,
+                    files: &files,
+                    buffers: &map,
+                    eventfd: Some(efd),
+                    policy: &policy,
+                })
+            }?;
             engines.push(Engine::new(ring, map.clone(), mem.clone()));
         }
         let limits = self.limits(&policy);

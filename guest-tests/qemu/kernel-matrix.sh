@@ -52,7 +52,8 @@ matrix_tests=(
     "seccomp_gap"
     "sandbox"
     "blkio_io"
-    "kernel_fence?"
+    "kernel_fence"
+    "durability"
 )
 # ---------------------------------------------------------------------------------------------
 

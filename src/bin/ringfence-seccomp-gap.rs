@@ -193,14 +193,18 @@ impl Demo {
                 if ringfence::kernel::Kernel::get().vectored_fixed {
                     policy = policy.with_vectored();
                 }
-                let ring = build_ring(&RingSetup {
-                    label: "demo",
-                    entries: 8,
-                    files: &files,
-                    buffers: &map,
-                    eventfd: None,
-                    policy: &policy,
-                })
+                // SAFETY: `buf` moves into the Demo beside the ring (a Vec's heap block does not
+                // move) and is only read back after the READ_FIXED that fills it has completed.
+                let ring = unsafe {
+                    build_ring(&RingSetup {
+                        label: "demo",
+                        entries: 8,
+                        files: &files,
+                        buffers: &map,
+                        eventfd: None,
+                        policy: &policy,
+                    })
+                }
                 .map_err(|e| format!("ringfence's ring builder failed: {e}"))?;
                 println!("ringfence ring policy: {policy}");
                 Ok(Demo {

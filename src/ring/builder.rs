@@ -35,7 +35,15 @@ pub struct RingSetup<'a> {
 }
 
 /// Build a restricted, enabled ring.
-pub fn build_ring(setup: &RingSetup<'_>) -> Result<IoUring, RingError> {
+///
+/// # Safety
+///
+/// The kernel reads and writes the memory that `setup.buffers` describes for as long as the
+/// returned ring lives, whenever an SQE names it. The caller must keep that memory mapped, and
+/// treat it as shared with the kernel (never as memory Rust code owns exclusively), until the
+/// ring is dropped. The daemon does so by keeping the `GuestMemoryMmap` the buffers come from
+/// alongside the ring (`worker::Engine`).
+pub unsafe fn build_ring(setup: &RingSetup<'_>) -> Result<IoUring, RingError> {
     let ring = IoUring::builder()
         .setup_r_disabled()
         .build(setup.entries)
@@ -57,9 +65,8 @@ pub fn build_ring(setup: &RingSetup<'_>) -> Result<IoUring, RingError> {
         })
         .collect();
     if !iovecs.is_empty() {
-        // SAFETY: every iovec describes a guest RAM mapping that stays mapped at least as long
-        // as this ring: the caller keeps the `GuestMemoryMmap` it came from alive alongside the
-        // ring (see `worker::Engine`). The kernel pins the pages; it never frees them.
+        // SAFETY: every iovec describes memory that stays mapped, and shared with the kernel,
+        // at least as long as this ring: this function's own contract.
         unsafe { submitter.register_buffers(&iovecs) }
             .map_err(|e| classify_buffer_error(e, setup.buffers.total_len()))?;
     }
@@ -238,14 +245,18 @@ pub(crate) mod tests {
         )
         .unwrap();
         let files = [(image_fd, "test image".to_string())];
-        let ring = build_ring(&RingSetup {
-            label: "test",
-            entries: 8,
-            files: &files,
-            buffers: &map,
-            eventfd: None,
-            policy,
-        })
+        // SAFETY: `buf` lives in the returned Fixture beside the ring (and is dropped after it:
+        // field order), and the tests touch it only while no SQE that names it is in flight.
+        let ring = unsafe {
+            build_ring(&RingSetup {
+                label: "test",
+                entries: 8,
+                files: &files,
+                buffers: &map,
+                eventfd: None,
+                policy,
+            })
+        }
         .expect("build a restricted ring (is io_uring enabled?)");
         Fixture {
             ring,
