@@ -226,10 +226,18 @@ fn probe_vectored_fixed() -> bool {
         && probe.is_supported(io_uring::opcode::WritevFixed::CODE)
 }
 
+/// uname(2)'s release: no /proc needed.
 fn read_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "(unknown release)".into())
+    // SAFETY: an all-zero utsname is a valid value of this plain C struct; uname fills it in.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes into `u`, which we own.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "(unknown release)".into();
+    }
+    // SAFETY: uname NUL-terminates `release` within the array.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn parse_version(release: &str) -> Option<(u32, u32)> {

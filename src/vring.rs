@@ -298,7 +298,22 @@ impl VringT<Mem> for Vring {
             return Ok(enabled);
         };
         let fd = kick.as_raw_fd();
-        let got = read_nowait(fd);
+        let got = match read_nowait(fd) {
+            Ok(got) => got,
+            Err(e) => {
+                // Not an eventfd after all (possible only where /proc could not tell): it
+                // would stay readable and wake the worker for ever.
+                drop(st);
+                self.kick.refused.store(true, Ordering::Relaxed);
+                warn!(
+                    "queue {}: the VMM's kick fd cannot be read as an eventfd ({e}); dropping \
+                     the connection",
+                    self.queue
+                );
+                self.conn.refuse();
+                return Ok(false);
+            }
+        };
         if got.is_some_and(|v| v > 1) {
             self.kick.normal.store(true, Ordering::Relaxed);
         } else if got == Some(1)
@@ -340,6 +355,11 @@ pub fn check_eventfd(fd: RawFd) -> Result<(), String> {
     if (st.st_dev, st.st_ino) == anon && link.as_deref().ok() == Some(EVENTFD_LINK) {
         return Ok(());
     }
+    if (st.st_dev, st.st_ino) == anon && !PROC_FD.load(Ordering::Relaxed) {
+        // Without /proc an anonymous-inode file is as close as we can tell; a kick fd that
+        // then cannot be read as an eventfd drops the connection (`read_kick`).
+        return Ok(());
+    }
     let kind = match st.st_mode & libc::S_IFMT {
         libc::S_IFIFO => "a pipe",
         libc::S_IFREG => "a regular file",
@@ -356,11 +376,25 @@ pub fn check_eventfd(fd: RawFd) -> Result<(), String> {
     })
 }
 
+/// Whether `/proc/self/fd` tells an eventfd from other anonymous-inode files (it does where
+/// /proc is mounted).
+static PROC_FD: AtomicBool = AtomicBool::new(true);
+
 /// Check, at startup, that fds can be told apart as `set_kick`/`set_call` need: an eventfd is
-/// recognised and a pipe is not. Fails where `/proc` is not mounted.
+/// recognised and a pipe is not. Where /proc is not mounted (a minimal initramfs), say so and
+/// check kick and call fds by their inode alone.
 pub fn check_fd_inspection() -> Result<(), String> {
     let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC)
         .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+    if let Err(e) = fd_link(efd.as_raw_fd()) {
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            PROC_FD.store(false, Ordering::Relaxed);
+            warn!(
+                "/proc is not mounted: kick and call fds can only be checked to be \
+                 anonymous-inode files (mount /proc to have them checked as eventfds)"
+            );
+        }
+    }
     check_eventfd(efd.as_raw_fd()).map_err(|e| {
         format!("cannot recognise an eventfd (it looks like {e}); is /proc mounted?")
     })?;
@@ -446,7 +480,9 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Read an eventfd's counter without ever waiting: `None` if there is nothing to read.
-fn read_nowait(fd: RawFd) -> Option<u64> {
+/// One non-blocking 8-byte read: `Ok(Some(v))`, `Ok(None)` when there is nothing to read, or
+/// the error of an fd that cannot be read as an eventfd.
+fn read_nowait(fd: RawFd) -> io::Result<Option<u64>> {
     let mut v = 0u64;
     let iov = libc::iovec {
         iov_base: (&mut v as *mut u64).cast(),
@@ -462,22 +498,27 @@ fn read_nowait(fd: RawFd) -> Option<u64> {
             unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) }
         };
         if n == 8 {
-            return Some(v);
+            return Ok(Some(v));
         }
-        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        let err = io::Error::last_os_error();
+        if n < 0 && err.raw_os_error() == Some(libc::EOPNOTSUPP) {
             if NOWAIT_UNSUPPORTED.swap(true, Ordering::Relaxed) {
-                return None;
+                return Ok(None);
             }
             continue;
         }
-        // EAGAIN: nothing to read. EINTR: the fd is still ready and epoll brings us back.
-        return None;
+        return match (n, err.raw_os_error()) {
+            // Nothing to read; or interrupted, and the fd is still ready, so epoll brings us back.
+            (_, Some(libc::EAGAIN) | Some(libc::EINTR)) if n < 0 => Ok(None),
+            (n, _) if n < 0 => Err(err),
+            _ => Err(io::Error::other(format!("a read of {n} bytes"))),
+        };
     }
 }
 
 /// Whether the kick fd hands out its counter one at a time, a lot of it left.
 fn is_semaphore(fd: RawFd) -> bool {
-    (0..SEMAPHORE_RUN).all(|_| read_nowait(fd) == Some(1))
+    (0..SEMAPHORE_RUN).all(|_| matches!(read_nowait(fd), Ok(Some(1))))
 }
 
 #[cfg(test)]
@@ -599,9 +640,13 @@ mod tests {
         assert!(nonblocking(&k) && nonblocking(&c));
         write_u64(&k, 1);
         assert!(v.read_kick().unwrap());
-        assert_eq!(read_nowait(k.as_raw_fd()), None, "the kick was consumed");
+        assert_eq!(
+            read_nowait(k.as_raw_fd()).unwrap(),
+            None,
+            "the kick was consumed"
+        );
         v.signal_used_queue().expect("signal");
-        assert_eq!(read_nowait(c.as_raw_fd()), Some(1));
+        assert_eq!(read_nowait(c.as_raw_fd()).unwrap(), Some(1));
     }
 
     /// The VMM shares the open file description and may clear O_NONBLOCK after handing the

@@ -770,3 +770,32 @@ fn serves_an_inherited_listening_socket() {
     assert_eq!(c.q().read(4096, 8192).unwrap(), data);
     assert_same("image file", 4096, &read_file_at(&img, 4096, 8192), &data);
 }
+
+/// A minimal guest or container may have no /proc: the daemon still starts and serves (kick
+/// and call fds are then checked by their inode alone, and the log says so).
+#[test]
+fn serves_without_proc() {
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let sock = d.path().join("np.sock");
+    sparse(&img, 4 * MIB);
+    let script = format!(
+        "umount -l /proc && exec {} --socket-path {} --blk-file {}",
+        s(ringfence_bin()),
+        s(&sock),
+        s(&img)
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("RUST_LOG", "info");
+    let p = Proc::spawn_until_ready(&mut cmd);
+    assert!(
+        p.stderr().contains("/proc is not mounted"),
+        "{}",
+        p.stderr()
+    );
+    let mut c = Client::connect(&sock, ClientOpts::default()).expect("connect");
+    let data = pattern(8, 4096, 8192);
+    c.q().write(4096, &data).unwrap();
+    assert_eq!(c.q().read(4096, 8192).unwrap(), data);
+}
