@@ -171,3 +171,50 @@ fn startup_under_someone_elses_task_restrictions_is_refused_with_the_reason() {
         done.stderr
     );
 }
+
+/// The opcodes each ring is given follow the features the driver negotiated (backend.rs's
+/// mapping), as registered with the kernel: FALLOCATE only with DISCARD or WRITE_ZEROES, FSYNC
+/// only with FLUSH or with DISCARD/WRITE_ZEROES (a writethrough cache syncs them), and the
+/// vectored opcodes only where the kernel has them.
+#[test]
+fn ring_opcodes_follow_the_negotiated_features() {
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES,
+    };
+    let vectored = if Kernel::get().vectored_fixed {
+        " READV_FIXED WRITEV_FIXED"
+    } else {
+        ""
+    };
+    let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+    let zeroing = (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
+    let cases = [
+        (0, "READ_FIXED WRITE_FIXED FSYNC FALLOCATE"),
+        (flush | zeroing, "READ_FIXED WRITE_FIXED"),
+        (zeroing, "READ_FIXED WRITE_FIXED FSYNC"),
+        (flush, "READ_FIXED WRITE_FIXED FSYNC FALLOCATE"),
+        (
+            1u64 << VIRTIO_BLK_F_DISCARD,
+            "READ_FIXED WRITE_FIXED FSYNC FALLOCATE",
+        ),
+    ];
+    for (unwanted, ops) in cases {
+        let mut b = start(false, 1);
+        let raw = common::RawClient::connect_without(&b.socket, unwanted).expect("raw driver");
+        assert_eq!(raw.features() & unwanted, 0);
+        assert!(b
+            .daemon()
+            .wait_for_log("ring enabled", Duration::from_secs(20)));
+        let log = b.stderr();
+        let last = log
+            .lines()
+            .rfind(|l| l.contains("ring enabled"))
+            .expect("a ring");
+        let want = format!("SQE opcodes [{ops}{vectored}]");
+        assert!(
+            last.contains(&want),
+            "without features {unwanted:#x}: want {want}, got {last}"
+        );
+        drop(raw);
+    }
+}

@@ -216,7 +216,7 @@ pub(crate) mod tests {
     use crate::ring::policy::{RegisterOp, RingPolicy};
     use io_uring::{opcode, types};
     use std::io::Write;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     const IMAGE_LEN: usize = 64 << 10;
 
@@ -536,6 +536,119 @@ pub(crate) mod tests {
         if let Err(e) = s.register_probe(&mut probe) {
             assert_eq!(e.raw_os_error(), Some(libc::EACCES));
         }
+    }
+
+    /// What the daemon registers, as it registers it: the default policy of a writable disk
+    /// with every feature (plus the vectored opcodes where the kernel has them), the image
+    /// twice (O_DIRECT and page cache), and buffers in a shared memfd mapping like guest RAM.
+    #[test]
+    fn the_daemons_default_ring_serves_both_files_from_shared_memory_and_nothing_else() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut image = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 253) as u8).collect();
+        image.write_all(&data).unwrap();
+        image.flush().unwrap();
+        let path = image.path().to_path_buf();
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        // tmpfs before 6.6 refuses O_DIRECT: the daemon then uses the page cache for both.
+        let primary = direct.unwrap_or_else(|_| {
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        });
+        let buffered = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: memfd_create with a valid name; the fd is owned from here on.
+        let memfd = unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(libc::memfd_create(
+                c"rf-ram".as_ptr(),
+                libc::MFD_CLOEXEC,
+            ))
+        };
+        let ram = std::fs::File::from(memfd);
+        ram.set_len(2 * IMAGE_LEN as u64).unwrap();
+        // SAFETY: a fresh shared mapping of our own memfd.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * IMAGE_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                ram.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(host, libc::MAP_FAILED);
+        let map = FixedBufferMap::from_regions(
+            [(0, 2 * IMAGE_LEN as u64, host as u64)],
+            crate::guest_map::MAX_FIXED_BUFFER,
+        )
+        .unwrap();
+        let mut policy = RingPolicy::for_device(true, true, true);
+        if crate::kernel::Kernel::get().vectored_fixed {
+            policy = policy.with_vectored();
+        }
+        let files = [
+            (primary.as_raw_fd(), "image (O_DIRECT)".to_string()),
+            (buffered.as_raw_fd(), "image (page cache)".to_string()),
+        ];
+        // SAFETY: the mapping stays until the munmap below, after the ring is dropped.
+        let mut ring = unsafe {
+            build_ring(&RingSetup {
+                label: "default",
+                entries: 8,
+                files: &files,
+                buffers: &map,
+                eventfd: None,
+                policy: &policy,
+            })
+        }
+        .expect("the daemon's default ring");
+        let base = host as *mut u8;
+        for file in [0, 1] {
+            let e = opcode::ReadFixed::new(types::Fixed(file), base, 4096, 0)
+                .offset(4096)
+                .build()
+                .flags(io_uring::squeue::Flags::FIXED_FILE);
+            assert_eq!(run(&mut ring, e), 4096, "READ_FIXED from fixed file {file}");
+            // SAFETY: inside the mapping; the read has completed.
+            let got = unsafe { std::slice::from_raw_parts(base, 4096) };
+            assert_eq!(got, &data[4096..8192]);
+        }
+        let e = opcode::WriteFixed::new(types::Fixed(1), base, 4096, 0)
+            .offset(0)
+            .build()
+            .flags(io_uring::squeue::Flags::FIXED_FILE);
+        assert_eq!(run(&mut ring, e), 4096, "WRITE_FIXED");
+        let e = opcode::Fsync::new(types::Fixed(0))
+            .build()
+            .flags(io_uring::squeue::Flags::FIXED_FILE);
+        assert_eq!(run(&mut ring, e), 0, "FSYNC");
+        // A third file does not exist; other opcodes are refused even with FIXED_FILE.
+        let e = opcode::ReadFixed::new(types::Fixed(2), base, 512, 0)
+            .build()
+            .flags(io_uring::squeue::Flags::FIXED_FILE);
+        assert_eq!(run(&mut ring, e), -libc::EBADF);
+        let e = opcode::Read::new(types::Fixed(0), base, 512)
+            .build()
+            .flags(io_uring::squeue::Flags::FIXED_FILE);
+        assert_eq!(run(&mut ring, e), -libc::EACCES);
+        let e = opcode::Nop::new()
+            .build()
+            .flags(io_uring::squeue::Flags::FIXED_FILE);
+        assert_eq!(run(&mut ring, e), -libc::EACCES);
+        drop(ring);
+        // SAFETY: unmapping our own mapping; the ring that used it is gone.
+        unsafe { libc::munmap(host, 2 * IMAGE_LEN) };
     }
 
     #[test]
