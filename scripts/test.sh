@@ -3,14 +3,38 @@
 # with sudo). `.ci/run` runs exactly this on a clean checkout.
 #
 #   scripts/test.sh            everything: lints, unit + kernel + blkio + hostile-driver tests,
-#                              real QEMU guests, a short run of every fuzz target
-#   RINGFENCE_SKIP_FUZZ=1      leave out the fuzz run
-#   RINGFENCE_SKIP_MATRIX=1    leave out the kernel matrix (the unit, seccomp-gap, sandbox and
+#                              real QEMU guests, the kernel matrix, a short run of every fuzz
+#                              target
+#   scripts/test.sh --no-fuzz    leave out the fuzz run
+#   scripts/test.sh --no-matrix  leave out the kernel matrix (the unit, seccomp-gap, sandbox and
 #                              blkio tests inside Debian's 6.1, 6.12 and 7.x cloud kernels under
-#                              QEMU TCG: guest-tests/qemu/kernel-matrix.sh, whose
-#                              RINGFENCE_MATRIX_KERNELS="6.1 6.12" runs fewer)
+#                              QEMU TCG: guest-tests/qemu/kernel-matrix.sh, which can also be
+#                              run by itself, for one kernel: kernel-matrix.sh 7)
+#
+# The environment cannot weaken it: the variables that point suites at qemu-storage-daemon,
+# shorten the hostile suites' waits, choose kernels or tests, or filter the log are unset here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+fuzz=1 matrix_wanted=1
+for arg in "$@"; do
+    case "$arg" in
+    --no-fuzz) fuzz= ;;
+    --no-matrix) matrix_wanted= ;;
+    *)
+        echo "usage: scripts/test.sh [--no-fuzz] [--no-matrix]" >&2
+        exit 2
+        ;;
+    esac
+done
+# Everything RINGFENCE_* but the location of the download cache, and the log filter.
+while read -r var; do
+    case "$var" in
+    RINGFENCE_GUEST_CACHE) ;;
+    RINGFENCE_*) unset "$var" ;;
+    esac
+done < <(compgen -e)
+unset RUST_LOG
 
 sudo=
 [[ $(id -u) -ne 0 ]] && sudo=sudo
@@ -50,19 +74,18 @@ log=$(mktemp)
 mlog=$(mktemp)
 trap 'rm -f "$log" "$mlog"' EXIT
 set +e
-RINGFENCE_BIN="$PWD/target/release/ringfence" cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+RINGFENCE_BIN="$PWD/target/release/ringfence" cargo test --workspace --locked --no-fail-fast \
+    -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 count() { awk -v k="$1" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i ~ "^" k) s += $(i-1) } END { print s + 0 }' "$log"; }
 passed=$(count passed)
 failed=$(count failed)
-summary() { # the last line, with the kernel matrix's counts added in
-    if [[ -n $matrix ]]; then
-        echo "tests: $((passed + matrix_passed)) passed, $((failed + matrix_failed)) failed" \
-            "(cargo test: $passed passed, $failed failed; kernel matrix: $matrix)"
-    else
-        echo "tests: $passed passed, $failed failed"
-    fi
+ignored=$(count ignored)
+summary() { # the breakdown, then the last line with the kernel matrix's counts added in
+    echo "cargo test: $passed passed, $failed failed, $ignored ignored (libtest's #[ignore]:" \
+        "helper processes, not tests); kernel matrix: ${matrix:-not run}"
+    echo "tests: $((passed + matrix_passed)) passed, $((failed + matrix_failed)) failed, $ignored skipped"
 }
 matrix="" matrix_passed=0 matrix_failed=0
 if [[ $status -ne 0 ]]; then
@@ -70,7 +93,7 @@ if [[ $status -ne 0 ]]; then
     exit "$status"
 fi
 
-if [[ -z ${RINGFENCE_SKIP_MATRIX:-} ]]; then
+if [[ -n $matrix_wanted ]]; then
     step "kernel matrix (6.1, 6.12, 7.x under QEMU TCG)"
     set +e
     guest-tests/qemu/kernel-matrix.sh 2>&1 | tee "$mlog"
@@ -89,10 +112,10 @@ if [[ -z ${RINGFENCE_SKIP_MATRIX:-} ]]; then
         exit "$status"
     fi
 else
-    matrix="skipped (RINGFENCE_SKIP_MATRIX)"
+    matrix="left out (--no-matrix)"
 fi
 
-if [[ -z ${RINGFENCE_SKIP_FUZZ:-} ]]; then
+if [[ -n $fuzz ]]; then
     step "fuzz targets (brief)"
     fuzz/run.sh 15
 fi
