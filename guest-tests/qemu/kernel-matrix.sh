@@ -17,7 +17,7 @@
 # The test binaries are built on the host (`cargo test --workspace --no-run`) and put into the
 # guest's initramfs at their own absolute paths, with the daemon binaries they start
 # (target/debug/ringfence, ...) and every shared library; the guest runs them (matrix-init.sh is
-# its /init) on an ext4 scratch disk mounted on /tmp and prints their output on its serial
+# its /init) on an ext4 scratch disk mounted on /scratch (their TMPDIR) and prints their output on its serial
 # console. Exit status: 0 if every kernel booted and every test passed, 1 otherwise, 2 for a
 # usage or setup error.
 #
@@ -432,7 +432,7 @@ for pkg in "${pkgs[@]}"; do
     kernel_modules "$moddir" "$work/mods"
     { cat "$work/common.cpio"; mkcpio "$work/mods"; } >"$work/initrd.cpio"
 
-    # A fresh ext4 scratch disk, /tmp in the guest (O_DIRECT on every kernel, unlike tmpfs).
+    # A fresh ext4 scratch disk, /scratch (TMPDIR) in the guest (O_DIRECT on every kernel, unlike tmpfs).
     rm -f "$work/scratch.img"
     truncate -s 8G "$work/scratch.img"
     mkfs.ext4 -q -F -L rf-scratch -O ^has_journal -E lazy_itable_init=0,lazy_journal_init=0 \

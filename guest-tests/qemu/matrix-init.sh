@@ -55,8 +55,10 @@ while read -r m; do
         setup_failed "insmod $m: $(cat /tmp/err)"
 done </etc/ringfence-modules
 
-# The scratch disk (ext4, made on the host) becomes /tmp: the tests put images there and open
-# them with O_DIRECT, which tmpfs supports only from Linux 6.6. virtio_blk probes while insmod
+# The scratch disk (ext4, made on the host) becomes /scratch, the tests' TMPDIR: they put images
+# there and open them with O_DIRECT, which tmpfs supports only from Linux 6.6. Not /tmp: the
+# repository (and so the test binaries, at their host paths) may live under /tmp, as a CI clone
+# can. virtio_blk probes while insmod
 # runs; the bounded wait only tolerates a slow devtmpfs.
 n=0
 while [ ! -b /dev/vda ] && [ "$n" -lt 50 ]; do
@@ -64,10 +66,11 @@ while [ ! -b /dev/vda ] && [ "$n" -lt 50 ]; do
     n=$((n + 1))
 done
 [ -b /dev/vda ] || setup_failed "no /dev/vda; virtio devices: $(echo /sys/bus/virtio/devices/*)"
-mount -t ext4 -o noatime /dev/vda /tmp 2>/dev/console ||
-    setup_failed "mount -t ext4 /dev/vda /tmp failed"
+mkdir -p /scratch
+mount -t ext4 -o noatime /dev/vda /scratch 2>/dev/console ||
+    setup_failed "mount -t ext4 /dev/vda /scratch failed"
 
-export TMPDIR=/tmp HOME=/tmp RINGFENCE_BIN="$MATRIX_BIN"
+export TMPDIR=/scratch HOME=/scratch RINGFENCE_BIN="$MATRIX_BIN"
 # cargo runs test binaries from the package's directory; so do we.
 cd "$MATRIX_REPO" || setup_failed "no $MATRIX_REPO in the initramfs"
 
@@ -82,6 +85,6 @@ while read -r name path args; do
 done </etc/matrix-tests
 
 cd /
-umount /tmp 2>/dev/null
+umount /scratch 2>/dev/null
 echo "RINGFENCE-MATRIX-DONE"
 off
