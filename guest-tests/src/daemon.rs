@@ -204,6 +204,36 @@ impl Daemon {
         }
     }
 
+    /// Stop the process (SIGSTOP) and wait, at most `timeout`, until every one of its
+    /// threads is stopped: `kill` only queues the signal, and a thread running on another
+    /// CPU goes on for a moment. Returns whether all of them stopped. The wait watches the
+    /// threads' state in /proc (the process need not be our child).
+    pub fn stop(&self, timeout: Duration) -> bool {
+        let pid = self.pid();
+        // SAFETY: sending a signal to the backend this test started.
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if all_threads_stopped(pid) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            // Not a synchronisation by time: the loop ends on the observed state; this only
+            // spaces out the looks at /proc.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Let a stopped process go on (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: sending a signal to the backend this test started.
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+    }
+
     /// Send SIGTERM and wait for the exit; returns the exit code (ringfence only).
     pub fn terminate(mut self) -> Option<i32> {
         // SAFETY: sending a signal to our own child / daemon pid.
@@ -239,4 +269,24 @@ impl Daemon {
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`) according to /proc.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in dir.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|r| stat.get(r + 2..r + 3))
+            .unwrap_or("?");
+        if state != "T" && state != "t" {
+            return false;
+        }
+        any = true;
+    }
+    any
 }

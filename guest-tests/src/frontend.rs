@@ -547,6 +547,28 @@ impl Frontend {
         ev & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
+    /// The pid of the process at the other end of the socket (SO_PEERCRED: the process
+    /// that listens on the backend's socket).
+    pub fn peer_pid(&self) -> io::Result<i32> {
+        // SAFETY: an all-zero ucred is a valid value of this plain C struct.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+        let r = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cred.pid)
+    }
+
     /// Close our sending direction (the backend sees EOF).
     pub fn shutdown_write(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Write);

@@ -110,7 +110,7 @@ pub fn verify(path: &Path, size: u64, allowed: &[(u64, u64)]) -> Vec<String> {
     }
     for (rs, re) in runs.finish().into_iter().take(20) {
         out.push(format!(
-            "image bytes {rs:#x}..{re:#x} ({} bytes, sector {}) changed outside the request's own range",
+            "image bytes {rs:#x}..{re:#x} ({} bytes, sector {}) changed outside the ranges the requests may write",
             re - rs,
             rs / 512
         ));

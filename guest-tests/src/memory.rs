@@ -3,9 +3,16 @@
 //!
 //! Everything is addressed by guest physical address (GPA). Besides plain reads and writes
 //! there are snapshots: take one before a request, and [`GuestMemory::stray_writes`] lists
-//! every byte that changed outside the ranges the request was allowed to write.
+//! every byte that changed outside the ranges the request was allowed to write. A memfd
+//! starts out all zeroes and every write of ours is logged, so
+//! [`GuestMemory::stray_writes_since_creation`] needs no snapshot at all.
+//!
+//! Memory handed to a backend must be compared before it goes away: a [`MemFd`] whose fd
+//! was taken ([`MemFd::fd`]) and whose contents were never compared panics when dropped
+//! (outside of an unwinding test), so that no test can forget the guest-RAM check on some
+//! path (a refused message, an early return).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
@@ -18,6 +25,10 @@ pub struct MemFd {
     ptr: *mut u8,
     len: usize,
     map_len: usize,
+    /// The fd was taken (to be handed to a backend).
+    handed_out: Cell<bool>,
+    /// The contents were compared with what they should be.
+    compared: Cell<bool>,
 }
 
 impl MemFd {
@@ -54,11 +65,27 @@ impl MemFd {
             ptr: ptr.cast(),
             len,
             map_len: len,
+            handed_out: Cell::new(false),
+            compared: Cell::new(false),
         })
     }
 
+    /// The fd, to hand to a backend: from now on, the contents must be compared before the
+    /// memfd is dropped (see the module documentation).
     pub fn fd(&self) -> RawFd {
+        self.handed_out.set(true);
         self.fd.as_raw_fd()
+    }
+
+    /// Size when created (what a snapshot at creation covers).
+    pub fn created_len(&self) -> usize {
+        self.map_len
+    }
+
+    /// Declare the contents irrelevant (the memfd was never mapped by anyone but us, or the
+    /// test checks it some other way). Say why at the call site.
+    pub fn waive_comparison(&self) {
+        self.compared.set(true);
     }
 
     pub fn len(&self) -> usize {
@@ -91,6 +118,13 @@ impl Drop for MemFd {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping we created.
         unsafe { libc::munmap(self.ptr.cast(), self.map_len) };
+        if self.handed_out.get() && !self.compared.get() && !std::thread::panicking() {
+            panic!(
+                "test bug: a memfd of {} bytes was handed to the backend and dropped without \
+                 comparing its contents (keep it with Rig::keep_memory)",
+                self.map_len
+            );
+        }
     }
 }
 
@@ -150,12 +184,18 @@ impl Snapshot {
 impl GuestMemory {
     /// Guest RAM made of one fresh memfd per `(gpa, size)`.
     pub fn new(layout: &[(u64, u64)]) -> GuestMemory {
+        GuestMemory::named("guest-ram", layout)
+    }
+
+    /// Like [`GuestMemory::new`], the memfds named `name-0`, `name-1`, ... (as the backend's
+    /// /proc/PID/fd shows them).
+    pub fn named(name: &str, layout: &[(u64, u64)]) -> GuestMemory {
         let regions = layout
             .iter()
             .enumerate()
             .map(|(i, &(gpa, size))| Region {
                 gpa,
-                mem: MemFd::new(&format!("guest-ram-{i}"), size as usize)
+                mem: MemFd::new(&format!("{name}-{i}"), size as usize)
                     .expect("memfd for guest RAM"),
             })
             .collect();
@@ -163,6 +203,18 @@ impl GuestMemory {
             regions,
             log: RefCell::new(Vec::new()),
         }
+    }
+
+    /// [`MemFd::waive_comparison`] for every region (say why at the call site).
+    pub fn waive_comparison(&self) {
+        for r in &self.regions {
+            r.mem.waive_comparison();
+        }
+    }
+
+    /// The fd of region `i` (to hand to a backend).
+    pub fn fd(&self, i: usize) -> RawFd {
+        self.regions[i].mem.fd()
     }
 
     /// The honest memory table and its fds, one per region.
@@ -274,9 +326,30 @@ impl GuestMemory {
         }
     }
 
+    /// What guest RAM held when it was created (zeroes), before any write of ours.
+    pub fn creation_snapshot(&self) -> Snapshot {
+        Snapshot {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| (r.gpa, vec![0u8; r.mem.created_len()]))
+                .collect(),
+            mark: 0,
+        }
+    }
+
+    /// [`GuestMemory::stray_writes`] against the memory as it was created: every byte the
+    /// backend ever wrote outside `allowed`.
+    pub fn stray_writes_since_creation(&self, allowed: &[(u64, u64)]) -> Vec<String> {
+        self.stray_writes(&self.creation_snapshot(), allowed)
+    }
+
     /// Describe every run of bytes that differs from `snap` outside the `allowed`
     /// `(gpa, len)` ranges. Empty if nothing strayed.
     pub fn stray_writes(&self, snap: &Snapshot, allowed: &[(u64, u64)]) -> Vec<String> {
+        for r in &self.regions {
+            r.mem.compared.set(true);
+        }
         let mut out = Vec::new();
         let ok = Ranges::new(allowed);
         // What memory should hold if only we wrote to it since the snapshot.
@@ -410,6 +483,31 @@ mod tests {
             libc::pwrite(m.regions[0].mem.fd(), [1u8].as_ptr().cast(), 1, 0x30);
         }
         assert!(m.stray_writes(&snap, &[(0x10, 1), (0x30, 1)]).is_empty());
+    }
+
+    #[test]
+    fn creation_baseline_sees_device_writes_but_not_ours() {
+        let m = GuestMemory::new(&[(0x1000, 0x1000)]);
+        m.write(0x1100, &[5; 16]);
+        // SAFETY: pwrite from a valid buffer into our own memfd, inside its size.
+        unsafe { libc::pwrite(m.fd(0), [9u8].as_ptr().cast(), 1, 0x800) };
+        let s = m.stray_writes_since_creation(&[]);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert!(s[0].contains("0x1800..0x1801"), "{s:?}");
+        assert!(m.stray_writes_since_creation(&[(0x1800, 1)]).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "dropped without comparing its contents")]
+    fn a_memfd_handed_out_must_be_compared() {
+        let m = MemFd::new("handed-out", 4096).unwrap();
+        let _ = m.fd();
+    }
+
+    #[test]
+    fn a_memfd_never_handed_out_needs_no_comparison() {
+        let m = GuestMemory::new(&[(0, 4096)]);
+        m.write(0, &[1]);
     }
 
     #[test]

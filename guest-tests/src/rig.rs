@@ -4,13 +4,22 @@
 //!
 //! * the backend process is alive and a fresh connection serves a valid write and read;
 //! * no byte of the image outside the ranges the case allows changed;
-//! * (for descriptor cases, [`run_case`]) no byte of guest RAM outside the device-writable
-//!   buffers and the used rings changed;
+//! * no byte of any guest RAM the test handed to the backend changed outside the
+//!   device-writable buffers and the used rings: for descriptor cases ([`run_case`]) since
+//!   the hostile requests were published, for every other memory since it was created
+//!   ([`Rig::keep_memory`], [`Rig::keep_session`]; a session simply dropped is compared
+//!   too, and a memfd handed out and never compared is a test bug, see `memory.rs`);
 //! * nothing hangs: every wait is bounded, and a missing reply is a finding.
 //!
+//! Against ringfence, descriptor cases are also held to what ringfence promises: every
+//! request whose head is in range is answered (a request expected to fail with an error
+//! status), a request answered with an error status leaves the image untouched, and each
+//! queue a case touched still serves a valid request afterwards. qemu-storage-daemon, the
+//! reference, is held to less where it legitimately does something else (see
+//! [`run_case_with`]): it may stop a device it considers broken.
+//!
 //! Findings are collected and reported together, with the daemon's stderr, by
-//! [`Rig::finish`]. An error status, a refused message, a stopped queue or a closed
-//! connection are all acceptable answers to a hostile input.
+//! [`Rig::finish`].
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -21,7 +30,7 @@ use crate::daemon::Daemon;
 use crate::frontend::{code, pfeat, vfeat, FeError, FeResult, Frontend};
 use crate::image;
 use crate::memory::{GuestMemory, Snapshot};
-use crate::virtq::{Desc, SplitQueue};
+use crate::virtq::{Desc, SplitQueue, Used};
 
 /// Size of the test image.
 pub const IMAGE_SIZE: u64 = 64 << 20;
@@ -77,6 +86,9 @@ pub struct RigOpts {
     /// ringfence's `--queue-size` (the maximum it accepts).
     pub max_queue_size: u16,
     pub serial: Option<String>,
+    /// Bound on honest operations (default [`HONEST_TIMEOUT`]); the control tests, which
+    /// make the backend fail on purpose, shorten it.
+    pub honest_timeout: Duration,
 }
 
 impl Default for RigOpts {
@@ -86,9 +98,37 @@ impl Default for RigOpts {
             num_queues: 1,
             max_queue_size: 256,
             serial: None,
+            honest_timeout: HONEST_TIMEOUT,
         }
     }
 }
+
+/// The virtio features ringfence offers (README, "The device"), besides
+/// `VHOST_USER_F_PROTOCOL_FEATURES`: a writable disk gets the write features, a read-only
+/// one `BLK_RO` instead.
+pub fn ringfence_features(read_only: bool) -> u64 {
+    let base = vfeat::VERSION_1
+        | vfeat::PROTOCOL_FEATURES
+        | vfeat::BLK_SIZE_MAX
+        | vfeat::BLK_SEG_MAX
+        | vfeat::BLK_BLK_SIZE
+        | vfeat::BLK_TOPOLOGY
+        | vfeat::BLK_MQ
+        | vfeat::RING_INDIRECT_DESC
+        | vfeat::RING_EVENT_IDX;
+    if read_only {
+        base | vfeat::BLK_RO
+    } else {
+        base | vfeat::BLK_FLUSH
+            | vfeat::BLK_CONFIG_WCE
+            | vfeat::BLK_DISCARD
+            | vfeat::BLK_WRITE_ZEROES
+    }
+}
+
+/// The vhost-user protocol features ringfence offers (README, "The device").
+pub const RINGFENCE_PROTOCOL: u64 =
+    pfeat::CONFIG | pfeat::MQ | pfeat::REPLY_ACK | pfeat::CONFIGURE_MEM_SLOTS;
 
 /// What an honest session negotiates and lays out.
 #[derive(Clone, Debug)]
@@ -192,8 +232,15 @@ impl Session {
     pub fn establish(mut fe: Frontend, cfg: &SessionCfg) -> FeResult<Session> {
         let (features, protocol) = Session::negotiate(&mut fe, cfg)?;
         let mem = GuestMemory::new(&cfg.layout);
+        // An honest setup that fails is a failure of its own (the callers panic or report
+        // it), so the memory needs no comparison then: say so, or dropping it would panic.
+        let failed = |mem: &GuestMemory, e: FeError| {
+            mem.waive_comparison();
+            e
+        };
         let (table, fds) = mem.table();
-        fe.set_mem_table(&table, &fds)?;
+        fe.set_mem_table(&table, &fds)
+            .map_err(|e| failed(&mem, e))?;
         let base = cfg.layout[0].0;
         let mut queues = Vec::new();
         for i in 0..cfg.queues {
@@ -203,7 +250,8 @@ impl Session {
                 cfg.queue_size,
                 base + RING_STRIDE * u64::from(i),
             );
-            Session::start_queue(&fe, &mem, &q, features & vfeat::PROTOCOL_FEATURES != 0)?;
+            Session::start_queue(&fe, &mem, &q, features & vfeat::PROTOCOL_FEATURES != 0)
+                .map_err(|e| failed(&mem, e))?;
             queues.push(q);
         }
         let heap = base + 0x10_0000.min(cfg.layout[0].1 / 2);
@@ -342,7 +390,18 @@ impl Session {
 
     /// Honest read of `len` bytes at byte offset `off` (sector aligned) that must succeed.
     pub fn read(&mut self, q: usize, off: u64, len: usize) -> Result<Vec<u8>, String> {
-        match self.io(q, blk::T_IN, off / blk::SECTOR, &[], len)? {
+        self.read_within(q, off, len, HONEST_TIMEOUT)
+    }
+
+    /// [`Session::read`] with an explicit bound on the wait.
+    pub fn read_within(
+        &mut self,
+        q: usize,
+        off: u64,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        match self.io_within(q, blk::T_IN, off / blk::SECTOR, &[], len, timeout)? {
             (S_OK, d) => Ok(d),
             (s, _) => Err(format!("read at {off:#x} answered {}", blk::status_name(s))),
         }
@@ -350,13 +409,33 @@ impl Session {
 
     /// Honest write that must succeed.
     pub fn write(&mut self, q: usize, off: u64, data: &[u8]) -> Result<(), String> {
-        match self.io(q, blk::T_OUT, off / blk::SECTOR, data, 0)? {
+        self.write_within(q, off, data, HONEST_TIMEOUT)
+    }
+
+    /// [`Session::write`] with an explicit bound on the wait.
+    pub fn write_within(
+        &mut self,
+        q: usize,
+        off: u64,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        match self.io_within(q, blk::T_OUT, off / blk::SECTOR, data, 0, timeout)? {
             (S_OK, _) => Ok(()),
             (s, _) => Err(format!(
                 "write at {off:#x} answered {}",
                 blk::status_name(s)
             )),
         }
+    }
+
+    /// Take the guest RAM and queues out of the session (it keeps an empty memory), e.g. to
+    /// compare them after the connection is closed.
+    pub fn take_memory(&mut self) -> (GuestMemory, Vec<SplitQueue>) {
+        (
+            std::mem::replace(&mut self.mem, GuestMemory::new(&[])),
+            std::mem::take(&mut self.queues),
+        )
     }
 
     /// Forget which ranges were device-writable so far (call before the hostile part).
@@ -375,6 +454,28 @@ impl Session {
             v.push(q.used_range());
         }
         v
+    }
+}
+
+/// A session dropped with its guest RAM (not given to [`Rig::keep_session`]) closes its
+/// connection, and its guest RAM waits for the rig's next memory comparison (in
+/// [`Rig::finish`], after the health check): the backend may have written the
+/// device-writable buffers the session made available and its used rings, nothing else.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.mem.regions.is_empty() || std::thread::panicking() {
+            return;
+        }
+        let allowed = self.writable();
+        let (mem, queues) = self.take_memory();
+        ORPHANS.with(|o| {
+            o.borrow_mut().0.push(Kept {
+                what: "a session dropped before the end of the test".into(),
+                mem,
+                allowed,
+                _queues: queues,
+            })
+        });
     }
 }
 
@@ -430,6 +531,35 @@ pub fn thread_dump(pid: i32) -> String {
     out
 }
 
+/// Guest RAM kept until the end of a test, to be compared then (after the health check,
+/// when the backend has moved on).
+struct Kept {
+    what: String,
+    mem: GuestMemory,
+    /// What the backend may have written since the memory was created.
+    allowed: Vec<(u64, u64)>,
+    /// The queues laid out in it (their eventfds stay open as long as the memory).
+    _queues: Vec<SplitQueue>,
+}
+
+/// Sessions dropped without [`Rig::keep_session`] (see `impl Drop for Session`), waiting for
+/// the next [`Rig::check_kept_memory`] of this test's thread.
+struct Orphans(Vec<Kept>);
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        // Left over at thread exit: the test ended without Rig::finish, so it failed or had
+        // no rig; a panic here (in a thread-local destructor) would abort every test.
+        for k in &self.0 {
+            k.mem.waive_comparison();
+        }
+    }
+}
+
+thread_local! {
+    static ORPHANS: std::cell::RefCell<Orphans> = const { std::cell::RefCell::new(Orphans(Vec::new())) };
+}
+
 /// A running backend with its image, and the findings of one test.
 pub struct Rig {
     _dir: tempfile::TempDir,
@@ -443,6 +573,7 @@ pub struct Rig {
     /// Image ranges `(offset, len)` the case allows to change.
     pub image_writes: Vec<(u64, u64)>,
     health_checked: bool,
+    kept: Vec<Kept>,
 }
 
 fn test_name() -> String {
@@ -501,6 +632,87 @@ impl Rig {
             notes: Vec::new(),
             image_writes: Vec::new(),
             health_checked: false,
+            kept: Vec::new(),
+        }
+    }
+
+    /// Whether the strict oracles apply (ringfence's own promises, see the module docs).
+    pub fn strict(&self) -> bool {
+        self.target == Target::Ringfence
+    }
+
+    /// Bound on honest operations of this rig.
+    pub fn honest_timeout(&self) -> Duration {
+        self.opts.honest_timeout
+    }
+
+    /// Keep `mem` (handed to the backend) until the end of the test; [`Rig::finish`] then
+    /// reports every byte the backend wrote outside `allowed` since it was created.
+    pub fn keep_memory(
+        &mut self,
+        what: impl Into<String>,
+        mem: GuestMemory,
+        allowed: &[(u64, u64)],
+    ) {
+        self.kept.push(Kept {
+            what: what.into(),
+            mem,
+            allowed: allowed.to_vec(),
+            _queues: Vec::new(),
+        });
+    }
+
+    /// Close a session's connection now (the backend serves one connection at a time) and
+    /// keep its guest RAM: the backend may have written the device-writable buffers the
+    /// session ever made available, its used rings, and `extra`; nothing else, ever.
+    pub fn keep_session(&mut self, what: impl Into<String>, mut s: Session, extra: &[(u64, u64)]) {
+        let mut allowed = s.writable();
+        allowed.extend_from_slice(extra);
+        let (mem, queues) = s.take_memory();
+        drop(s);
+        self.kept.push(Kept {
+            what: what.into(),
+            mem,
+            allowed,
+            _queues: queues,
+        });
+    }
+
+    /// Compare every kept memory (see [`Rig::keep_memory`]), and that of every session
+    /// dropped since (see `impl Drop for Session`), now; then forget it.
+    pub fn check_kept_memory(&mut self) {
+        let orphans = ORPHANS.with(|o| std::mem::take(&mut o.borrow_mut().0));
+        self.kept.extend(orphans);
+        for k in std::mem::take(&mut self.kept) {
+            for f in k.mem.stray_writes_since_creation(&k.allowed) {
+                self.fail(format!("{}: {f}", k.what));
+            }
+        }
+    }
+
+    /// Against ringfence, a session must have negotiated every feature it asked for that
+    /// ringfence documents: a capability that silently went missing would skip checks.
+    pub fn check_offer(&mut self, what: &str, s: &Session, cfg: &SessionCfg) {
+        if !self.strict() {
+            return;
+        }
+        let want = cfg.features & ringfence_features(self.opts.read_only);
+        if want & !s.features != 0 {
+            self.fail(format!(
+                "{what}: ringfence did not offer virtio features {:#x} it documents",
+                want & !s.features
+            ));
+        }
+        let want_p = if s.features & vfeat::PROTOCOL_FEATURES != 0 {
+            cfg.protocol & RINGFENCE_PROTOCOL
+        } else {
+            0
+        };
+        if want_p & !s.protocol != 0 {
+            self.fail(format!(
+                "{what}: ringfence did not offer protocol features {:#x} it documents",
+                want_p & !s.protocol
+            ));
         }
     }
 
@@ -516,12 +728,15 @@ impl Rig {
         }
     }
 
-    /// An honest session on a new connection, which must work.
-    pub fn session(&self, cfg: &SessionCfg) -> Session {
-        match Session::establish(self.connect(), cfg) {
+    /// An honest session on a new connection, which must work (and, against ringfence,
+    /// negotiate every documented feature it asks for).
+    pub fn session(&mut self, cfg: &SessionCfg) -> Session {
+        let s = match Session::establish(self.connect(), cfg) {
             Ok(s) => s,
             Err(e) => panic!("honest session setup failed: {e}\n{}", self.stderr_tail()),
-        }
+        };
+        self.check_offer("honest session", &s, cfg);
+        s
     }
 
     /// Record a failure (reported by [`Rig::finish`]).
@@ -540,7 +755,7 @@ impl Rig {
         &self.findings
     }
 
-    fn stderr_tail(&self) -> String {
+    pub fn stderr_tail(&self) -> String {
         let s = self.daemon.stderr();
         let tail = if s.len() > 6000 {
             let mut i = s.len() - 6000;
@@ -624,7 +839,7 @@ impl Rig {
             Err(e) => return self.fail(format!("health check: connecting failed: {e}")),
         };
         let mut fe = fe;
-        fe.timeout = HONEST_TIMEOUT;
+        fe.timeout = self.honest_timeout();
         let cfg = SessionCfg {
             layout: vec![(0x4000_0000, 0x20_0000)],
             ..SessionCfg::default()
@@ -638,15 +853,17 @@ impl Rig {
                 ));
             }
         };
+        self.check_offer("health check", &s, &cfg);
+        let timeout = self.honest_timeout();
         let r = (|| -> Result<(), String> {
-            let probe = s.read(0, PROBE_OFFSET, 4096)?;
+            let probe = s.read_within(0, PROBE_OFFSET, 4096, timeout)?;
             if probe != image::pattern(PROBE_OFFSET, 4096) {
                 return Err(format!("reading {PROBE_OFFSET:#x} returned wrong data"));
             }
             if !self.opts.read_only {
                 let data: Vec<u8> = (0..SCRATCH_LEN).map(|i| (i * 7 + 3) as u8).collect();
-                s.write(0, SCRATCH_OFFSET, &data)?;
-                if s.read(0, SCRATCH_OFFSET, SCRATCH_LEN as usize)? != data {
+                s.write_within(0, SCRATCH_OFFSET, &data, timeout)?;
+                if s.read_within(0, SCRATCH_OFFSET, SCRATCH_LEN as usize, timeout)? != data {
                     return Err("reading back the scratch write returned wrong data".into());
                 }
             }
@@ -658,7 +875,7 @@ impl Rig {
                 "health check on a fresh connection: {e}; daemon threads at that moment:\n{dump}"
             ));
         }
-        drop(s);
+        self.keep_session("health check's guest RAM", s, &[]);
         self.dead_finding();
     }
 
@@ -726,12 +943,13 @@ impl Rig {
         false
     }
 
-    /// Final checks (health check unless done, image, process alive); panics with every
-    /// finding and the daemon's stderr if anything failed.
+    /// Final checks (health check unless done, kept guest RAM, image, process alive);
+    /// panics with every finding and the daemon's stderr if anything failed.
     pub fn finish(mut self) {
         if !self.health_checked {
             self.health_check();
         }
+        self.check_kept_memory();
         let mut allowed = self.image_writes.clone();
         allowed.push((SCRATCH_OFFSET, SCRATCH_LEN));
         for f in image::verify(&self.image, IMAGE_SIZE, &allowed) {
@@ -771,7 +989,8 @@ pub type MemCheck = Box<dyn Fn(&GuestMemory) -> Result<(), String>>;
 
 /// What the device is expected to do with one hostile request.
 pub enum Expect {
-    /// The request is invalid: if answered, the status must not be OK.
+    /// The request is invalid: the status must not be OK (against ringfence: it must be
+    /// answered, with an error status wherever the status byte can be written).
     Error,
     /// Anything goes (the status cannot be judged), as long as nothing else breaks.
     Any,
@@ -798,6 +1017,17 @@ pub struct Sub {
     pub must_succeed: bool,
     /// Most bytes the device may report as written (sum of device-writable lengths).
     pub max_len: Option<u64>,
+    /// Image ranges `(offset, len)` the request writes if it is served. Against ringfence
+    /// they may change only if it was answered OK (or its status cannot be seen): ringfence
+    /// decides every error status before any I/O exists, so a request it refuses leaves
+    /// every byte of the image as it was.
+    pub image: Vec<(u64, u64)>,
+    /// Why even ringfence may leave this request unanswered (e.g. a head made available
+    /// again while in flight: a used element for it would answer the first copy).
+    pub unanswerable: Option<&'static str>,
+    /// Why the device may be unable to see the status byte at [`Sub::status`] (it is still
+    /// watched: an OK there is a finding), so that an answer without a status is fine.
+    pub status_unseen: Option<&'static str>,
     pub what: String,
 }
 
@@ -810,6 +1040,9 @@ impl Sub {
             expect,
             must_succeed: false,
             max_len: None,
+            image: Vec::new(),
+            unanswerable: None,
+            status_unseen: None,
             what: what.into(),
         }
     }
@@ -828,13 +1061,33 @@ impl Sub {
         self.queue = q;
         self
     }
+
+    /// The request writes `len` bytes of the image at `offset` if it is served.
+    pub fn writes_image(mut self, offset: u64, len: u64) -> Sub {
+        self.image.push((offset, len));
+        self
+    }
+
+    /// Even ringfence may leave this request unanswered, because `why`.
+    pub fn may_go_unanswered(mut self, why: &'static str) -> Sub {
+        self.unanswerable = Some(why);
+        self
+    }
+
+    /// The device may not see the status byte, because `why`: an answer that leaves it
+    /// unwritten is fine (an OK written there is still a finding).
+    pub fn status_unseen(mut self, why: &'static str) -> Sub {
+        self.status_unseen = Some(why);
+        self
+    }
 }
 
 /// A hostile case: requests laid out in guest RAM (pushed, not yet published).
 #[derive(Default)]
 pub struct Plan {
     pub subs: Vec<Sub>,
-    /// Image ranges `(offset, len)` the requests may write.
+    /// Image ranges `(offset, len)` that may change whatever the answers (prefer
+    /// [`Sub::writes_image`], which ties a range to its request's answer).
     pub image_writes: Vec<(u64, u64)>,
     /// Guest RAM the device may write besides device-writable descriptors and used rings.
     pub mem_writes: Vec<(u64, u64)>,
@@ -865,9 +1118,80 @@ pub fn run_case(build: impl FnOnce(&mut Session) -> Plan) {
     run_case_with(CaseOpts::default(), build)
 }
 
+/// The image ranges hostile requests may have changed, given the status each was answered
+/// with (`None`: unanswered, or its status cannot be seen). Against ringfence (`strict`) a
+/// request answered with an error status may have changed nothing; qemu-storage-daemon
+/// may have written part of a request it then failed (see [`run_case_with`]).
+pub fn image_ranges_allowed(
+    strict: bool,
+    subs: &[Sub],
+    statuses: &[Option<u8>],
+) -> Vec<(u64, u64)> {
+    subs.iter()
+        .zip(statuses)
+        .filter(|(_, st)| !strict || st.is_none_or(|st| st == S_OK))
+        .flat_map(|(sub, _)| sub.image.iter().copied())
+        .collect()
+}
+
+/// The request a case's queue must still serve after the hostile ones: a read of the
+/// probe sector, made available on queue `qi` after the hostile window. Used elements that
+/// answer a hostile request late are recorded in `answered`; any other is stray.
+fn follow_up(
+    s: &mut Session,
+    qi: usize,
+    subs: &[Sub],
+    answered: &mut [Option<Used>],
+    stray: &mut Vec<(usize, Used)>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let hdr = s.put(&blk::header(blk::T_IN, PROBE_OFFSET / blk::SECTOR));
+    let d = s.alloc(4096, 512);
+    let st = s.status();
+    let head = s.chain(qi, &[Desc::r(hdr, 16), Desc::w(d, 4096), Desc::w(st, 1)]);
+    s.kick(qi);
+    let deadline = Instant::now() + timeout;
+    let sock = s.fe.as_raw_fd();
+    loop {
+        let Some(u) = s.queues[qi].wait_used(&s.mem, deadline, Some(sock)) else {
+            return Err(if s.fe.peer_hung_up() {
+                "the backend closed the connection".into()
+            } else {
+                format!("no answer within {timeout:?}")
+            });
+        };
+        if u.id == u32::from(head) {
+            let stv = s.mem.read_u8(st);
+            if stv != S_OK {
+                return Err(format!("answered {}", blk::status_name(stv)));
+            }
+            if s.mem.read(d, 4096) != image::pattern(PROBE_OFFSET, 4096) {
+                return Err("answered OK with wrong data".into());
+            }
+            return Ok(());
+        }
+        match subs.iter().enumerate().find(|(i, sub)| {
+            sub.queue == qi && u32::from(sub.head) == u.id && answered[*i].is_none()
+        }) {
+            Some((i, _)) => answered[i] = Some(u),
+            None => stray.push((qi, u)),
+        }
+    }
+}
+
 /// Start a backend, set up an honest session, check that a valid request works, let
-/// `build` lay out the hostile requests, publish and kick, wait (bounded), then check
-/// the answers, the connection, a fresh connection, guest RAM and the image.
+/// `build` lay out the hostile requests, publish and kick, wait (bounded), make a valid
+/// request available on every queue the case touched, then check the answers, the
+/// connection, a fresh connection, guest RAM and the image.
+///
+/// What qemu-storage-daemon is held to less than ringfence, and why: libvhost-user stops
+/// a device it finds broken (`vu_panic`: it drops the connection, or leaves the queue
+/// alone), which virtio allows a device to do; so for qsd an unanswered request, a queue
+/// that no longer serves, or a closed connection are noted, not failed. ringfence
+/// promises more (it answers malformed requests with an error status and keeps serving),
+/// and is held to it. Likewise a request qsd answers with an error may have written its
+/// own range of the image (its block layer can fail a request after part of it was
+/// written); ringfence refuses before any I/O exists.
 pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
     let trace_t = Instant::now();
     let trace = |what: &str| {
@@ -876,10 +1200,11 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
         }
     };
     let mut rig = Rig::start(opts.rig);
+    let honest = rig.honest_timeout();
     trace("rig started");
     let mut s = rig.session(&opts.session);
     // The path works before we attack it (and leaves the queue in a used state).
-    match s.read(0, PROBE_OFFSET, 4096) {
+    match s.read_within(0, PROBE_OFFSET, 4096, honest) {
         Ok(d) if d == image::pattern(PROBE_OFFSET, 4096) => {}
         Ok(_) => panic!(
             "pre-check: a valid read returned wrong data\n{}",
@@ -901,6 +1226,7 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
             .filter(|&i| s.queues[i].avail_idx != base_avail[i])
             .chain(plan.avail_override.iter().map(|o| o.0))
             .collect();
+        kick.sort_unstable();
         kick.dedup();
     }
     let cpu_before = thread_cpu(rig.daemon.pid());
@@ -922,11 +1248,10 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
 
     // Wait for every request to be answered, the connection to close, or the deadline.
     let deadline = t0 + hostile_wait();
-    let mut answered: Vec<Option<crate::virtq::Used>> =
-        (0..plan.subs.len()).map(|_| None).collect();
+    let mut answered: Vec<Option<Used>> = (0..plan.subs.len()).map(|_| None).collect();
     let sock = s.fe.as_raw_fd();
     let mut closed = false;
-    let mut stray_used: Vec<(usize, crate::virtq::Used)> = Vec::new();
+    let mut stray_used: Vec<(usize, Used)> = Vec::new();
     // With nothing to answer (e.g. a corrupt avail index), watch the rings for the whole window.
     'wait: while plan.subs.is_empty() || answered.iter().any(Option::is_none) {
         let mut progressed = false;
@@ -951,7 +1276,7 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
             .zip(&answered)
             .any(|(sub, a)| sub.must_succeed && a.is_none());
         let now = Instant::now();
-        if now >= deadline && !(must_wait && now < t0 + HONEST_TIMEOUT) {
+        if now >= deadline && !(must_wait && now < t0 + honest) {
             break;
         }
         if s.fe.peer_hung_up() {
@@ -982,7 +1307,8 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
                 revents: 0,
             },
         ];
-        let step = deadline
+        let until = if must_wait { t0 + honest } else { deadline };
+        let step = until
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(20));
         // SAFETY: a valid array of two pollfds.
@@ -991,6 +1317,24 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
     }
     let waited = t0.elapsed();
     trace("wait done");
+    let cpu_after = thread_cpu(rig.daemon.pid());
+
+    // Each queue the case touched still serves a valid request.
+    let mut follow_ups: Vec<(usize, Result<(), String>)> = Vec::new();
+    if !closed {
+        for &qi in &kick {
+            let r = follow_up(
+                &mut s,
+                qi,
+                &plan.subs,
+                &mut answered,
+                &mut stray_used,
+                honest,
+            );
+            follow_ups.push((qi, r));
+        }
+    }
+    trace("follow-ups done");
     if !stray_used.is_empty() {
         let first: Vec<String> = stray_used
             .iter()
@@ -1004,7 +1348,6 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
             if stray_used.len() > 3 { ", ..." } else { "" }
         ));
     }
-    let cpu_after = thread_cpu(rig.daemon.pid());
 
     // A stalled queue must not be a spinning one.
     if waited >= Duration::from_millis(500) {
@@ -1027,6 +1370,7 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
     }
 
     // Judge the answers.
+    let strict = rig.strict();
     for (sub, ans) in plan.subs.iter().zip(&answered) {
         let Some(u) = ans else {
             let why = if closed {
@@ -1036,6 +1380,13 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
             };
             if sub.must_succeed {
                 rig.fail(format!("{}: legal request not served: {why}", sub.what));
+            } else if let Some(excuse) = sub.unanswerable {
+                rig.note(format!("{}: not answered, fine: {excuse}", sub.what));
+            } else if strict {
+                rig.fail(format!(
+                    "{}: {why}; ringfence answers every request whose head is in range",
+                    sub.what
+                ));
             } else {
                 rig.note(format!("{}: {why}", sub.what));
             }
@@ -1077,6 +1428,13 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
                 "{}: invalid request answered with status OK",
                 sub.what
             )),
+            Expect::Error if strict && st == Some(0xff) && sub.status_unseen.is_none() => {
+                rig.fail(format!(
+                    "{}: answered, but the status byte the chain ends with was never written \
+                 (ringfence writes an error status wherever the chain has a writable byte)",
+                    sub.what
+                ))
+            }
             Expect::Read { offset, pieces } if ok => {
                 let mut off = *offset;
                 for &(gpa, len) in pieces {
@@ -1097,21 +1455,47 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
             _ => {}
         }
     }
+    for (qi, r) in &follow_ups {
+        match r {
+            Ok(()) => {}
+            Err(e) if strict => rig.fail(format!(
+                "queue {qi} no longer serves: a valid read made available after the hostile \
+                 requests: {e}"
+            )),
+            Err(e) => rig.note(format!(
+                "queue {qi}: a valid read after the hostile requests: {e}"
+            )),
+        }
+    }
+    if closed && strict {
+        rig.fail(
+            "the backend closed the connection instead of answering (ringfence answers \
+             malformed requests with an error status and keeps serving the queue)",
+        );
+    }
+
+    let statuses: Vec<Option<u8>> = plan
+        .subs
+        .iter()
+        .zip(&answered)
+        .map(|(sub, a)| a.and(sub.status).map(|st| s.mem.read_u8(st)))
+        .collect();
+    rig.image_writes
+        .extend(image_ranges_allowed(strict, &plan.subs, &statuses));
 
     // The connection answers, or was closed.
     if !closed {
         rig.responsive(&s.fe, "after the hostile requests");
     }
-    let Session {
-        fe, mem, queues, ..
-    } = s;
+    let (mem, queues) = s.take_memory();
     let writable: Vec<(u64, u64)> = queues
         .iter()
         .flat_map(|q| q.writable.iter().copied().chain([q.used_range()]))
         .chain(plan.mem_writes.iter().copied())
         .collect();
     trace("judged");
-    drop(fe);
+    // Close the connection (the session holds no memory any more).
+    drop(s);
     rig.health_check();
     trace("health checked");
 
@@ -1139,4 +1523,22 @@ pub fn run_case_with(opts: CaseOpts, build: impl FnOnce(&mut Session) -> Plan) {
     trace("memory checked");
     rig.finish();
     trace("finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_request_may_change_no_image_byte_against_ringfence() {
+        let sub = |what: &str| Sub::new(0, Some(0), Expect::Any, what).writes_image(4096, 512);
+        let subs = [sub("OK"), sub("IOERR"), sub("unanswered"), sub("UNSUPP")];
+        let statuses = [Some(S_OK), Some(blk::S_IOERR), None, Some(blk::S_UNSUPP)];
+        assert_eq!(
+            image_ranges_allowed(true, &subs, &statuses),
+            vec![(4096, 512), (4096, 512)],
+            "ringfence: only the OK and the unanswered request"
+        );
+        assert_eq!(image_ranges_allowed(false, &subs, &statuses).len(), 4);
+    }
 }

@@ -1,11 +1,15 @@
 //! The hostile driver, descriptor and virtqueue level (issue 4, "Survive every malformed
-//! request"). Each test starts a backend on a pattern-filled image, sets up an honest
-//! session (checked with a valid read), then makes malformed requests available and checks
-//! (see `rig::run_case_with`): an answer, if any, carries an error status (or, for odd
-//! but legal layouts, the right data); the connection still answers or was closed; the
-//! backend is alive and serves a fresh connection; no byte of guest RAM outside the
-//! device-writable buffers and the used ring changed; no byte of the image outside the
-//! request's own range changed; nothing hangs or spins.
+//! request"; issue 15, oracles that can fail). Each test starts a backend on a
+//! pattern-filled image, sets up an honest session (checked with a valid read), then makes
+//! malformed requests available and checks (see `rig::run_case_with`): the answer carries
+//! an error status (or, for odd but legal layouts, the right data); against ringfence
+//! every request whose head is in range is answered, and each queue the case touched
+//! serves a valid read afterwards; the connection still answers; the backend is alive and
+//! serves a fresh connection; no byte of guest RAM outside the device-writable buffers and
+//! the used ring changed; no byte of the image changed outside the ranges of requests
+//! answered OK (none at all for a buffer that does not translate to guest RAM); nothing
+//! hangs or spins. The `control_*` tests break a backend on purpose and expect the
+//! oracles to say so.
 //!
 //! `RINGFENCE_HOSTILE_TARGET=qsd` runs the same cases against qemu-storage-daemon.
 
@@ -55,20 +59,37 @@ fn read_with(s: &mut Session, sector: u64, data: Desc, what: &str) -> Plan {
     ))
 }
 
-/// An OUT request at `sector` whose data descriptor is `data`; the image may change only
-/// in the request's own range.
+/// An OUT request at `sector` whose data descriptor is `data`, expected to fail; its own
+/// range of the image may change only if it is served anyway (and, against qsd, if it
+/// fails: see `rig::Sub::image`).
 fn write_with(s: &mut Session, sector: u64, data: Desc, what: &str) -> Plan {
     let hdr = s.put(&header(T_OUT, sector));
     let st = s.status();
-    let mut p = Plan::one(submit(
+    let (off, len) = own_range(sector, u64::from(data.len));
+    Plan::one(
+        submit(
+            s,
+            &[Desc::r(hdr, 16), data, Desc::w(st, 1)],
+            Some(st),
+            Expect::Error,
+            what,
+        )
+        .writes_image(off, len),
+    )
+}
+
+/// An OUT request at `sector` whose data buffer does not translate to guest RAM: whatever
+/// the backend answers, no byte of the image may change (there is nothing it could write).
+fn write_untranslatable(s: &mut Session, sector: u64, data: Desc, what: &str) -> Plan {
+    let hdr = s.put(&header(T_OUT, sector));
+    let st = s.status();
+    Plan::one(submit(
         s,
         &[Desc::r(hdr, 16), data, Desc::w(st, 1)],
         Some(st),
         Expect::Error,
         what,
-    ));
-    p.image_writes.push(own_range(sector, u64::from(data.len)));
-    p
+    ))
 }
 
 /// The part of the image a request at `sector` of `len` bytes covers (saturating).
@@ -104,7 +125,7 @@ fn honest_write_read_round_trip() {
     s.write(0, OFF0, &data).unwrap();
     assert_eq!(s.read(0, OFF0, 8192).unwrap(), data);
     rig.image_writes.push((OFF0, 8192));
-    drop(s);
+    rig.keep_session("the honest session", s, &[]);
     rig.finish();
 }
 
@@ -126,7 +147,7 @@ fn read_into_buffer_outside_guest_memory() {
 #[test]
 fn write_from_buffer_outside_guest_memory() {
     run_case(|s| {
-        write_with(
+        write_untranslatable(
             s,
             S0,
             Desc::r(0xdead_0000_0000, 4096),
@@ -155,7 +176,7 @@ fn read_into_buffer_straddling_region_end_and_gap() {
 fn write_from_buffer_straddling_region_end_and_gap() {
     let end = RAM_A.0 + RAM_A.1;
     run_case(|s| {
-        write_with(
+        write_untranslatable(
             s,
             S0,
             Desc::r(end - 2048, 4096),
@@ -205,15 +226,16 @@ fn write_from_buffer_straddling_two_adjacent_regions() {
             Desc::r(b_end - 2048, 4096),
             Desc::w(st, 1),
         ];
-        let mut p = Plan::one(submit(
-            s,
-            &segs,
-            Some(st),
-            Expect::Write { offset: OFF0, data },
-            "OUT across B|C",
-        ));
-        p.image_writes.push((OFF0, 4096));
-        p
+        Plan::one(
+            submit(
+                s,
+                &segs,
+                Some(st),
+                Expect::Write { offset: OFF0, data },
+                "OUT across B|C",
+            )
+            .writes_image(OFF0, 4096),
+        )
     });
 }
 
@@ -232,7 +254,7 @@ fn read_into_buffer_whose_end_overflows_u64() {
 #[test]
 fn write_from_buffer_whose_end_overflows_u64() {
     run_case(|s| {
-        write_with(
+        write_untranslatable(
             s,
             S0,
             Desc::r(u64::MAX - 1023, 4096),
@@ -245,19 +267,30 @@ fn write_from_buffer_whose_end_overflows_u64() {
 fn read_into_4gib_buffer() {
     // Starts in RAM (4 KiB before the end of region A), 4 GiB - 1 long.
     let a_end = RAM_A.0 + RAM_A.1;
-    run_case(|s| read_with(s, 0, Desc::w(a_end - 4096, u32::MAX), "IN of 4 GiB - 1"));
+    run_case(|s| {
+        let mut p = read_with(s, 0, Desc::w(a_end - 4096, u32::MAX), "IN of 4 GiB - 1");
+        p.subs[0].status_unseen = Some(PAST_4GIB);
+        p
+    });
 }
+
+/// Why a status byte after a 4 GiB descriptor may stay unwritten: a chain longer than
+/// 2^32 bytes is illegal (virtio 1.2, 2.7.5.2), and a device may stop walking it there.
+const PAST_4GIB: &str = "it lies past the first 2^32 bytes of the chain";
 
 #[test]
 fn write_from_4gib_buffer() {
+    // Starts in RAM, runs 4 GiB past it: it does not translate.
     let a_end = RAM_A.0 + RAM_A.1;
     run_case(|s| {
-        write_with(
+        let mut p = write_untranslatable(
             s,
             CAPACITY - 8,
             Desc::r(a_end - 4096, u32::MAX),
             "OUT of 4 GiB - 1",
-        )
+        );
+        p.subs[0].status_unseen = Some(PAST_4GIB);
+        p
     });
 }
 
@@ -275,7 +308,9 @@ fn read_with_three_4gib_segments() {
             Desc::w(b, u32::MAX),
             Desc::w(st, 1),
         ];
-        Plan::one(submit(s, &segs, Some(st), Expect::Error, "IN of 3 x 4 GiB"))
+        Plan::one(
+            submit(s, &segs, Some(st), Expect::Error, "IN of 3 x 4 GiB").status_unseen(PAST_4GIB),
+        )
     });
 }
 
@@ -565,12 +600,10 @@ fn indirect_table_empty() {
         let t = s.alloc(48, 16);
         let (_, st) = valid_table(s, t);
         let head = indirect_head(s, t, 0, 0);
-        Plan::one(Sub::new(
-            head,
-            Some(st),
-            Expect::Error,
-            "indirect table of length 0",
-        ))
+        Plan::one(
+            Sub::new(head, Some(st), Expect::Error, "indirect table of length 0")
+                .status_unseen("a table of length 0 holds no descriptor"),
+        )
     });
 }
 
@@ -641,12 +674,15 @@ fn indirect_table_nested() {
             }],
         );
         let head = indirect_head(s, outer, 16, 0);
-        Plan::one(Sub::new(
-            head,
-            Some(st),
-            Expect::Error,
-            "indirect table inside an indirect table",
-        ))
+        Plan::one(
+            Sub::new(
+                head,
+                Some(st),
+                Expect::Error,
+                "indirect table inside an indirect table",
+            )
+            .status_unseen("a device refuses to follow a nested table (virtio 1.2, 2.7.5.3.1)"),
+        )
     });
 }
 
@@ -997,7 +1033,7 @@ fn legal_header_and_data_in_one_descriptor() {
         let a = s.put(&buf);
         let st = s.status();
         let segs = [Desc::r(a, buf.len() as u32), Desc::w(st, 1)];
-        let mut p = Plan::one(
+        Plan::one(
             submit(
                 s,
                 &segs,
@@ -1005,10 +1041,9 @@ fn legal_header_and_data_in_one_descriptor() {
                 Expect::Write { offset: OFF0, data },
                 "OUT header+data in one descriptor",
             )
-            .must_succeed(),
-        );
-        p.image_writes.push((OFF0, 1024));
-        p
+            .must_succeed()
+            .writes_image(OFF0, 1024),
+        )
     });
 }
 
@@ -1080,15 +1115,16 @@ fn out_request_without_status() {
         let hdr = s.put(&header(T_OUT, S0));
         let d = s.put(&[0x5a; 512]);
         let segs = [Desc::r(hdr, 16), Desc::r(d, 512)];
-        let mut p = Plan::one(submit(
-            s,
-            &segs,
-            None,
-            Expect::Any,
-            "OUT without a status descriptor",
-        ));
-        p.image_writes.push((OFF0, 512));
-        p
+        Plan::one(
+            submit(
+                s,
+                &segs,
+                None,
+                Expect::Any,
+                "OUT without a status descriptor",
+            )
+            .writes_image(OFF0, 512),
+        )
     });
 }
 
@@ -1117,15 +1153,16 @@ fn out_request_with_device_writable_data() {
         let d = s.alloc(4096, 512);
         let st = s.status();
         let segs = [Desc::r(hdr, 16), Desc::w(d, 4096), Desc::w(st, 1)];
-        let mut p = Plan::one(submit(
-            s,
-            &segs,
-            Some(st),
-            Expect::Any,
-            "OUT from a device-writable buffer",
-        ));
-        p.image_writes.push((OFF0, 4096));
-        p
+        Plan::one(
+            submit(
+                s,
+                &segs,
+                Some(st),
+                Expect::Any,
+                "OUT from a device-writable buffer",
+            )
+            .writes_image(OFF0, 4096),
+        )
     });
 }
 
@@ -1256,7 +1293,8 @@ fn write_at_sector_whose_offset_wraps_to_zero() {
             Desc::r(d, 4096),
             "OUT at sector 2^55 (offset wraps to 0)",
         );
-        p.image_writes.clear();
+        // Its "own range" would be wherever the offset wraps to: none.
+        p.subs[0].image.clear();
         p
     });
 }
@@ -1284,7 +1322,7 @@ fn write_whose_end_overflows_u64() {
             Desc::r(d, 4096),
             "OUT, offset+len overflows",
         );
-        p.image_writes.clear();
+        p.subs[0].image.clear();
         p
     });
 }
@@ -1457,14 +1495,14 @@ fn range_request(s: &mut Session, t: u32, segs: &[[u8; 16]], expect: Expect, wha
         Desc::r(d, payload.len() as u32),
         Desc::w(st, 1),
     ];
-    let mut p = Plan::one(submit(s, &descs, Some(st), expect, what));
+    let mut sub = submit(s, &descs, Some(st), expect, what);
     for seg in segs {
         let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
         let n = u32::from_le_bytes(seg[8..12].try_into().unwrap());
-        p.image_writes
-            .push(own_range(sector, u64::from(n) * SECTOR));
+        let (off, len) = own_range(sector, u64::from(n) * SECTOR);
+        sub = sub.writes_image(off, len);
     }
-    p
+    Plan::one(sub)
 }
 
 #[test]
@@ -1490,7 +1528,7 @@ fn discard_at_sector_whose_offset_wraps_to_zero() {
             Expect::Error,
             "DISCARD at 2^55",
         );
-        p.image_writes.clear();
+        p.subs[0].image.clear();
         p
     });
 }
@@ -1505,7 +1543,7 @@ fn discard_range_overflows_u64() {
             Expect::Error,
             "DISCARD at u64::MAX-1",
         );
-        p.image_writes.clear();
+        p.subs[0].image.clear();
         p
     });
 }
@@ -1537,16 +1575,17 @@ fn discard_with_partial_segment() {
         let d = s.put(&payload);
         let st = s.status();
         let descs = [Desc::r(hdr, 16), Desc::r(d, 24), Desc::w(st, 1)];
-        let mut p = Plan::one(submit(
-            s,
-            &descs,
-            Some(st),
-            Expect::Any,
-            "DISCARD payload of 24 bytes",
-        ));
-        p.image_writes.push((OFF0, 8 * SECTOR));
-        p.image_writes.push(((S0 + 64) * SECTOR, 8 * SECTOR));
-        p
+        Plan::one(
+            submit(
+                s,
+                &descs,
+                Some(st),
+                Expect::Any,
+                "DISCARD payload of 24 bytes",
+            )
+            .writes_image(OFF0, 8 * SECTOR)
+            .writes_image((S0 + 64) * SECTOR, 8 * SECTOR),
+        )
     });
 }
 
@@ -1571,15 +1610,16 @@ fn discard_segments_in_device_writable_buffer() {
         let d = s.put(&range_seg(S0, 8, 0));
         let st = s.status();
         let descs = [Desc::r(hdr, 16), Desc::w(d, 16), Desc::w(st, 1)];
-        let mut p = Plan::one(submit(
-            s,
-            &descs,
-            Some(st),
-            Expect::Any,
-            "DISCARD segment in a writable buffer",
-        ));
-        p.image_writes.push((OFF0, 8 * SECTOR));
-        p
+        Plan::one(
+            submit(
+                s,
+                &descs,
+                Some(st),
+                Expect::Any,
+                "DISCARD segment in a writable buffer",
+            )
+            .writes_image(OFF0, 8 * SECTOR),
+        )
     });
 }
 
@@ -1606,7 +1646,7 @@ fn write_zeroes_at_sector_whose_offset_wraps_to_zero() {
             Expect::Error,
             "WRITE_ZEROES at 2^55",
         );
-        p.image_writes.clear();
+        p.subs[0].image.clear();
         p
     });
 }
@@ -1636,7 +1676,6 @@ fn write_on_read_only_device() {
     run_case_with(opts, |s| {
         let d = s.put(&[0x42; 4096]);
         let mut p = write_with(s, S0, Desc::r(d, 4096), "OUT on a read-only device");
-        p.image_writes.clear();
         let mut dz = range_request(
             s,
             T_DISCARD,
@@ -1653,6 +1692,10 @@ fn write_on_read_only_device() {
         );
         p.subs.append(&mut dz.subs);
         p.subs.append(&mut wz.subs);
+        // Nothing may change on a read-only disk, whatever the answers.
+        for sub in &mut p.subs {
+            sub.image.clear();
+        }
         p
     });
 }
@@ -1763,6 +1806,11 @@ fn write_from_the_rings() {
     });
 }
 
+/// Why a copy of a head may go unanswered: while the first copy is in flight, a used
+/// element for the head would answer that one (virtio 1.2, 2.7.13: the driver must not make
+/// a buffer available again before it is used). The first copy must be answered.
+const DUPLICATE: &str = "the same head is in flight already";
+
 #[test]
 fn same_head_made_available_twice() {
     run_case(|s| {
@@ -1773,12 +1821,16 @@ fn same_head_made_available_twice() {
         s.queues[0].push(&s.mem, head);
         let mut p = Plan::default();
         for i in 0..2 {
-            p.subs.push(Sub::new(
+            let mut sub = Sub::new(
                 head,
                 Some(st),
                 Expect::Any,
                 format!("head {head}, copy {i}"),
-            ));
+            );
+            if i > 0 {
+                sub = sub.may_go_unanswered(DUPLICATE);
+            }
+            p.subs.push(sub);
         }
         p
     });
@@ -1797,12 +1849,11 @@ fn same_head_fills_the_whole_avail_ring() {
         }
         let mut p = Plan::default();
         for i in 0..size {
-            p.subs.push(Sub::new(
-                head,
-                None,
-                Expect::Any,
-                format!("head {head}, copy {i}"),
-            ));
+            let mut sub = Sub::new(head, None, Expect::Any, format!("head {head}, copy {i}"));
+            if i > 0 {
+                sub = sub.may_go_unanswered(DUPLICATE);
+            }
+            p.subs.push(sub);
         }
         p
     });
@@ -1925,7 +1976,7 @@ fn control_untracked_guest_write_is_caught() {
 }
 
 #[test]
-#[should_panic(expected = "changed outside the request's own range")]
+#[should_panic(expected = "changed outside the ranges the requests may write")]
 fn control_undeclared_image_write_is_caught() {
     run_case(|s| {
         let hdr = s.put(&header(T_OUT, 100));
@@ -1946,4 +1997,167 @@ fn control_undeclared_image_write_is_caught() {
 #[should_panic(expected = "invalid request answered with status OK")]
 fn control_ok_status_for_an_invalid_request_is_caught() {
     run_case(|s| Plan::one(legal_read(s, S0, &[512], "valid IN, declared invalid")).expect_error());
+}
+
+#[test]
+#[should_panic(expected = "changed outside the ranges the requests may write")]
+fn control_image_change_by_an_untranslatable_write_is_caught() {
+    // A backend that writes although the buffer does not translate: played by a buffer that
+    // does, declared like the untranslatable ones.
+    run_case(|s| {
+        let d = s.put(&[0x5e; 4096]);
+        let mut p = write_untranslatable(
+            s,
+            S0,
+            Desc::r(d, 4096),
+            "valid OUT, declared untranslatable",
+        );
+        p.subs[0].expect = Expect::Any;
+        p
+    });
+}
+
+// Controls of the liveness, fresh-connection and must-answer oracles: a backend broken on
+// purpose (killed, stopped, kept busy, a queue switched off behind the test's back).
+
+/// Run `case`, which must fail with a message containing one of `expected`.
+fn expect_failure(expected: &[&str], case: impl FnOnce()) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(case));
+    let Err(e) = r else {
+        panic!("the control case passed: the oracle did not fire (expected one of {expected:?})");
+    };
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        expected.iter().any(|x| msg.contains(x)),
+        "the control case failed, but not with any of {expected:?}:\n{msg}"
+    );
+}
+
+/// Rig options for controls: the backend is broken on purpose, so honest waits are short.
+fn control_rig() -> RigOpts {
+    RigOpts {
+        honest_timeout: std::time::Duration::from_secs(2),
+        ..RigOpts::default()
+    }
+}
+
+/// Switch queue 0 off behind the case's back: the backend still runs and still answers on
+/// the connection, but this queue is served no more.
+fn stall_queue_0(s: &mut Session) {
+    s.fe.set_vring_enable(0, false)
+        .expect("SET_VRING_ENABLE 0 on an honest connection");
+}
+
+#[test]
+fn control_request_left_unanswered_is_caught() {
+    if target() != Target::Ringfence {
+        // The must-answer oracle is ringfence's promise (see rig::run_case_with).
+        eprintln!("control applies to ringfence only");
+        return;
+    }
+    expect_failure(
+        &["ringfence answers every request whose head is in range"],
+        || {
+            let opts = CaseOpts {
+                rig: control_rig(),
+                ..CaseOpts::default()
+            };
+            run_case_with(opts, |s| {
+                stall_queue_0(s);
+                let hdr = s.put(&header(T_IN, S0)[..8]);
+                let d = s.alloc(512, 512);
+                let st = s.status();
+                let segs = [Desc::r(hdr, 8), Desc::w(d, 512), Desc::w(st, 1)];
+                Plan::one(submit(
+                    s,
+                    &segs,
+                    Some(st),
+                    Expect::Error,
+                    "8-byte header, queue off",
+                ))
+            })
+        },
+    );
+}
+
+#[test]
+fn control_queue_that_no_longer_serves_is_caught() {
+    if target() != Target::Ringfence {
+        eprintln!("control applies to ringfence only");
+        return;
+    }
+    // Nothing to answer (a head out of range): only the follow-up request can tell.
+    expect_failure(&["queue 0 no longer serves"], || {
+        let opts = CaseOpts {
+            rig: control_rig(),
+            ..CaseOpts::default()
+        };
+        run_case_with(opts, |s| {
+            stall_queue_0(s);
+            s.queues[0].push(&s.mem, 0xffff);
+            Plan::default()
+        })
+    });
+}
+
+#[test]
+fn control_dead_backend_is_caught() {
+    // qsd is daemonized: once killed it may linger as a zombie nobody reaps, which looks
+    // alive; then the fresh connection is what fails.
+    expect_failure(
+        &[
+            "the backend process died",
+            "health check: connecting failed",
+        ],
+        || {
+            run_case_with(
+                CaseOpts {
+                    rig: control_rig(),
+                    ..CaseOpts::default()
+                },
+                |s| {
+                    let pid = s.fe.peer_pid().expect("SO_PEERCRED");
+                    // SAFETY: killing the backend this test started (the socket's peer).
+                    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+                    Plan::one(
+                        legal_read(s, S0, &[4096], "valid IN to a killed backend").must_succeed(),
+                    )
+                },
+            )
+        },
+    );
+}
+
+#[test]
+fn control_hanging_connection_is_caught() {
+    expect_failure(&["the connection hangs"], || {
+        let mut rig = Rig::start(control_rig());
+        let mut s = rig.session(&SessionCfg::default());
+        s.fe.timeout = std::time::Duration::from_secs(1);
+        assert!(
+            rig.daemon.stop(std::time::Duration::from_secs(5)),
+            "the backend did not stop"
+        );
+        rig.responsive(&s.fe, "a stopped backend");
+        rig.daemon.resume();
+        rig.keep_session("the session", s, &[]);
+        rig.finish();
+    });
+}
+
+#[test]
+fn control_backend_that_serves_no_fresh_connection_is_caught() {
+    expect_failure(&["health check: a fresh connection's setup failed"], || {
+        let mut rig = Rig::start(control_rig());
+        // The backend serves one connection at a time: while this one stays open, a fresh
+        // connection is not served.
+        let s = rig.session(&SessionCfg::default());
+        rig.health_check();
+        rig.keep_session("the session held open", s, &[]);
+        rig.finish();
+    });
 }
