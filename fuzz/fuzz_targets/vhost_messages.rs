@@ -39,7 +39,9 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use ringfence::backend::{Backend, BlkBackend};
 use ringfence::cli::CacheMode;
-use ringfence::config::{config_read, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
+use ringfence::config::{
+    config_read, serves_writeback, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET,
+};
 use ringfence::guest_map::{FixedBufferMap, TranslateError, MAX_FIXED_BUFFERS};
 use ringfence::image::Image;
 use ringfence::worker::Tuning;
@@ -105,7 +107,22 @@ struct Model {
     read_only: bool,
     offered: u64,
     acked: u64,
-    writeback: bool,
+    /// The guest's CONFIG_WCE choice, if it made one.
+    choice: Option<bool>,
+}
+
+impl Model {
+    /// The write cache served (virtio 1.2 §5.2.6), from the acked features (the offered
+    /// ones before any were acked) and the guest's choice.
+    fn writeback(&self) -> bool {
+        let f = if self.acked == 0 { self.offered } else { self.acked };
+        let has = |b: u32| f & (1u64 << b) != 0;
+        serves_writeback(
+            has(VIRTIO_BLK_F_FLUSH),
+            has(VIRTIO_BLK_F_CONFIG_WCE),
+            self.choice,
+        )
+    }
 }
 
 fuzz_target!(|data: &[u8]| run(data));
@@ -119,6 +136,9 @@ fn run(data: &[u8]) {
     let physical_block_exp = inp.u8() % 4;
     let (rw, ro) = images();
     let image = if read_only { ro.clone() } else { rw.clone() };
+    // The images outlive one input, and the guest's write-cache choice belongs to the image
+    // (it survives reconnects): a new input starts from what the last one left.
+    let choice = image.write_cache.get();
     let spec = DeviceSpec {
         size_bytes: image.size,
         read_only,
@@ -145,7 +165,7 @@ fn run(data: &[u8]) {
         read_only,
         offered: backend.features(),
         acked: 0,
-        writeback: true,
+        choice,
     };
     check_offer(&model, &spec);
     assert_eq!(backend.num_queues(), usize::from(num_queues));
@@ -200,7 +220,7 @@ fn check_offer(m: &Model, spec: &DeviceSpec) {
 
 fn get_config(backend: &Backend, spec: &DeviceSpec, m: &Model, offset: u32, size: u32) {
     let got = backend.get_config(offset, size);
-    let space = spec.config_space(m.writeback);
+    let space = spec.config_space(m.writeback());
     let inside = u64::from(offset) + u64::from(size) <= CONFIG_LEN as u64;
     if inside {
         let start = offset as usize;
@@ -215,7 +235,7 @@ fn get_config(backend: &Backend, spec: &DeviceSpec, m: &Model, offset: u32, size
     // The fields a driver reads.
     let cap = u64::from_le_bytes(space[0..8].try_into().expect("8 bytes"));
     assert_eq!(cap, spec.capacity_sectors());
-    assert_eq!(space[CONFIG_WRITEBACK_OFFSET], u8::from(m.writeback));
+    assert_eq!(space[CONFIG_WRITEBACK_OFFSET], u8::from(m.writeback()));
     let nq = u16::from_le_bytes(space[34..36].try_into().expect("2 bytes"));
     assert_eq!(nq, spec.num_queues);
     let seg_max = u32::from_le_bytes(space[12..16].try_into().expect("4 bytes"));
@@ -238,10 +258,10 @@ fn set_config(backend: &Backend, spec: &DeviceSpec, m: &mut Model, offset: u32, 
         "SET_CONFIG {offset} {buf:?} with wce={wce}"
     );
     if allowed {
-        m.writeback = buf[0] != 0;
+        m.choice = Some(buf[0] != 0);
     }
     let wb = backend.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1);
-    assert_eq!(wb, vec![u8::from(m.writeback)]);
+    assert_eq!(wb, vec![u8::from(m.writeback())]);
     assert!(!spec.read_only || !allowed);
 }
 
