@@ -28,6 +28,8 @@ use crate::guest_map::FixedBufferMap;
 use crate::image::Image;
 use crate::request::Limits;
 use crate::ring::{build_ring, RingPolicy, RingSetup};
+use crate::stats::DeviceStats;
+use crate::vmm_channel::BackendChannel;
 use crate::worker::{Engine, QueueState, Shared, Tuning, Vring, FILE_BUFFERED, FILE_PRIMARY};
 
 /// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
@@ -59,6 +61,20 @@ pub struct BlkBackend {
     /// Exit-event fds handed to the crate (see `exit_event`).
     exit_fds: Mutex<Vec<i32>>,
     thread_init: ThreadInit,
+    /// The VMM's backend request channel, once it sent one (see `crate::vmm_channel`).
+    channel: Mutex<Option<BackendChannel>>,
+}
+
+/// What a resize told the VMM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Notified {
+    /// The config-change message went out on the backend request channel.
+    Sent,
+    /// The VMM gave no backend request channel: the guest sees the new capacity when the VMM
+    /// next reads the config space (its next connection or reset).
+    NoChannel,
+    /// Sending failed (the VMM went away, or does not read its channel).
+    Failed(String),
 }
 
 thread_local! {
@@ -73,11 +89,17 @@ impl BlkBackend {
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         thread_init: ThreadInit,
         tuning: Tuning,
+        stats: &DeviceStats,
     ) -> io::Result<Self> {
         let queues = (0..spec.num_queues)
             .map(|i| {
+                let counters = stats
+                    .queues
+                    .get(usize::from(i))
+                    .cloned()
+                    .unwrap_or_default();
                 Ok(QueueSlot {
-                    state: Mutex::new(QueueState::new(i, spec.queue_size, tuning)?),
+                    state: Mutex::new(QueueState::new(i, spec.queue_size, tuning, counters)?),
                     drained: Condvar::new(),
                     stop: AtomicBool::new(false),
                 })
@@ -108,7 +130,32 @@ impl BlkBackend {
             rebuild: Mutex::new(()),
             exit_fds: Mutex::new(Vec::new()),
             thread_init,
+            channel: Mutex::new(None),
         })
+    }
+
+    /// The image's capacity changed (`Image::set_size` was called): enforce the new limit on
+    /// every queue from the next request on, and tell the VMM, which then reads the config
+    /// space again and raises a config interrupt in the guest. Requests already parsed keep the
+    /// limit they were checked against. Each queue is locked only to store its new limits.
+    pub fn capacity_changed(&self) -> Notified {
+        {
+            let _serial = lock(&self.rebuild);
+            let sectors = self.image.size() / config::SECTOR_SIZE;
+            for q in &self.queues {
+                q.stop.store(true, Ordering::Relaxed);
+                let mut st = lock(&q.state);
+                q.stop.store(false, Ordering::Relaxed);
+                st.set_capacity(sectors);
+            }
+        }
+        match lock(&self.channel).as_ref() {
+            None => Notified::NoChannel,
+            Some(ch) => match ch.notify_config_change() {
+                Ok(()) => Notified::Sent,
+                Err(e) => Notified::Failed(e.to_string()),
+            },
+        }
     }
 
     /// The epoll event id of queue completions (above the ids the crate reserves).
@@ -183,7 +230,7 @@ impl BlkBackend {
     fn limits(&self, policy: &RingPolicy) -> Limits {
         use crate::ring::SqeOp;
         Limits {
-            capacity_sectors: self.spec.capacity_sectors(),
+            capacity_sectors: self.image.size() / config::SECTOR_SIZE,
             seg_max: self.spec.seg_max(),
             size_max: config::SIZE_MAX,
             max_discard_seg: config::MAX_DISCARD_SEG,
@@ -382,6 +429,25 @@ impl VhostUserBackend for Backend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // The channel a config-change message goes out on after a live resize.
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        let mut slot = lock(&self.0.channel);
+        // Forget (and close) a channel this connection sent before, so that it is not taken for
+        // the new one.
+        *slot = None;
+        match BackendChannel::adopt(backend) {
+            Ok(ch) => {
+                debug!("backend request channel received");
+                *slot = Some(ch);
+            }
+            Err(e) => warn!(
+                "backend request channel: {e}; a resize will reach the guest only when the \
+                 VMM next reads the config space"
+            ),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -390,7 +456,12 @@ impl VhostUserBackend for Backend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let wb = self.0.shared.writeback.load(Ordering::Acquire);
-        let space = self.0.spec.config_space(wb);
+        // The capacity is the image's now (it changes with a live resize).
+        let spec = DeviceSpec {
+            size_bytes: self.0.image.size(),
+            ..self.0.spec.clone()
+        };
+        let space = spec.config_space(wb);
         config::config_read(&space, offset, size).unwrap_or_else(|| {
             warn!("config read of {size} bytes at {offset} is outside the {CONFIG_LEN}-byte config space");
             Vec::new()

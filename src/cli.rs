@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Host cache mode for the disk image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -25,7 +25,14 @@ pub enum SandboxMode {
 
 /// A vhost-user-blk backend that serves one disk image from kernel-restricted io_uring rings.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ringfence", version, about, long_about = None)]
+#[command(
+    name = "ringfence",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Options {
     /// Unix socket path to listen on for the VMM (created; must not be in use).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
@@ -96,6 +103,59 @@ pub struct Options {
     /// Exit after the first VMM connection ends instead of waiting for the next one.
     #[arg(long)]
     pub once: bool,
+
+    /// Serve statistics (Prometheus text format) and the `resize` command on this unix socket
+    /// (see `ringfence stat`).
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands that talk to a running daemon through its stats socket.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print a running daemon's statistics as a table, with rates.
+    Stat(StatOptions),
+    /// Make a running daemon re-read its image's size and tell the guest (like SIGHUP).
+    Resize(ResizeOptions),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatOptions {
+    /// The daemon's --stats-socket.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: PathBuf,
+
+    /// Refresh every --interval: each table shows the rates over the last interval (the first,
+    /// like the single table without --watch, the averages since the daemon started).
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Seconds between two tables with --watch.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+
+    /// With --watch: stop after this many tables.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ResizeOptions {
+    /// The daemon's --stats-socket.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: PathBuf,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not an interval between 0.1 and 3600 seconds"
+        )),
+    }
 }
 
 /// Parse a size with an optional binary suffix: `512`, `64M`, `10G`, `1T`.

@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +20,9 @@ use crate::cli::{Options, SandboxMode};
 use crate::config::{serial_bytes, DeviceSpec};
 use crate::error::StartupError;
 use crate::image::Image;
+use crate::ops::Ops;
 use crate::sandbox;
+use crate::stats::DeviceStats;
 use crate::worker::Tuning;
 
 /// Printed on stderr once the socket accepts connections (tests and scripts wait for it).
@@ -39,7 +42,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let spec = DeviceSpec {
-        size_bytes: image.size,
+        size_bytes: image.size(),
         read_only: opts.read_only,
         num_queues: opts.num_queues,
         queue_size: opts.queue_size,
@@ -56,11 +59,16 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
     crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
     let (mut listener, socket_path) = listen(opts)?;
+    // Before the sandbox: binding a socket is denied afterwards.
+    let stats_listener = match &opts.stats_socket {
+        Some(p) => Some(crate::ops::bind_stats_socket(p)?),
+        None => None,
+    };
     sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
     info!(
         "serving {} ({} bytes, {}, {}), {} queue(s) of up to {} entries",
         image.path.display(),
-        image.size,
+        image.size(),
         if opts.read_only {
             "read-only"
         } else {
@@ -75,8 +83,13 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         spec.queue_size
     );
 
+    let stats = Arc::new(DeviceStats::new(spec.num_queues));
+    let ops = Arc::new(Ops::new(image.clone(), stats.clone()));
+
     sandbox::block_signals();
-    spawn_signal_thread(socket_path.clone(), image.clone());
+    let mut remove_on_exit: Vec<PathBuf> = socket_path.iter().cloned().collect();
+    remove_on_exit.extend(opts.stats_socket.iter().cloned());
+    spawn_signal_thread(remove_on_exit, image.clone(), ops.clone());
 
     let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
     let sandboxed = mode == SandboxMode::Seccomp;
@@ -84,6 +97,9 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
     }
     sandbox::log_status(mode, process_rings.as_ref());
+    if let (Some(l), Some(p)) = (stats_listener, &opts.stats_socket) {
+        crate::ops::spawn_stats_server(l, ops.clone(), p.clone());
+    }
 
     // Worker threads report here once they run under their own filter.
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
@@ -117,6 +133,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
                     max_poll: Duration::from_micros(opts.poll_us),
                     submit_batch: opts.submit_batch as usize,
                 },
+                &stats,
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );
@@ -152,6 +169,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         match daemon.start(&mut listener) {
             Ok(()) => {
                 conn.attach(daemon.shutdown_handle());
+                VMM_CONNECTED.store(true, Ordering::Relaxed);
                 info!("VMM connected");
                 match daemon.wait() {
                     Ok(())
@@ -161,6 +179,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
                     )) => info!("VMM disconnected"),
                     Err(e) => warn!("VMM connection ended: {e}"),
                 }
+                VMM_CONNECTED.store(false, Ordering::Relaxed);
             }
             Err(e) => {
                 error!("accepting a VMM connection failed: {e}");
@@ -212,7 +231,7 @@ fn listen(opts: &Options) -> Result<(Listener, Option<PathBuf>), StartupError> {
 }
 
 /// Remove a stale socket file; refuse a path a live process listens on, or a non-socket.
-fn claim_socket_path(path: &Path) -> Result<(), StartupError> {
+pub(crate) fn claim_socket_path(path: &Path) -> Result<(), StartupError> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };
@@ -284,6 +303,18 @@ fn lock_serving() -> std::sync::MutexGuard<'static, Option<Arc<BlkBackend>>> {
     SERVING.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The device of the current connection (or of the one the daemon waits for).
+pub(crate) fn serving() -> Option<Arc<BlkBackend>> {
+    lock_serving().clone()
+}
+
+/// Whether a VMM is connected now.
+static VMM_CONNECTED: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn vmm_connected() -> bool {
+    VMM_CONNECTED.load(Ordering::Relaxed)
+}
+
 /// How long the end of a connection, or the exit, waits for the I/O in flight.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -299,14 +330,20 @@ fn quiesce(backend: &BlkBackend, hold: bool) {
     }
 }
 
-/// SIGTERM/SIGINT: remove our socket, make the image durable, exit 0.
-fn spawn_signal_thread(socket: Option<PathBuf>, image: Arc<Image>) {
+/// SIGHUP: re-read the image size (live resize). SIGTERM/SIGINT: remove our sockets, make
+/// the image durable, exit 0.
+fn spawn_signal_thread(sockets: Vec<PathBuf>, image: Arc<Image>, ops: Arc<Ops>) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let sig = sandbox::wait_for_termination();
+            let sig = loop {
+                match sandbox::wait_for_signal() {
+                    libc::SIGHUP => ops.resize_and_log(),
+                    sig => break sig,
+                }
+            };
             info!("received signal {sig}; exiting");
-            if let Some(p) = socket {
+            for p in sockets {
                 let _ = std::fs::remove_file(p);
             }
             // Every write in flight lands before the data is synced and the lock released.

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::info;
 
@@ -21,7 +22,9 @@ pub struct Image {
     /// Page-cache access to the same image, for requests whose buffers do not meet the
     /// direct-I/O alignment (only with `--cache none`); fixed file 1. Also holds the lock.
     pub buffered: File,
-    pub size: u64,
+    /// The capacity served, in bytes (a multiple of 512): the size at startup, then whatever a
+    /// resize ([`Image::current_size`], on SIGHUP or the stats socket's `resize`) found.
+    size: AtomicU64,
     pub read_only: bool,
     pub direct: bool,
     /// Alignment of memory buffers for O_DIRECT.
@@ -66,16 +69,13 @@ impl Image {
             source: e,
         })?;
         let ft = meta.file_type();
-        let size = if ft.is_file() {
-            meta.len()
-        } else if ft.is_block_device() {
-            block_device_size(&buffered).map_err(|e| StartupError::ImageOpen {
-                path: p.clone(),
-                source: e,
-            })?
-        } else {
+        if !ft.is_file() && !ft.is_block_device() {
             return Err(StartupError::ImageKind { path: p });
-        };
+        }
+        let size = size_of(&buffered).map_err(|e| StartupError::ImageOpen {
+            path: p.clone(),
+            source: e,
+        })?;
         if size == 0 {
             return Err(StartupError::ImageEmpty { path: p });
         }
@@ -126,13 +126,30 @@ impl Image {
             path: p,
             primary,
             buffered,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             direct,
             dio_mem_align,
             dio_offset_align,
             write_cache: Default::default(),
         })
+    }
+
+    /// The capacity served, in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Serve `bytes` from now on (a multiple of 512, checked by the caller).
+    pub fn set_size(&self, bytes: u64) {
+        self.size.store(bytes, Ordering::Release);
+    }
+
+    /// The image's size on the host now (it may have grown or shrunk since startup): the
+    /// file's length, or a block device's size. Needs no open or path lookup, so it works
+    /// under the sandbox.
+    pub fn current_size(&self) -> io::Result<u64> {
+        size_of(&self.buffered)
     }
 
     /// Release the image lock (before exiting).
@@ -172,12 +189,18 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), StartupError> {
     Ok(())
 }
 
-fn block_device_size(f: &File) -> io::Result<u64> {
+/// The size of an open regular file or block device.
+fn size_of(f: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
-    // Seeking to the end of a block device yields its size; `&File` seeks the shared
-    // file offset, which nothing else uses (all I/O is positioned).
-    let mut f = f;
-    f.seek(SeekFrom::End(0))
+    let meta = f.metadata()?;
+    if meta.file_type().is_block_device() {
+        // Seeking to the end of a block device yields its size; `&File` seeks the shared
+        // file offset, which nothing else uses (all I/O is positioned).
+        let mut f = f;
+        f.seek(SeekFrom::End(0))
+    } else {
+        Ok(meta.len())
+    }
 }
 
 /// Take an open-file-description lock on the whole image: exclusive for a writable export,

@@ -5,7 +5,8 @@
 //! `kernel` (what the running kernel enforces, probed once), `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
 //! `ring` (ring policy and the one ring builder), `worker` (the per-queue worker loop),
 //! `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
-//! connection loop), `error` (every error, in one place).
+//! connection loop), `stats` (the I/O counters and their Prometheus encoding), `error` (every
+//! error, in one place).
 
 pub mod backend;
 pub mod cli;
@@ -15,8 +16,12 @@ pub mod error;
 pub mod guest_map;
 pub mod image;
 pub mod kernel;
+pub mod ops;
+pub mod opsctl;
 pub mod request;
 pub mod ring;
 pub mod sandbox;
+pub mod stats;
+pub mod vmm_channel;
 pub mod vring;
 pub mod worker;

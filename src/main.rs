@@ -1,7 +1,7 @@
 use std::io::Write;
 
 use clap::Parser;
-use ringfence::cli::Options;
+use ringfence::cli::{Command, Options};
 
 fn main() {
     let opts = match Options::try_parse() {
@@ -22,6 +22,19 @@ fn main() {
     };
     if opts.print_capabilities {
         println!("{}", ringfence::cli::capabilities_json());
+        return;
+    }
+    // Commands for a running daemon (through its stats socket).
+    let done = match &opts.command {
+        Some(Command::Stat(o)) => Some(ringfence::opsctl::stat(o)),
+        Some(Command::Resize(o)) => Some(ringfence::opsctl::resize(o)),
+        None => None,
+    };
+    if let Some(r) = done {
+        if let Err(e) = r {
+            eprintln!("ringfence: error: {e}");
+            std::process::exit(1);
+        }
         return;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))

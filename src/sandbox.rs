@@ -624,7 +624,7 @@ pub fn block_signals() {
 }
 
 /// Wait for SIGTERM, SIGINT or SIGHUP (which `block_signals` blocked) and return it.
-pub fn wait_for_termination() -> i32 {
+pub fn wait_for_signal() -> i32 {
     // SAFETY: sigwait on a set we own; it writes the signal number into `sig`.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

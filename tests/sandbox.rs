@@ -45,10 +45,14 @@ fn start(extra: &[&str]) -> Backend {
 
 #[test]
 fn every_thread_is_filtered_and_workers_more_strictly() {
+    // With a stats socket: its thread must be under the process filters too.
+    let stats_dir = tempfile::tempdir().unwrap();
+    let stats = stats_dir.path().join("stats.sock");
     let mut b = Backend::start_on(
         Target::Ringfence,
         BackendOpts {
             num_queues: 2,
+            extra: vec!["--stats-socket".into(), stats.display().to_string()],
             ..BackendOpts::default()
         },
     );
@@ -62,6 +66,7 @@ fn every_thread_is_filtered_and_workers_more_strictly() {
     let workers: Vec<_> = ts.iter().filter(|t| t.0 == "vring_worker").collect();
     assert_eq!(workers.len(), 2, "{ts:?}");
     assert_eq!(ts.iter().filter(|t| t.0 == "signals").count(), 1, "{ts:?}");
+    assert_eq!(ts.iter().filter(|t| t.0 == "stats").count(), 1, "{ts:?}");
     for (name, mode, filters) in &ts {
         assert_eq!(
             *mode, 2,

@@ -6,12 +6,14 @@
 #
 # Parameters come from the kernel command line (rf_<name>=<value>):
 #   rf_scenario  probe | identity | integrity | discard | readonly | multiqueue | hostwrite |
-#                reboot1 | reboot2
+#                reboot1 | reboot2 | resize
 #   rf_size rf_lbs rf_nq rf_ro rf_serial   what the disk must look like
 #   rf_seed      makes every run's data different (stale data from an earlier run cannot pass)
 #   rf_off rf_len                          a "known offset" the host seeded or will check
 #   rf_zoff rf_zlen                        a range the host will check for zeroes (hostwrite)
 #   rf_fio_mb    MiB each fio job writes and verifies
+#   rf_newsize   resize: the size the host grows the disk to once the guest says
+#                `RINGFENCE-RESIZE-READY` on the console
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -66,7 +68,7 @@ for kv in $cmdline; do
 done
 : "${rf_scenario:=identity}" "${rf_size:=0}" "${rf_lbs:=512}" "${rf_nq:=1}" "${rf_ro:=0}"
 : "${rf_serial:=}" "${rf_seed:=0}" "${rf_off:=0}" "${rf_len:=0}" "${rf_zoff:=0}" "${rf_zlen:=0}"
-: "${rf_fio_mb:=16}"
+: "${rf_fio_mb:=16}" "${rf_newsize:=0}"
 
 echo "RINGFENCE-BOOTED kernel=$(uname -r) scenario=$rf_scenario cpus=$(nproc)"
 
@@ -415,6 +417,40 @@ reboot2() {
     fi
 }
 
+# The host grows the image and signals the backend once it reads the marker; the guest waits
+# (bounded) for its virtio-blk driver to log the new capacity, which it does when the device
+# raises a config interrupt, then uses the new end of the disk.
+resize() {
+    if [ "$rf_newsize" -le "$rf_size" ]; then
+        check resize_setup FAIL "rf_newsize=$rf_newsize must exceed rf_size=$rf_size"
+        return
+    fi
+    echo "RINGFENCE-RESIZE-READY old=$rf_size new=$rf_newsize"
+    # /dev/kmsg yields the whole kernel log, then blocks for new records: the driver's
+    # "new size" line is found whether it came before grep started or after.
+    if line=$(timeout 60 grep -m 1 'new size' /dev/kmsg 2>/tmp/err); then
+        seen=1
+    else
+        seen=0
+    fi
+    sectors=$(cat /sys/block/vda/size)
+    if [ "$seen" = 1 ] && [ "$((sectors * 512))" = "$rf_newsize" ]; then
+        check resize_seen PASS "the driver logged '${line#*;}'; /sys/block/vda/size=$sectors"
+    else
+        check resize_seen FAIL "no new size within 60 s (seen=$seen, $(err));" \
+            "/sys/block/vda/size=$sectors, want $((rf_newsize / 512))"
+        return
+    fi
+    # The last 64 KiB of the new disk lie past the old end.
+    pattern "GROWN:$rf_seed" 65536 >/tmp/grown
+    o=$((rf_newsize - 65536))
+    if dwrite /tmp/grown "$o" && drop_caches && matches "$o" 65536 /tmp/grown; then
+        check resize_write_read_new_end PASS "64 KiB at $o (the old end was $rf_size)"
+    else
+        check resize_write_read_new_end FAIL "at $o: $(err)"
+    fi
+}
+
 identity
 case "$rf_scenario" in
 identity) ;;
@@ -425,6 +461,7 @@ multiqueue) multiqueue ;;
 hostwrite) hostwrite ;;
 reboot1) reboot1 ;;
 reboot2) reboot2 ;;
+resize) resize ;;
 *) check scenario FAIL "unknown scenario '$rf_scenario'" ;;
 esac
 finish

@@ -13,7 +13,7 @@
 #                                                    start that backend for this one boot
 # Options:
 #   --scenario NAME     identity (default), integrity, discard, readonly, multiqueue, hostwrite,
-#                       reboot1, reboot2 (see guest-init.sh)
+#                       reboot1, reboot2, resize (see guest-init.sh)
 #   --num-queues N      queues of the vhost-user-blk-pci device (and guest CPUs); default 1
 #   --read-only         the export is read-only (with --backend: export it so)
 #   --size BYTES        disk size the guest must see (default: the size of --image)

@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -274,6 +275,17 @@ fn guest_timeout() -> u64 {
 
 /// Boot the guest once against `disk`'s running backend and collect its report.
 fn boot(disk: &Disk, scenario: &str, params: &[(&str, u64)]) -> GuestRun {
+    boot_with(disk, scenario, params, |_| {})
+}
+
+/// Like [`boot`], calling `on_line` with every console line as it arrives (the host's side of a
+/// scenario that waits for it).
+fn boot_with(
+    disk: &Disk,
+    scenario: &str,
+    params: &[(&str, u64)],
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> GuestRun {
     let assets = assets();
     let _slot = qemu_slot();
     let timeout = guest_timeout();
@@ -316,6 +328,7 @@ fn boot(disk: &Disk, scenario: &str, params: &[(&str, u64)]) -> GuestRun {
             if echo {
                 eprintln!("[guest] {line}");
             }
+            on_line(&line);
             text.push_str(&line);
             text.push('\n');
         }
@@ -606,6 +619,61 @@ fn host_image_holds_what_the_guest_wrote() {
             && disk.read_at(zoff + zlen, 4096).iter().all(|&b| b == 0xa5),
         "write-zeroes at [{zoff}, {}) changed bytes outside its range",
         zoff + zlen
+    );
+}
+
+#[test]
+fn guest_sees_a_live_resize() {
+    // The guest says when it is ready; the host then grows the image by 128 MiB and sends the
+    // backend SIGHUP. The guest must see the new capacity (its driver logs it on the config
+    // interrupt QEMU raises after ringfence's config-change message) and use the new end.
+    if backend() == Backend::QemuStorageDaemon {
+        eprintln!("skipped: qemu-storage-daemon resizes through QMP block_resize, not SIGHUP");
+        return;
+    }
+    let disk = Disk::new("resize", false, 1);
+    let daemon = disk.start();
+    let seed = seed();
+    let new_size = DISK_SIZE + 128 * MIB;
+    let image = disk.image.clone();
+    let pid = daemon.pid();
+    let resized = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = resized.clone();
+    let run = boot_with(
+        &disk,
+        "resize",
+        &[("seed", seed), ("newsize", new_size)],
+        move |line| {
+            if line.contains("RINGFENCE-RESIZE-READY") && !flag.swap(true, Ordering::SeqCst) {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .and_then(|f| f.set_len(new_size))
+                    .expect("grow the image");
+                // SAFETY: kill only sends a signal to the backend process this test started.
+                let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+                assert_eq!(rc, 0, "SIGHUP to the backend");
+            }
+        },
+    );
+    assert!(
+        resized.load(Ordering::SeqCst),
+        "the guest never asked for the resize:\n{}",
+        run.transcript()
+    );
+    assert_passed(
+        &run,
+        &with_identity(&["resize_seen", "resize_write_read_new_end"]),
+        &daemon,
+    );
+    assert!(
+        daemon.stderr().contains("the VMM was told (config change)"),
+        "ringfence did not say it told the VMM:\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        disk.read_at(new_size - 65536, 65536) == pattern(&format!("GROWN:{seed}"), 65536),
+        "the image does not hold what the guest wrote past the old end"
     );
 }
 

@@ -1,13 +1,16 @@
 //! Completing: turn CQEs into status bytes and used-ring entries.
 
+use std::time::Instant;
+
 use log::{debug, error};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::sqe::{
-    fallocate_sqe, fsync_sqe, KIND_ALLOC, KIND_DISCARD, KIND_PUNCH, KIND_PUNCH_REALLOC, KIND_RW,
-    KIND_ZERO_RANGE,
+    fallocate_sqe, fsync_sqe, KIND_ALLOC, KIND_DISCARD, KIND_FSYNC, KIND_PUNCH, KIND_PUNCH_REALLOC,
+    KIND_RW, KIND_ZERO_RANGE,
 };
-use super::{QueueState, VringState, STATUS_IOERR, STATUS_OK};
+use super::{suppressed_note, QueueState, VringState, STATUS_IOERR, STATUS_OK};
+use crate::stats::ErrorKind;
 
 impl QueueState {
     /// Turn every available completion into used-ring entries.
@@ -24,6 +27,11 @@ impl QueueState {
             engine.inflight = engine.inflight.saturating_sub(self.cqes.len() - before);
         }
         self.retiring.retain(|e| e.inflight > 0);
+        if self.cqes.is_empty() {
+            return;
+        }
+        // One clock read for the whole batch: the completion time of its requests.
+        self.clock = Instant::now();
         let cqes = std::mem::take(&mut self.cqes);
         for &(ud, res) in &cqes {
             self.on_completion(ud, res, vs, mem);
@@ -43,6 +51,9 @@ impl QueueState {
         let idx = ((ud >> 24) & 0xff) as usize;
         let expected = (ud >> 32) as u32;
         let q = self.index;
+        if res == -libc::EACCES {
+            self.kernel_refusal(head, kind);
+        }
         let Some(slot) = self.slots.get_mut(usize::from(head)).filter(|s| s.busy) else {
             error!("queue {q}: completion for idle slot {head}");
             return;
@@ -83,7 +94,13 @@ impl QueueState {
         let Some(slot) = self.slots.get_mut(usize::from(head)) else {
             return;
         };
-        slot.failed |= !ok;
+        if !ok && slot.error.is_none() {
+            slot.error = Some(if res == -libc::EACCES {
+                ErrorKind::Refused
+            } else {
+                ErrorKind::Io
+            });
+        }
         slot.pending = slot.pending.saturating_sub(1);
         if slot.pending > 0 {
             return;
@@ -97,7 +114,7 @@ impl QueueState {
             debug!("queue {q}: request {head} completed after its queue was stopped; dropped");
             return;
         }
-        if std::mem::take(&mut slot.sync_after) && !slot.failed {
+        if std::mem::take(&mut slot.sync_after) && slot.error.is_none() {
             // Durable before it completes (writethrough): one fdatasync, then complete.
             slot.pending = 1;
             let e = fsync_sqe(head);
@@ -105,14 +122,41 @@ impl QueueState {
             return;
         }
         slot.busy = false;
-        let (status, used) = if slot.failed {
+        let (status, used) = if slot.error.is_some() {
             (STATUS_IOERR, 1)
         } else {
             (STATUS_OK, slot.used_len)
         };
         let addr = slot.status;
+        let (op, bytes, start, err) = (slot.op, slot.bytes, slot.start, slot.error);
         self.inflight_reqs -= 1;
+        // Counted before the guest can see the completion.
+        self.counters.inflight.set(self.inflight_requests() as u64);
+        self.account(op, bytes, start, err);
         self.complete(head, addr, status, used, vs, mem);
+    }
+
+    /// The kernel refused an SQE with -EACCES: the ring's allowlist stopped something this
+    /// worker submitted. The worker builds only SQEs its ring allows, so this is a security
+    /// incident (a bug, or memory corruption steering an SQE): counted, and logged as such.
+    #[cold]
+    fn kernel_refusal(&mut self, head: u16, kind: u64) {
+        self.counters.kernel_refusals.add(1);
+        let what = match kind {
+            KIND_RW => "read or write",
+            KIND_FSYNC => "fdatasync",
+            _ => "fallocate",
+        };
+        if let Some(n) = self.security_limit.allow(self.clock) {
+            error!(
+                "SECURITY: queue {}: the kernel refused an SQE ({what} of request {head}) with \
+                 -EACCES: the ring's allowlist stopped an operation ringfence must never submit; \
+                 the request fails. Report this: it means a bug or memory corruption in the \
+                 daemon{}",
+                self.index,
+                suppressed_note(n)
+            );
+        }
     }
 
     /// Write the status byte and put the chain on the used ring.

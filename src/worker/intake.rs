@@ -13,6 +13,7 @@ use super::sqe::{
 use super::{suppressed_note, QueueState, Shared, VringState, STATUS_IOERR, STATUS_OK};
 use crate::config::SERIAL_LEN;
 use crate::request::{self, Desc, Op, Parsed, ZeroMode};
+use crate::stats::{ErrorKind, OpKind};
 
 impl QueueState {
     pub(super) fn take_requests(
@@ -29,6 +30,8 @@ impl QueueState {
         // locked) forever: at most two rings' worth of requests per pass, and none once the
         // control thread asks for the queue. What is left is taken on the next wakeup.
         let mut budget = 2 * usize::from(vs.get_queue().size()).max(1);
+        // The start time of the requests taken next (refreshed after each submission).
+        self.clock = Instant::now();
         loop {
             if let Err(e) = vs.disable_notification() {
                 debug!("queue {}: disable_notification: {e}", self.index);
@@ -47,6 +50,7 @@ impl QueueState {
                 self.start(head, vs, mem, shared);
                 if self.queued_sqes() >= self.submit_batch {
                     self.submit(vs, mem);
+                    self.clock = Instant::now();
                 }
                 if budget == 0 || stop.load(Ordering::Relaxed) {
                     break;
@@ -102,9 +106,9 @@ impl QueueState {
         shared: &Shared,
     ) {
         let Some(limits) = self.limits else { return };
-        self.stats.requests += 1;
         let hi = usize::from(head);
         if hi >= self.slots.len() || usize::from(head) >= usize::from(vs.get_queue().size()) {
+            self.counters.error(ErrorKind::Dropped, 1);
             if let Some(n) = self.warn_limit.allow(Instant::now()) {
                 warn!(
                     "queue {}: descriptor head {head} is out of range; dropped{}",
@@ -115,6 +119,7 @@ impl QueueState {
             return;
         }
         if self.slots[hi].busy {
+            self.counters.error(ErrorKind::Dropped, 1);
             if let Some(n) = self.warn_limit.allow(Instant::now()) {
                 warn!(
                     "queue {}: descriptor head {head} made available again while in flight; \
@@ -129,9 +134,14 @@ impl QueueState {
         match req.parsed {
             Parsed::Fail(status, reason) => {
                 debug!("queue {}: request {head} refused: {reason:?}", self.index);
+                self.counters.error(reason.into(), 1);
                 self.complete(head, req.status, status, 1, vs, mem);
             }
-            Parsed::Op(Op::Nop) => self.complete(head, req.status, STATUS_OK, 1, vs, mem),
+            Parsed::Op(Op::Nop) => {
+                // A FLUSH on a read-only disk: nothing to make durable.
+                self.account(OpKind::Flush, 0, Some(self.clock), None);
+                self.complete(head, req.status, STATUS_OK, 1, vs, mem)
+            }
             Parsed::Op(Op::GetId) => {
                 let mut written = 0u32;
                 let mut ok = true;
@@ -146,6 +156,8 @@ impl QueueState {
                 } else {
                     (STATUS_IOERR, 1)
                 };
+                let error = (!ok).then_some(ErrorKind::BadAddress);
+                self.account(OpKind::GetId, u64::from(written), Some(self.clock), error);
                 self.complete(head, req.status, status, used, vs, mem);
             }
             Parsed::Op(Op::Read { offset, len }) => {
@@ -156,17 +168,26 @@ impl QueueState {
             }
             Parsed::Op(Op::Flush) => {
                 self.occupy(head, req.status, 1, 1, Vec::new());
+                self.tag(head, OpKind::Flush, 0);
                 self.push(fsync_sqe(head), vs, mem);
             }
             Parsed::Op(Op::Zero) => {
+                let op = if self.ranges.iter().any(|r| r.mode == ZeroMode::Discard) {
+                    OpKind::Discard
+                } else {
+                    OpKind::WriteZeroes
+                };
+                let bytes = self.ranges.iter().map(|r| r.len).sum();
                 // A segment of zero sectors asks for nothing: it completes OK.
                 let ranges = std::mem::take(&mut self.ranges);
                 let work = ranges.iter().filter(|r| r.len > 0).count() as u32;
                 if work == 0 {
+                    self.account(op, 0, Some(self.clock), None);
                     self.complete(head, req.status, STATUS_OK, 1, vs, mem);
                     return;
                 }
                 self.occupy(head, req.status, work, 1, ranges);
+                self.tag(head, op, bytes);
                 // Under a writethrough cache the change must be durable before it completes.
                 self.slots[hi].sync_after = !shared.writeback.load(Ordering::Relaxed);
                 for i in 0..self.slots[hi].ranges.len() {

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::SERIAL_LEN;
 use crate::guest_map::{FixedBufferMap, Piece};
 use crate::request::{Desc, Limits, Segment, ZeroRange};
+use crate::stats::{ErrorKind, OpKind, QueueCounters, QueueSnapshot};
 
 /// The vring type the backend serves.
 pub use crate::vring::Vring;
@@ -117,20 +118,6 @@ pub struct Tuning {
     pub submit_batch: usize,
 }
 
-/// Counters of one queue, logged when its connection ends: they show whether batching and
-/// polling work (SQEs per io_uring_enter, wakeups per request).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub wakeups: u64,
-    pub requests: u64,
-    pub sqes: u64,
-    pub enters: u64,
-    /// Write SQEs that carried RWF_DSYNC (writethrough).
-    pub dsync_writes: u64,
-    /// fdatasync SQEs (FLUSH, and writethrough discard/write-zeroes).
-    pub fdatasyncs: u64,
-}
-
 /// One restricted ring and the memory layout it was registered with.
 pub struct Engine {
     ring: IoUring,
@@ -171,7 +158,13 @@ pub struct Shared {
 struct Slot {
     busy: bool,
     pending: u32,
-    failed: bool,
+    /// Why the request failed, once one of its SQEs did.
+    error: Option<ErrorKind>,
+    /// What it asked for and how many bytes it moves if it succeeds (for the counters).
+    op: OpKind,
+    bytes: u64,
+    /// When it was taken off the virtqueue.
+    start: Option<Instant>,
     status: Option<u64>,
     used_len: u32,
     ranges: Vec<ZeroRange>,
@@ -212,10 +205,19 @@ pub struct QueueState {
     poll: PollWindow,
     /// Most SQEs queued before they are submitted (see [`Tuning`]).
     submit_batch: usize,
-    stats: Stats,
+    /// This queue's counters (for the life of the process: see `crate::stats`), and their
+    /// values when this connection's queue state was made (for the log line at its end).
+    counters: Arc<QueueCounters>,
+    counters_at_start: QueueSnapshot,
+    /// A recent time, read once per batch of requests taken or completions reaped rather than
+    /// once per request: request latencies are measured with it.
+    clock: Instant,
     faults_seen: u64,
     /// Guest-triggered warnings of this queue.
     warn_limit: WarnLimit,
+    /// Security incidents of this queue (SQEs the kernel refused): rate-limited on their own,
+    /// so that guest-triggered noise never hides one.
+    security_limit: WarnLimit,
     completion_fd: EventFd,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
@@ -226,7 +228,12 @@ pub struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(index: u16, max_queue_size: u16, tuning: Tuning) -> std::io::Result<Self> {
+    pub fn new(
+        index: u16,
+        max_queue_size: u16,
+        tuning: Tuning,
+        counters: Arc<QueueCounters>,
+    ) -> std::io::Result<Self> {
         Ok(QueueState {
             index,
             engine: None,
@@ -240,9 +247,12 @@ impl QueueState {
             used_added: false,
             poll: PollWindow::new(tuning.max_poll),
             submit_batch: tuning.submit_batch.max(1),
-            stats: Stats::default(),
+            counters_at_start: counters.snapshot(),
+            counters,
+            clock: Instant::now(),
             faults_seen: 0,
             warn_limit: WarnLimit::new(),
+            security_limit: WarnLimit::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
             descs: Vec::new(),
             segs: Vec::new(),
@@ -258,8 +268,17 @@ impl QueueState {
         &self.completion_fd
     }
 
-    pub fn stats(&self) -> Stats {
-        self.stats
+    /// This queue's counters.
+    pub fn counters(&self) -> &QueueCounters {
+        &self.counters
+    }
+
+    /// Count a request that completed: latency from its start to now (`self.clock`).
+    fn account(&self, op: OpKind, bytes: u64, start: Option<Instant>, error: Option<ErrorKind>) {
+        let ns = start.map_or(0, |t| {
+            self.clock.saturating_duration_since(t).as_nanos() as u64
+        });
+        self.counters.complete(op, bytes, ns, error);
     }
 
     /// Requests in flight that will still complete to the guest.
@@ -276,6 +295,9 @@ impl QueueState {
             n += 1;
         }
         self.orphaned_reqs += n;
+        // They will never be answered.
+        self.counters.error(ErrorKind::Dropped, n as u64);
+        self.counters.inflight.set(self.inflight_requests() as u64);
         n
     }
 
@@ -332,6 +354,13 @@ impl QueueState {
         }
     }
 
+    /// A new capacity (a live resize): requests parsed from now on are checked against it.
+    pub fn set_capacity(&mut self, sectors: u64) {
+        if let Some(l) = self.limits.as_mut() {
+            l.capacity_sectors = sectors;
+        }
+    }
+
     /// Make `engine` the ring for new requests; the previous one retires once idle.
     pub fn install(&mut self, engine: Engine, limits: Limits) {
         if let Some(old) = self.engine.replace(engine) {
@@ -364,7 +393,7 @@ impl QueueState {
         completion_event: bool,
         stop: &AtomicBool,
     ) {
-        self.stats.wakeups += 1;
+        self.counters.wakeups.add(1);
         if completion_event {
             // Reset the eventfd before reaping, so a completion that lands after the reap
             // wakes us again.
@@ -397,6 +426,7 @@ impl QueueState {
         self.notify(&mut vs);
         loop {
             if self.has_completions() || self.has_requests(&vs, mem) {
+                self.counters.poll_hits.add(1);
                 self.step(&mut vs, mem, shared, true, false, stop);
                 self.notify(&mut vs);
                 last = Instant::now();
@@ -520,14 +550,24 @@ impl QueueState {
 
 impl Drop for QueueState {
     fn drop(&mut self) {
-        let s = self.stats;
-        if s.requests > 0 {
+        // What this connection did: the counters now, less what they were when it began.
+        let now = self.counters.snapshot();
+        let was = &self.counters_at_start;
+        let requests = now.requests().saturating_sub(was.requests());
+        if requests > 0 {
             info!(
                 "queue {}: {} requests, {} SQEs in {} io_uring_enter calls, {} wakeups; \
                  {} RWF_DSYNC writes, {} fdatasyncs",
-                self.index, s.requests, s.sqes, s.enters, s.wakeups, s.dsync_writes, s.fdatasyncs
+                self.index,
+                requests,
+                now.sqes - was.sqes,
+                now.enters - was.enters,
+                now.wakeups - was.wakeups,
+                now.dsync_writes - was.dsync_writes,
+                now.fdatasyncs - was.fdatasyncs
             );
         }
+        self.counters.inflight.set(0);
     }
 }
 
@@ -539,6 +579,85 @@ pub fn completion_raw_fd(q: &QueueState) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest_map::MAX_FIXED_BUFFER;
+    use crate::ring::{build_ring, RingPolicy, RingSetup};
+    use vm_memory::GuestMemoryAtomic;
+
+    /// A refused SQE, for real: a FLUSH's fdatasync submitted on a ring built (by the daemon's
+    /// builder) for a read-only disk, whose allowlist holds READ_FIXED alone. The kernel
+    /// completes it with -EACCES; the worker must fail the request, count a kernel refusal and
+    /// a `refused` error, and spend its security warning on it.
+    #[test]
+    fn a_refused_sqe_is_counted_and_fails_its_request() {
+        let image = tempfile::tempfile().unwrap();
+        image.set_len(1 << 16).unwrap();
+        let buf = vec![0u8; 4096];
+        let map = FixedBufferMap::from_regions([(0, 4096, buf.as_ptr() as u64)], MAX_FIXED_BUFFER)
+            .unwrap();
+        let files = [(image.as_raw_fd(), "test image".to_string())];
+        let policy = RingPolicy::for_device(false, false, false);
+        // SAFETY: `buf` outlives the ring (dropped at the end of the test, after `st`), and no
+        // SQE of this test names it.
+        let ring = unsafe {
+            build_ring(&RingSetup {
+                label: "test",
+                entries: 8,
+                files: &files,
+                buffers: &map,
+                eventfd: None,
+                policy: &policy,
+            })
+        }
+        .expect("build a restricted ring (is io_uring enabled?)");
+        let counters = Arc::new(QueueCounters::default());
+        let tuning = Tuning {
+            max_poll: Duration::ZERO,
+            submit_batch: 8,
+        };
+        let mut st = QueueState::new(0, 8, tuning, counters.clone()).unwrap();
+        let limits = Limits {
+            capacity_sectors: 128,
+            seg_max: 6,
+            size_max: 1 << 20,
+            max_discard_seg: 1,
+            max_discard_sectors: 1,
+            read_only: true,
+            flush: false,
+            discard: false,
+            write_zeroes: false,
+        };
+        st.install(
+            Engine::new(ring, map, Arc::new(GuestMemoryMmap::new())),
+            limits,
+        );
+        let vring = Vring::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 8).unwrap();
+        let mut vs = vring.get_mut();
+        let mem = GuestMemoryMmap::new();
+
+        st.occupy(0, None, 1, 1, Vec::new());
+        st.tag(0, OpKind::Flush, 0);
+        st.push(sqe::fsync_sqe(0), &mut vs, &mem);
+        st.submit(&mut vs, &mem);
+        st.engine
+            .as_ref()
+            .unwrap()
+            .ring
+            .submitter()
+            .submit_and_wait(1)
+            .unwrap();
+        st.reap(&mut vs, &mem);
+
+        let s = counters.snapshot();
+        assert_eq!(s.kernel_refusals, 1);
+        assert_eq!(s.errors[ErrorKind::Refused as usize], 1);
+        assert_eq!(s.ops[OpKind::Flush as usize].requests, 1);
+        assert_eq!(s.sqes, 1);
+        assert_eq!(st.inflight_requests(), 0);
+        assert_eq!(st.security_limit.in_window, 1, "the incident was logged");
+        drop(vs);
+        drop(st);
+        drop(buf);
+    }
 
     #[test]
     fn guest_triggered_warnings_are_rate_limited_and_counted() {

@@ -8,6 +8,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{QueueState, Shared, VringState, FILE_BUFFERED, FILE_PRIMARY, STATUS_IOERR, STATUS_OK};
 use crate::request::ZeroRange;
+use crate::stats::{ErrorKind, OpKind};
 
 // user_data layout: head (16 bits) | kind (8) | range index (8) | expected length (32).
 pub(super) const KIND_RW: u64 = 0;
@@ -41,15 +42,18 @@ impl QueueState {
         let Some(engine) = self.engine.as_ref() else {
             return;
         };
+        let op = if write { OpKind::Write } else { OpKind::Read };
         self.pieces.clear();
         for s in &self.segs {
             if let Err(e) = engine.map.translate(s.addr, s.len, |p| self.pieces.push(p)) {
                 debug!("queue {}: request {head}: {e}", self.index);
+                self.account(op, 0, Some(self.clock), Some(ErrorKind::BadAddress));
                 self.complete(head, status, STATUS_IOERR, 1, vs, mem);
                 return;
             }
         }
         if self.pieces.is_empty() {
+            self.account(op, 0, Some(self.clock), None);
             self.complete(head, status, STATUS_OK, 1, vs, mem);
             return;
         }
@@ -77,6 +81,7 @@ impl QueueState {
                 .filter(|w| w[0].buf_index != w[1].buf_index)
                 .count();
             self.occupy(head, status, groups as u32, used_len, Vec::new());
+            self.tag(head, op, len);
             let iov = &mut self.slots[hi].iov;
             iov.clear();
             iov.extend(self.pieces.iter().map(|p| [p.host, u64::from(p.len)]));
@@ -112,6 +117,7 @@ impl QueueState {
             return;
         }
         self.occupy(head, status, self.pieces.len() as u32, used_len, Vec::new());
+        self.tag(head, op, len);
         let mut off = offset;
         for i in 0..self.pieces.len() {
             let p = self.pieces[i];
@@ -151,13 +157,24 @@ impl QueueState {
         let slot = &mut self.slots[usize::from(head)];
         slot.busy = true;
         slot.pending = pending;
-        slot.failed = false;
+        slot.error = None;
+        slot.op = OpKind::Read;
+        slot.bytes = 0;
+        slot.start = Some(self.clock);
         slot.status = status;
         slot.used_len = used_len;
         slot.ranges = ranges;
         slot.sync_after = false;
         slot.orphaned = false;
         self.inflight_reqs += 1;
+        self.counters.inflight.set(self.inflight_requests() as u64);
+    }
+
+    /// What an occupied slot's request does, for the counters.
+    pub(super) fn tag(&mut self, head: u16, op: OpKind, bytes: u64) {
+        let slot = &mut self.slots[usize::from(head)];
+        slot.op = op;
+        slot.bytes = bytes;
     }
 
     /// Queue one SQE, submitting what is queued if the submission queue is full. An SQE that
@@ -193,7 +210,7 @@ impl QueueState {
             // kernel), which `Engine::_mem` keeps mapped while the ring lives.
             if unsafe { engine.ring.submission().push(e) }.is_ok() {
                 engine.inflight += 1;
-                self.stats.sqes += 1;
+                self.counters.sqes.add(1);
                 self.count_durability(e);
                 return true;
             }
@@ -213,10 +230,10 @@ impl QueueState {
             opcode::WriteFixed::CODE | opcode::WritevFixed::CODE
                 if flags & libc::RWF_DSYNC as u32 != 0 =>
             {
-                self.stats.dsync_writes += 1
+                self.counters.dsync_writes.add(1)
             }
             opcode::Fsync::CODE if flags & types::FsyncFlags::DATASYNC.bits() != 0 => {
-                self.stats.fdatasyncs += 1
+                self.counters.fdatasyncs.add(1)
             }
             _ => {}
         }
@@ -238,7 +255,7 @@ impl QueueState {
             if engine.ring.submission().is_empty() {
                 return;
             }
-            self.stats.enters += 1;
+            self.counters.enters.add(1);
             match engine.ring.submit() {
                 Ok(_) => continue,
                 Err(e) => match e.raw_os_error() {

@@ -1012,3 +1012,16 @@ pub fn say(line: &str) {
     let _ = writeln!(o, "{line}");
     let _ = o.flush();
 }
+
+/// Run `f` on a thread of its own and wait at most `IO_TIMEOUT` for it: for clients whose own
+/// waits are unbounded (the `vhost` crate's frontend retries a timed-out read forever). A hang
+/// fails the test (the stuck thread is left behind).
+#[track_caller]
+pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(IO_TIMEOUT)
+        .unwrap_or_else(|_| panic!("{what}: no answer within {IO_TIMEOUT:?}"))
+}

@@ -1,0 +1,316 @@
+//! The operator's side of a running daemon: the stats socket (`--stats-socket PATH`) and live
+//! resize (on SIGHUP, or the stats socket's `resize` command).
+//!
+//! The stats socket is bound at startup, before the sandbox forbids new sockets, and served by
+//! its own thread (never a worker): it reads the counters without any lock (see
+//! `crate::stats`), so a scrape never makes a worker wait. One connection, one answer:
+//!
+//! - nothing (the client only reads, or shuts down its side) or `metrics\n`: a snapshot in the
+//!   Prometheus text format (version 0.0.4), then the connection is closed;
+//! - `resize\n`: re-read the image's size and apply it (see [`Ops::resize`]); the answer is one
+//!   line starting with `resize: ` (or `error: `);
+//! - an HTTP request line (`GET /metrics`, `GET /`, `POST /resize`): the same answers with an
+//!   HTTP/1.0 status line and headers, so that `curl --unix-socket PATH http://x/metrics` or a
+//!   TCP-to-unix proxy in front of Prometheus can scrape it.
+//!
+//! A client that sends nothing gets its snapshot after [`FIRST_LINE_WAIT`]; one that sends a
+//! line or shuts down its writing side gets it at once. Clients are served one at a time, each
+//! bounded by socket timeouts, so a stuck client delays the next scrape by seconds at most.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info, warn};
+
+use crate::backend::Notified;
+use crate::config::SECTOR_SIZE;
+use crate::error::StartupError;
+use crate::image::Image;
+use crate::stats::{DeviceInfo, DeviceStats};
+
+/// How long a stats client has to send its request line before it is taken to want metrics.
+pub const FIRST_LINE_WAIT: Duration = Duration::from_millis(500);
+/// Bound on reading a request and writing an answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request line read.
+const MAX_LINE: usize = 4096;
+
+/// What the daemon's operator-facing threads (signals, stats) share.
+pub struct Ops {
+    image: Arc<Image>,
+    stats: Arc<DeviceStats>,
+    start_time: f64,
+    resizes: AtomicU64,
+    /// One resize at a time (SIGHUP and the stats socket may ask together).
+    resizing: Mutex<()>,
+}
+
+impl Ops {
+    pub fn new(image: Arc<Image>, stats: Arc<DeviceStats>) -> Ops {
+        let start_time = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Ops {
+            image,
+            stats,
+            start_time,
+            resizes: AtomicU64::new(0),
+            resizing: Mutex::new(()),
+        }
+    }
+
+    /// A snapshot of every counter, in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let info = DeviceInfo {
+            image: self.image.path.display().to_string(),
+            capacity_bytes: self.image.size(),
+            read_only: self.image.read_only,
+            start_time_seconds: self.start_time,
+            vmm_connected: crate::daemon::vmm_connected(),
+            resizes: self.resizes.load(Ordering::Relaxed),
+        };
+        crate::stats::encode(&self.stats.snapshot(), &info)
+    }
+
+    /// Re-read the image's size on the host and serve it: the config space and the limits the
+    /// data path enforces change, and the VMM is told (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`)
+    /// so that the guest sees the new capacity without a reboot. The rings stay as they are.
+    /// A size that is not a multiple of 512 is refused (the capacity stays). A shrink is the
+    /// operator's call: requests past the new end fail from now on, and the daemon carries on.
+    /// Returns one line for the log and the stats client.
+    pub fn resize(&self) -> Result<String, String> {
+        let _one = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.image.path.display();
+        let old = self.image.size();
+        let new = self.image.current_size().map_err(|e| {
+            format!("cannot read the size of {path}: {e}; capacity stays {old} bytes")
+        })?;
+        if new % SECTOR_SIZE != 0 {
+            return Err(format!(
+                "{path} is now {new} bytes, not a multiple of 512; capacity stays {old} bytes"
+            ));
+        }
+        if new == old {
+            return Ok(format!("capacity unchanged: {new} bytes"));
+        }
+        self.image.set_size(new);
+        self.resizes.fetch_add(1, Ordering::Relaxed);
+        let told = match crate::daemon::serving() {
+            Some(b) => b.capacity_changed(),
+            None => Notified::NoChannel,
+        };
+        let shrink = if new < old {
+            " (a shrink: requests past the new end now fail)"
+        } else {
+            ""
+        };
+        let vmm = match told {
+            Notified::Sent => "the VMM was told (config change)".to_string(),
+            Notified::NoChannel if crate::daemon::vmm_connected() => {
+                "the VMM gave no backend request channel: the guest sees it when the VMM next \
+                 reads the config space"
+                    .to_string()
+            }
+            Notified::NoChannel => "no VMM connected".to_string(),
+            Notified::Failed(e) => format!("telling the VMM failed: {e}"),
+        };
+        Ok(format!(
+            "capacity {old} -> {new} bytes ({} sectors){shrink}; {vmm}",
+            new / SECTOR_SIZE
+        ))
+    }
+
+    /// Resize and log the outcome (SIGHUP).
+    pub fn resize_and_log(&self) {
+        match self.resize() {
+            Ok(m) => info!("resize: {m}"),
+            Err(e) => error!("resize: {e}"),
+        }
+    }
+}
+
+/// Bind the stats socket (replacing a stale socket file; refusing one a live process listens
+/// on). Call before the sandbox closes: binding is denied afterwards.
+pub fn bind_stats_socket(path: &Path) -> Result<UnixListener, StartupError> {
+    crate::daemon::claim_socket_path(path)?;
+    UnixListener::bind(path).map_err(|e| StartupError::SocketBind {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Serve the stats socket on a thread of its own.
+pub fn spawn_stats_server(listener: UnixListener, ops: Arc<Ops>, path: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || {
+            info!("stats: serving {}", path.display());
+            loop {
+                match listener.accept() {
+                    Ok((conn, _)) => serve(&ops, conn),
+                    Err(e) => {
+                        warn!("stats: accept: {e}");
+                        // E.g. out of file descriptors: do not spin.
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        error!("cannot start the stats thread: {e}");
+    }
+}
+
+/// What a stats client asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    Metrics,
+    Resize,
+    Unknown(String),
+}
+
+/// Parse a client's first line: `(request, whether it spoke HTTP)`. Pure.
+pub fn parse_request(line: &str) -> (Request, bool) {
+    let line = line.trim_end_matches(['\r', '\n']).trim();
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (None, _) => (Request::Metrics, false),
+        (Some("metrics"), None) => (Request::Metrics, false),
+        (Some("resize"), None) => (Request::Resize, false),
+        (Some("GET" | "HEAD"), Some("/" | "/metrics")) => (Request::Metrics, true),
+        (Some("POST"), Some("/resize")) => (Request::Resize, true),
+        (Some("GET" | "HEAD" | "POST" | "PUT" | "DELETE"), Some(p)) => {
+            (Request::Unknown(p.chars().take(80).collect()), true)
+        }
+        _ => (Request::Unknown(line.chars().take(80).collect()), false),
+    }
+}
+
+fn serve(ops: &Ops, mut conn: UnixStream) {
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let line = read_first_line(&mut conn);
+    let (req, http) = parse_request(&line);
+    let head_only = http && line.starts_with("HEAD ");
+    let (status, body) = match req {
+        Request::Metrics => ("200 OK", ops.metrics()),
+        Request::Resize => match ops.resize() {
+            Ok(m) => {
+                info!("resize (stats socket): {m}");
+                ("200 OK", format!("resize: {m}\n"))
+            }
+            Err(e) => {
+                error!("resize (stats socket): {e}");
+                ("500 Internal Server Error", format!("error: {e}\n"))
+            }
+        },
+        Request::Unknown(what) => (
+            "404 Not Found",
+            format!(
+                "error: unknown request '{what}': send nothing or `metrics` for the metrics, \
+                 `resize` to re-read the image size (HTTP: GET /metrics, POST /resize)\n"
+            ),
+        ),
+    };
+    let mut out = Vec::with_capacity(body.len() + 160);
+    if http {
+        let _ = write!(
+            out,
+            "HTTP/1.0 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: \
+             close\r\n\r\n",
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            body.len()
+        );
+    }
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    // A client that went away is its own problem.
+    let _ = conn.write_all(&out);
+}
+
+/// The client's first line: what it sent up to a newline, its EOF, `MAX_LINE` bytes or
+/// `FIRST_LINE_WAIT` for the first byte (then `IO_TIMEOUT` for the rest), whichever comes
+/// first.
+fn read_first_line(conn: &mut UnixStream) -> String {
+    let mut buf = Vec::new();
+    let first_deadline = Instant::now() + FIRST_LINE_WAIT;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut chunk = [0u8; 512];
+    while buf.len() < MAX_LINE && !buf.contains(&b'\n') {
+        let until = if buf.is_empty() {
+            first_deadline
+        } else {
+            deadline
+        };
+        if !wait_readable(conn.as_raw_fd(), until) {
+            break;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    let end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Wait until `fd` is readable (or closed) or `deadline`; true if readable.
+fn wait_readable(fd: i32, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_raw_and_http() {
+        assert_eq!(parse_request(""), (Request::Metrics, false));
+        assert_eq!(parse_request("metrics\n"), (Request::Metrics, false));
+        assert_eq!(parse_request("resize\r\n"), (Request::Resize, false));
+        assert_eq!(
+            parse_request("GET /metrics HTTP/1.1\r\n"),
+            (Request::Metrics, true)
+        );
+        assert_eq!(parse_request("GET / HTTP/1.0"), (Request::Metrics, true));
+        assert_eq!(
+            parse_request("POST /resize HTTP/1.1"),
+            (Request::Resize, true)
+        );
+        assert_eq!(
+            parse_request("GET /other HTTP/1.1"),
+            (Request::Unknown("/other".into()), true)
+        );
+        assert_eq!(
+            parse_request("resize now"),
+            (Request::Unknown("resize now".into()), false)
+        );
+    }
+}
