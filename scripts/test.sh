@@ -44,8 +44,11 @@ step() { printf '\n== %s\n' "$*"; }
 step "system packages"
 # qemu-utils goes with qemu-system-x86 on purpose: install-host-packages.sh installs QEMU's
 # packages at one version, downgrading a backported qemu-utils when that is what blocks them.
+# systemd: systemd-socket-activate and systemd-analyze (tests/systemd.rs, the units in
+# contrib/systemd); libvirt-clients and libxml2-utils: virt-xml-validate and the xmllint it
+# runs (tests/libvirt.rs).
 pkgs=(qemu-system-x86 qemu-system-common qemu-utils fio busybox-static cpio kmod util-linux
-    xz-utils zstd e2fsprogs python3 debian-archive-keyring)
+    xz-utils zstd e2fsprogs python3 debian-archive-keyring systemd libvirt-clients libxml2-utils)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
