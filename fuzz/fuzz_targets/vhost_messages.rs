@@ -44,6 +44,7 @@ use ringfence::config::{
 };
 use ringfence::guest_map::{FixedBufferMap, TranslateError, MAX_FIXED_BUFFERS};
 use ringfence::image::Image;
+use ringfence::stats::DeviceStats;
 use ringfence::worker::Tuning;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::*;
@@ -140,7 +141,7 @@ fn run(data: &[u8]) {
     // (it survives reconnects): a new input starts from what the last one left.
     let choice = image.write_cache.get();
     let spec = DeviceSpec {
-        size_bytes: image.size,
+        size_bytes: image.size(),
         read_only,
         num_queues,
         queue_size,
@@ -158,6 +159,7 @@ fn run(data: &[u8]) {
             max_poll: Duration::from_micros(50),
             submit_batch: 8,
         },
+        &DeviceStats::new(num_queues),
     )
     .expect("create the backend");
     let backend = Backend(Arc::new(blk));
