@@ -269,4 +269,43 @@ mod tests {
         assert_eq!(o.num_queues, 2);
         assert_eq!(o.cache, Some(CacheMode::None));
     }
+
+    #[test]
+    fn commands_for_a_running_daemon_parse_without_daemon_options() {
+        let o = Options::try_parse_from([
+            "ringfence",
+            "stat",
+            "--stats-socket",
+            "/run/x.stats",
+            "--watch",
+            "--interval",
+            "0.5",
+        ])
+        .expect("stat parses without --blk-file");
+        match o.command {
+            Some(Command::Stat(s)) => {
+                assert!(s.watch);
+                assert_eq!(s.interval, 0.5);
+                assert_eq!(s.stats_socket, PathBuf::from("/run/x.stats"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let o = Options::try_parse_from(["ringfence", "resize", "--stats-socket", "/s"])
+            .expect("resize parses");
+        assert!(matches!(o.command, Some(Command::Resize(_))));
+        // Daemon options and a command do not mix; a command needs its socket.
+        assert!(Options::try_parse_from(["ringfence", "--blk-file", "x", "stat"]).is_err());
+        assert!(Options::try_parse_from(["ringfence", "stat"]).is_err());
+        assert!(Options::try_parse_from([
+            "ringfence",
+            "stat",
+            "--stats-socket",
+            "/s",
+            "--interval",
+            "0"
+        ])
+        .is_err());
+        // The daemon still requires its image.
+        assert!(Options::try_parse_from(["ringfence", "--socket-path", "/s"]).is_err());
+    }
 }
