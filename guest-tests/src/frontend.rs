@@ -246,6 +246,53 @@ pub fn message(code: u32, flags: u32, size: u32, payload: &[u8]) -> Vec<u8> {
     m
 }
 
+/// Payload of GET_INFLIGHT_FD / SET_INFLIGHT_FD (`VhostUserInflight`): the size of the
+/// shared inflight region and where it starts in its fd, for `num_queues` queues of
+/// `queue_size` entries. 24 bytes: two u64, two u16 and the C padding after them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inflight {
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+impl Inflight {
+    /// Bytes on the wire (with the trailing padding).
+    pub const LEN: usize = 24;
+
+    pub fn to_bytes(&self) -> [u8; Inflight::LEN] {
+        let mut b = [0u8; Inflight::LEN];
+        b[0..8].copy_from_slice(&self.mmap_size.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.mmap_offset.to_ne_bytes());
+        b[16..18].copy_from_slice(&self.num_queues.to_ne_bytes());
+        b[18..20].copy_from_slice(&self.queue_size.to_ne_bytes());
+        b
+    }
+
+    /// Parse a payload of exactly [`Inflight::LEN`] bytes.
+    pub fn from_bytes(b: &[u8]) -> Option<Inflight> {
+        if b.len() != Inflight::LEN {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap());
+        let u16_at = |i: usize| u16::from_ne_bytes(b[i..i + 2].try_into().unwrap());
+        Some(Inflight {
+            mmap_size: u64_at(0),
+            mmap_offset: u64_at(8),
+            num_queues: u16_at(16),
+            queue_size: u16_at(18),
+        })
+    }
+}
+
+/// Bytes one queue takes in a split-ring inflight region (vhost-user.rst, "Inflight I/O
+/// tracking"; the layout of libvhost-user): a 16-byte header and one 16-byte `DescStateSplit`
+/// per entry, rounded up to 64 bytes. Queue `i` starts at `i` times this.
+pub fn inflight_queue_region_size(queue_size: u16) -> u64 {
+    (16 + 16 * u64::from(queue_size)).next_multiple_of(64)
+}
+
 /// A GET_CONFIG answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigReply {
@@ -660,6 +707,63 @@ impl Frontend {
             &vring_state(index, u32::from(enable)),
             &[],
         )
+    }
+
+    /// GET_INFLIGHT_FD for `num_queues` queues of `queue_size` entries: the backend's answer
+    /// (where the region is in the fd, and how large) and the fd it attached.
+    pub fn get_inflight_fd(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> FeResult<(Inflight, OwnedFd)> {
+        let ask = Inflight {
+            num_queues,
+            queue_size,
+            ..Inflight::default()
+        };
+        let mut r = self.call(code::GET_INFLIGHT_FD, &ask.to_bytes(), &[])?;
+        let info = Inflight::from_bytes(&r.payload).ok_or_else(|| {
+            FeError::Protocol(format!(
+                "GET_INFLIGHT_FD reply of {} bytes, expected {}",
+                r.payload.len(),
+                Inflight::LEN
+            ))
+        })?;
+        if r.fds.len() != 1 {
+            return Err(FeError::Protocol(format!(
+                "GET_INFLIGHT_FD reply with {} fds, expected 1",
+                r.fds.len()
+            )));
+        }
+        Ok((info, r.fds.remove(0)))
+    }
+
+    /// SET_INFLIGHT_FD: hand the backend the inflight region `info` describes, in `fd` (what
+    /// QEMU sends before it starts the rings, on every connection, with the same fd).
+    pub fn set_inflight_fd(&self, info: &Inflight, fd: RawFd) -> FeResult<()> {
+        self.set(code::SET_INFLIGHT_FD, &info.to_bytes(), &[fd])
+    }
+
+    /// Start ring `index` the way QEMU does (SET_VRING_NUM, BASE, ADDR, KICK, CALL), with the
+    /// addresses in the frontend's address space; after a reconnect `base` is whatever the
+    /// frontend believes, e.g. the used index QEMU rewinds to when the backend died.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_vring(
+        &self,
+        index: u32,
+        num: u16,
+        base: u16,
+        desc: u64,
+        used: u64,
+        avail: u64,
+        kick: RawFd,
+        call: RawFd,
+    ) -> FeResult<()> {
+        self.set_vring_num(index, u32::from(num))?;
+        self.set_vring_base(index, u32::from(base))?;
+        self.set_vring_addr(index, desc, used, avail)?;
+        self.set_vring_fd(code::SET_VRING_KICK, index, Some(kick))?;
+        self.set_vring_fd(code::SET_VRING_CALL, index, Some(call))
     }
 
     /// GET_CONFIG of `size` bytes at `offset` (the request carries `size` zero bytes, as
