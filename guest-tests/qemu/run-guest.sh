@@ -13,7 +13,7 @@
 #                                                    start that backend for this one boot
 # Options:
 #   --scenario NAME     identity (default), integrity, discard, readonly, multiqueue, hostwrite,
-#                       reboot1, reboot2, resize (see guest-init.sh)
+#                       reboot1, reboot2, resize, crashload (see guest-init.sh)
 #   --num-queues N      queues of the vhost-user-blk-pci device (and guest CPUs); default 1
 #   --read-only         the export is read-only (with --backend: export it so)
 #   --size BYTES        disk size the guest must see (default: the size of --image)
@@ -23,6 +23,11 @@
 #   --param rf_X=V      another guest parameter (repeatable), e.g. --param rf_seed=42
 #   --timeout SECS      limit for the whole QEMU run, a failure detector (default 300)
 #   --log FILE          also write the console to FILE
+#   --reconnect SECS    QEMU reconnects to the backend's socket SECS seconds after losing it
+#                       (`-chardev socket,...,reconnect=SECS`, QEMU 7.2's spelling; QEMU 9.2
+#                       deprecated it for reconnect-ms): a backend may be restarted under the
+#                       running guest
+#   --pidfile FILE      QEMU writes its pid to FILE (for a host that inspects the VMM)
 # Environment:
 #   RINGFENCE_GUEST_KERNEL, RINGFENCE_GUEST_INITRD, RINGFENCE_GUEST_ACCEL: use these instead of
 #   asking prepare-assets.sh; RINGFENCE_BIN: the ringfence binary for --backend ringfence.
@@ -41,7 +46,7 @@ usage() {
 }
 
 socket="" backend="" image="" scenario=identity nq=1 ro=0 size="" serial="" lbs=512
-timeout_s=300 logfile="" params=()
+timeout_s=300 logfile="" params=() reconnect="" pidfile=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --socket) socket=$2; shift 2 ;;
@@ -56,6 +61,8 @@ while [ $# -gt 0 ]; do
     --param) params+=("$2"); shift 2 ;;
     --timeout) timeout_s=$2; shift 2 ;;
     --log) logfile=$2; shift 2 ;;
+    --reconnect) reconnect=$2; shift 2 ;;
+    --pidfile) pidfile=$2; shift 2 ;;
     -h | --help) usage ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -160,13 +167,24 @@ for p in "${params[@]}"; do
     append+=" $p"
 done
 
+chardev="socket,id=vub0,path=$socket"
+if [ -n "$reconnect" ]; then
+    case "$reconnect" in
+    *[!0-9]* | "") die "--reconnect takes whole seconds, not '$reconnect'" ;;
+    esac
+    chardev+=",reconnect=$reconnect"
+fi
+extra=()
+if [ -n "$pidfile" ]; then extra+=(-pidfile "$pidfile"); fi
+
 qemu=(qemu-system-x86_64 "${accel_args[@]}"
     -machine "q35,memory-backend=mem" -m "$mem" -smp "$nq"
     # vhost-user: the backend maps guest memory, so it must be a shareable memfd.
     -object "memory-backend-memfd,id=mem,size=$mem,share=on"
     -nodefaults -display none -no-reboot -serial stdio
-    -chardev "socket,id=vub0,path=$socket"
+    -chardev "$chardev"
     -device "vhost-user-blk-pci,chardev=vub0,num-queues=$nq"
+    "${extra[@]}"
     -kernel "$kernel" -initrd "$initrd" -append "$append")
 
 console=$work/console.log
