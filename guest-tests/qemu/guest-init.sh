@@ -6,7 +6,7 @@
 #
 # Parameters come from the kernel command line (rf_<name>=<value>):
 #   rf_scenario  probe | identity | integrity | discard | readonly | multiqueue | hostwrite |
-#                reboot1 | reboot2 | resize
+#                reboot1 | reboot2 | resize | crashload
 #   rf_size rf_lbs rf_nq rf_ro rf_serial   what the disk must look like
 #   rf_seed      makes every run's data different (stale data from an earlier run cannot pass)
 #   rf_off rf_len                          a "known offset" the host seeded or will check
@@ -14,6 +14,10 @@
 #   rf_fio_mb    MiB each fio job writes and verifies
 #   rf_newsize   resize: the size the host grows the disk to once the guest says
 #                `RINGFENCE-RESIZE-READY` on the console
+#   crashload:   the host kills and restarts the backend while fio runs (rf_nq jobs of
+#                rf_fio_mb MiB each, one per CPU and so per queue, beside rf_nq random readers
+#                of iodepth rf_reader_depth), from when the guest says
+#                `RINGFENCE-CRASHLOAD-STARTED` until it says `RINGFENCE-CRASHLOAD-FIO-DONE`
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -68,7 +72,7 @@ for kv in $cmdline; do
 done
 : "${rf_scenario:=identity}" "${rf_size:=0}" "${rf_lbs:=512}" "${rf_nq:=1}" "${rf_ro:=0}"
 : "${rf_serial:=}" "${rf_seed:=0}" "${rf_off:=0}" "${rf_len:=0}" "${rf_zoff:=0}" "${rf_zlen:=0}"
-: "${rf_fio_mb:=16}" "${rf_newsize:=0}"
+: "${rf_fio_mb:=16}" "${rf_newsize:=0}" "${rf_reader_depth:=2}"
 
 echo "RINGFENCE-BOOTED kernel=$(uname -r) scenario=$rf_scenario cpus=$(nproc)"
 
@@ -451,6 +455,36 @@ resize() {
     fi
 }
 
+# The host SIGKILLs the backend several times while fio writes with verification, and restarts
+# it on the same socket; QEMU reconnects (`reconnect=1`). Random 4k readers run beside the
+# writers on every queue, so that reads complete while the host holds writes in flight. Nothing
+# may show inside the guest: fio verifies every block it wrote, and the kernel logs no I/O error.
+crashload() {
+    if [ $((rf_nq * rf_fio_mb)) -gt 56 ]; then
+        check crashload_layout FAIL "needs rf_nq * rf_fio_mb <= 56 (fio uses [64 MiB, 120 MiB))"
+        return
+    fi
+    cpus=0-$((rf_nq - 1))
+    fio --output=/tmp/reader.out --filename=/dev/vda --direct=1 --ioengine=libaio \
+        --name=reader --rw=randread --bs=4k --iodepth="$rf_reader_depth" --numjobs="$rf_nq" \
+        --cpus_allowed="$cpus" --cpus_allowed_policy=split --offset=0 --size=64M \
+        --time_based --runtime=3600 >/tmp/reader.err 2>&1 &
+    reader=$!
+    echo "RINGFENCE-CRASHLOAD-STARTED writers=$rf_nq size=${rf_fio_mb}M readers=$rf_nq"
+    run_fio crashload_fio_verify --name=crashload --rw=randwrite --bsrange=4k-128k \
+        --iodepth=16 --numjobs="$rf_nq" --cpus_allowed="$cpus" --cpus_allowed_policy=split \
+        --offset=64M --offset_increment="${rf_fio_mb}M" --size="${rf_fio_mb}M" --group_reporting
+    kill "$reader" 2>/dev/null
+    wait "$reader"
+    echo "RINGFENCE-CRASHLOAD-FIO-DONE"
+    if dmesg | grep -iE 'I/O error|blk_update_request|critical medium error|not a head' \
+        >/tmp/ioerr; then
+        check crashload_no_io_errors FAIL "kernel log: $(head -n 5 /tmp/ioerr | tr '\n' ';')"
+    else
+        check crashload_no_io_errors PASS "no I/O error in the kernel log"
+    fi
+}
+
 identity
 case "$rf_scenario" in
 identity) ;;
@@ -462,6 +496,7 @@ hostwrite) hostwrite ;;
 reboot1) reboot1 ;;
 reboot2) reboot2 ;;
 resize) resize ;;
+crashload) crashload ;;
 *) check scenario FAIL "unknown scenario '$rf_scenario'" ;;
 esac
 finish

@@ -284,11 +284,23 @@ fn boot_with(
     disk: &Disk,
     scenario: &str,
     params: &[(&str, u64)],
+    on_line: impl FnMut(&str) + Send + 'static,
+) -> GuestRun {
+    boot_full(disk, scenario, params, &[], guest_timeout(), on_line)
+}
+
+/// Like [`boot_with`], with more options for run-guest.sh (`runner_args`) and a bound of its own
+/// on the QEMU run.
+fn boot_full(
+    disk: &Disk,
+    scenario: &str,
+    params: &[(&str, u64)],
+    runner_args: &[&str],
+    timeout: u64,
     mut on_line: impl FnMut(&str) + Send + 'static,
 ) -> GuestRun {
     let assets = assets();
     let _slot = qemu_slot();
-    let timeout = guest_timeout();
     let mut cmd = Command::new("bash");
     cmd.arg(qemu_dir().join("run-guest.sh"))
         .arg("--socket")
@@ -302,6 +314,7 @@ fn boot_with(
     if disk.read_only {
         cmd.arg("--read-only");
     }
+    cmd.args(runner_args);
     for (k, v) in params {
         cmd.arg("--param").arg(format!("rf_{k}={v}"));
     }
@@ -384,7 +397,12 @@ fn boot_with(
 /// Every `expected` check ran and passed, no check failed, the guest finished, the runner said
 /// success. Panics with the failing checks and the transcript otherwise.
 fn assert_passed(run: &GuestRun, expected: &[&str], daemon: &Daemon) {
-    let mut problems = Vec::new();
+    assert_passed_with(run, expected, &daemon.stderr(), Vec::new());
+}
+
+/// [`assert_passed`] for a run served by several backend processes (`stderr`: all of theirs),
+/// with the host's own `problems` added to the guest's.
+fn assert_passed_with(run: &GuestRun, expected: &[&str], stderr: &str, mut problems: Vec<String>) {
     for c in &run.checks {
         if c.status == "FAIL" {
             problems.push(format!("check {} FAILED: {}", c.name, c.detail));
@@ -407,7 +425,7 @@ fn assert_passed(run: &GuestRun, expected: &[&str], daemon: &Daemon) {
     }
     // The guest is a well-behaved driver: nothing it does should make the backend complain
     // (e.g. declare a ring corrupt and stop serving it).
-    for line in daemon.stderr().lines() {
+    for line in stderr.lines() {
         if line.contains("[ringfence warn]") || line.contains("[ringfence error]") {
             problems.push(format!(
                 "the backend complained about a well-behaved guest: {line}"
@@ -415,7 +433,6 @@ fn assert_passed(run: &GuestRun, expected: &[&str], daemon: &Daemon) {
         }
     }
     if !problems.is_empty() {
-        let stderr = daemon.stderr();
         let stderr: Vec<&str> = stderr.lines().collect();
         panic!(
             "guest run '{}' failed:\n  {}\n{}\n--- backend stderr (last 40 lines) ---\n{}",
@@ -698,4 +715,511 @@ fn backend_survives_guest_poweroff_and_serves_a_second_boot() {
         &daemon,
     );
     assert_alive(&mut daemon, "after the second guest powered off");
+}
+
+// ------------------------------------------------------------------------------------------
+// Backend crashes under load (issue 13: inflight I/O tracking)
+// ------------------------------------------------------------------------------------------
+
+/// Times the backend is killed during one guest run.
+const CRASH_KILLS: u32 = 3;
+/// Writes a backend process must have completed before the host starts holding writes for the
+/// next kill: QEMU has reconnected and the guest's load flows again.
+const WRITES_BEFORE_KILL: u64 = 40;
+/// Reads that must complete while writes are held before the kill: the used ring has moved
+/// past requests still in flight, the case a rewound SET_VRING_BASE gets wrong.
+const READS_PAST_HELD_WRITES: u64 = 8;
+/// iodepth of each guest reader job (the in-flight count beyond the readers' is writes).
+const READER_DEPTH: u64 = 2;
+/// QEMU's delay before it reconnects to a lost backend (`-chardev socket,...,reconnect=1`).
+const RECONNECT_SECS: &str = "1";
+/// Bound on one crash run: a backend that loses a request hangs the guest until this.
+const CRASH_RUN_TIMEOUT: u64 = 150;
+/// Bound on every wait of the host's side (a reconnect, the next requests, an exit): a stall
+/// detector (under TCG the guest's load resumes within a few seconds of a reconnect).
+const CRASH_WAIT: Duration = Duration::from_secs(30);
+/// The queue size QEMU's vhost-user-blk-pci uses by default (its `queue-size` property).
+const QEMU_QUEUE_SIZE: u64 = 128;
+
+fn run_cmd(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An ext4 filesystem in a file, on a loop device, mounted in a temporary directory, that the
+/// host can freeze (FIFREEZE): writes to it wait in the kernel until it is thawed, reads pass
+/// (the technique of tests/drain.rs).
+struct Freezable {
+    mnt: tempfile::TempDir,
+    loopdev: String,
+    _backing: tempfile::TempDir,
+    frozen: std::sync::atomic::AtomicBool,
+}
+
+impl Freezable {
+    fn new(size: u64) -> Freezable {
+        let backing = tempfile::tempdir().expect("tempdir");
+        let file = backing.path().join("fs.img");
+        File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("backing file");
+        run_cmd(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
+        let loopdev = run_cmd(Command::new("losetup").args(["-f", "--show"]).arg(&file));
+        let mnt = tempfile::tempdir().expect("mount point");
+        run_cmd(Command::new("mount").arg(&loopdev).arg(mnt.path()));
+        Freezable {
+            mnt,
+            loopdev,
+            _backing: backing,
+            frozen: false.into(),
+        }
+    }
+
+    fn freeze(&self) {
+        run_cmd(Command::new("fsfreeze").arg("-f").arg(self.mnt.path()));
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    fn thaw(&self) {
+        if self.frozen.swap(false, Ordering::SeqCst) {
+            run_cmd(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
+        }
+    }
+}
+
+impl Drop for Freezable {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.mnt.path())
+            .status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+/// Thaws on drop: made after the backend process it protects, so dropped before it (a backend
+/// cannot exit while its writes are held).
+struct ThawOnDrop<'a>(&'a Freezable);
+
+impl Drop for ThawOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.thaw();
+    }
+}
+
+/// One answer of ringfence's stats socket, or `None` if it does not answer (yet).
+fn scrape(stats: &std::path::Path) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(stats).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"metrics\n").ok()?;
+    s.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// The sum of every sample of the series `name` (all label sets matching `labels`, a prefix
+/// of the label list such as `op="read"`, or every one if empty) in a scrape.
+fn metric_sum(text: &str, name: &str, labels: &str) -> u64 {
+    text.lines()
+        .filter(|l| match l.strip_prefix(name) {
+            Some(rest) if labels.is_empty() => rest.starts_with(' ') || rest.starts_with('{'),
+            Some(rest) => rest.starts_with(&format!("{{{labels}")),
+            None => false,
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Counters of the running backend process that the crash runs watch.
+#[derive(Clone, Copy, Debug)]
+struct Served {
+    reads: u64,
+    writes: u64,
+    in_flight: u64,
+}
+
+fn served(stats: &std::path::Path) -> Option<Served> {
+    let text = scrape(stats)?;
+    Some(Served {
+        reads: metric_sum(&text, "ringfence_requests_total", "op=\"read\""),
+        writes: metric_sum(&text, "ringfence_requests_total", "op=\"write\""),
+        in_flight: metric_sum(&text, "ringfence_requests_in_flight", ""),
+    })
+}
+
+/// The memfds QEMU (`pid`) holds: the target of each /proc/PID/fd link that is one
+/// (`/memfd:NAME (deleted)`), with its size.
+fn memfds(pid: i32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(String, u64)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            if !target.starts_with("/memfd:") {
+                return None;
+            }
+            let size = std::fs::metadata(e.path()).map(|m| m.len()).unwrap_or(0);
+            Some((target, size))
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Whether some process holds a lock on the image (a ringfence daemon's OFD lock).
+fn image_locked(image: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = File::open(image).expect("open image");
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct we own.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+/// Wait (bounded) until process `pid` has exited, on a pidfd.
+fn wait_exit(pid: i32, timeout: Duration) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    n == 1
+}
+
+/// End the QEMU of a crash run whose guest stalled (SIGKILL to the pid it wrote), so that the
+/// test fails now rather than at the run's timeout.
+fn stop_qemu(pidfile: &std::path::Path) {
+    if let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        // SAFETY: kill only sends a signal to the QEMU this test started (its own pidfile).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Console events of a crash run, sent by the console reader to the host's side.
+enum LoadEvent {
+    Started,
+    FioDone,
+}
+
+/// What the host's side of a crash run did and found.
+#[derive(Default)]
+struct CrashReport {
+    kills: u32,
+    problems: Vec<String>,
+    notes: Vec<String>,
+    /// stderr of every backend process, in order.
+    stderr: String,
+    last: Option<Daemon>,
+}
+
+/// Start ringfence for `disk` with a stats socket (the crash runs watch its counters).
+fn start_with_stats(disk: &Disk, stats: &std::path::Path) -> Daemon {
+    let nq = disk.num_queues.to_string();
+    let image = disk.image.to_str().expect("utf-8 temp path");
+    let stats = stats.to_str().expect("utf-8 temp path");
+    Daemon::ringfence(
+        &disk.socket,
+        &[
+            "--blk-file",
+            image,
+            "--num-queues",
+            &nq,
+            "--serial",
+            &disk.serial,
+            "--stats-socket",
+            stats,
+        ],
+    )
+}
+
+/// Wait until `cond` holds for the backend's counters, looking every 20 ms (the spacing of the
+/// looks, not a synchronisation: the wait ends on the counters or on the guest's news), at most
+/// [`CRASH_WAIT`]. `Err(true)` if the guest's fio ended meanwhile, `Err(false)` on timeout.
+fn wait_served(
+    stats: &std::path::Path,
+    events: &mpsc::Receiver<LoadEvent>,
+    cond: impl Fn(&Served) -> bool,
+) -> Result<Served, bool> {
+    let deadline = Instant::now() + CRASH_WAIT;
+    while Instant::now() < deadline {
+        if let Some(s) = served(stats) {
+            if cond(&s) {
+                return Ok(s);
+            }
+        }
+        match events.recv_timeout(Duration::from_millis(20)) {
+            Ok(LoadEvent::FioDone) | Err(mpsc::RecvTimeoutError::Disconnected) => return Err(true),
+            _ => {}
+        }
+    }
+    Err(false)
+}
+
+/// The host's side of a crash run. Once the guest's load runs, [`CRASH_KILLS`] times: wait
+/// until the current backend process has completed [`WRITES_BEFORE_KILL`] writes; look at
+/// QEMU's fds for the inflight region; freeze the image's filesystem and wait until writes are
+/// held in flight while [`READS_PAST_HELD_WRITES`] reads complete past them; SIGKILL the
+/// backend, thaw, wait for its exit and for the image to be free, start a new one on the same
+/// socket and wait for QEMU to reconnect to it. Every wait ends on an event (a console line, a
+/// counter, a log line, an exit), bounded by [`CRASH_WAIT`].
+fn crash_loop(
+    disk: &Disk,
+    fs: &Freezable,
+    stats: &std::path::Path,
+    qemu_pidfile: &std::path::Path,
+    first: Daemon,
+    events: mpsc::Receiver<LoadEvent>,
+) -> CrashReport {
+    let mut r = CrashReport::default();
+    let mut daemon = first;
+    let _thaw = ThawOnDrop(fs);
+    match events.recv_timeout(Duration::from_secs(CRASH_RUN_TIMEOUT)) {
+        Ok(LoadEvent::Started) => {}
+        _ => {
+            r.problems
+                .push("the guest never said its load started".into());
+            r.last = Some(daemon);
+            return r;
+        }
+    }
+    let nq = u64::from(disk.num_queues);
+    let min_region = nq * (16 + 16 * QEMU_QUEUE_SIZE).next_multiple_of(64);
+    let fio_ended = |r: &mut CrashReport| {
+        r.problems.push(format!(
+            "the guest's fio ended after {} kill(s) of {CRASH_KILLS}: make the load longer",
+            r.kills
+        ))
+    };
+    while r.kills < CRASH_KILLS {
+        let k = r.kills + 1;
+        match wait_served(stats, &events, |s| s.writes >= WRITES_BEFORE_KILL) {
+            Ok(_) => {}
+            Err(true) => {
+                fio_ended(&mut r);
+                break;
+            }
+            Err(false) => {
+                r.problems.push(format!(
+                    "the guest's writes stalled: backend process {k} completed fewer than \
+                     {WRITES_BEFORE_KILL} writes within {CRASH_WAIT:?} ({:?}); QEMU was \
+                     stopped then rather than left to its timeout",
+                    served(stats)
+                ));
+                stop_qemu(qemu_pidfile);
+                break;
+            }
+        }
+        // QEMU keeps the inflight region it got with GET_INFLIGHT_FD for the device's life.
+        let qemu: Option<i32> = std::fs::read_to_string(qemu_pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        match qemu {
+            None => r
+                .problems
+                .push(format!("no QEMU pid in {}", qemu_pidfile.display())),
+            Some(pid) => {
+                let fds = memfds(pid);
+                match fds.iter().find(|(n, _)| n.contains("inflight")) {
+                    Some((name, size)) if *size >= min_region => r.notes.push(format!(
+                        "before kill {k}: QEMU holds {name} of {size} bytes"
+                    )),
+                    Some((name, size)) => r.problems.push(format!(
+                        "before kill {k}: QEMU's inflight memfd {name} has {size} bytes, \
+                         {nq} queue(s) of {QEMU_QUEUE_SIZE} need {min_region}"
+                    )),
+                    None => r.problems.push(format!(
+                        "before kill {k}: QEMU holds no inflight region (no memfd named \
+                         *inflight* among its fds; its memfds: {fds:?}): the backend did not \
+                         negotiate INFLIGHT_SHMFD"
+                    )),
+                }
+            }
+        }
+        // Hold the writes in flight; reads go on and complete past them.
+        fs.freeze();
+        let Some(before) = served(stats) else {
+            r.problems.push(format!(
+                "backend process {k}'s stats socket does not answer"
+            ));
+            break;
+        };
+        let held = wait_served(stats, &events, |s| {
+            s.in_flight > READER_DEPTH * nq && s.reads >= before.reads + READS_PAST_HELD_WRITES
+        });
+        let held = match held {
+            Ok(s) => s,
+            Err(true) => {
+                fio_ended(&mut r);
+                break;
+            }
+            Err(false) => {
+                r.problems.push(format!(
+                    "kill {k}: no writes held in flight with reads completing past them within \
+                     {CRASH_WAIT:?} (at the freeze: {before:?}; now {:?}); QEMU was stopped then",
+                    served(stats)
+                ));
+                stop_qemu(qemu_pidfile);
+                break;
+            }
+        };
+        let pid = daemon.pid();
+        // SAFETY: kill only sends a signal to the backend process this test started.
+        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(rc, 0, "SIGKILL: {}", std::io::Error::last_os_error());
+        fs.thaw();
+        r.kills = k;
+        r.notes.push(format!(
+            "kill {k}: backend pid {pid} with {} requests in flight ({} reads completed since \
+             the writes were held; {} writes, {} reads in all)",
+            held.in_flight,
+            held.reads - before.reads,
+            held.writes,
+            held.reads
+        ));
+        if !wait_exit(pid, CRASH_WAIT) {
+            r.problems.push(format!(
+                "killed backend {pid} did not exit within {CRASH_WAIT:?}"
+            ));
+            break;
+        }
+        r.stderr.push_str(&daemon.stderr());
+        drop(daemon); // reaps it
+                      // The dead process's rings are torn down by the kernel after it exits and hold the
+                      // image (and its lock) until then; a new daemon started before is refused.
+        let deadline = Instant::now() + CRASH_WAIT;
+        while image_locked(&disk.image) && Instant::now() < deadline {
+            // Spacing of the looks, not a synchronisation: the loop ends on the lock's state.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        daemon = start_with_stats(disk, stats);
+        if !daemon.wait_for_log("VMM connected", CRASH_WAIT) {
+            r.problems.push(format!(
+                "QEMU did not reconnect to backend process {} within {CRASH_WAIT:?}",
+                k + 1
+            ));
+            break;
+        }
+    }
+    r.last = Some(daemon);
+    r
+}
+
+/// The guest runs fio (random writes of 4k-128k, iodepth 16 per job, one job per queue, every
+/// block verified with crc32c, and random 4k readers on every queue beside them) while the host
+/// kills ringfence with SIGKILL [`CRASH_KILLS`] times, each time with writes held in flight (the
+/// image's filesystem frozen) and reads completed past them, and restarts it on the same socket;
+/// QEMU reconnects (`reconnect=1`), rewinds each queue to its used index and must hand the new
+/// process its inflight region. The guest must finish with every block verified and no I/O
+/// error in its kernel log, and QEMU must hold the inflight region (a memfd named
+/// `*inflight*`) throughout.
+fn guest_survives_backend_crashes_under_load(num_queues: u16) {
+    if backend() == Backend::QemuStorageDaemon {
+        eprintln!("skipped: this test restarts ringfence itself");
+        return;
+    }
+    let fs = Freezable::new(DISK_SIZE + 64 * MIB);
+    let mut disk = Disk::new(&format!("crash{num_queues}"), false, num_queues);
+    disk.image = fs.mnt.path().join("disk.img");
+    File::create(&disk.image)
+        .and_then(|f| f.set_len(DISK_SIZE))
+        .expect("create the image");
+    let stats = disk.dir.path().join("stats.sock");
+    let qemu_pidfile = disk.dir.path().join("qemu.pid");
+    let first = start_with_stats(&disk, &stats);
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    let (run, report) = std::thread::scope(|scope| {
+        let host = scope.spawn(|| crash_loop(&disk, &fs, &stats, &qemu_pidfile, first, rx));
+        let run = boot_full(
+            &disk,
+            "crashload",
+            &[
+                ("seed", seed()),
+                ("fio_mb", 48 / u64::from(num_queues)),
+                ("reader_depth", READER_DEPTH),
+            ],
+            &[
+                "--reconnect",
+                RECONNECT_SECS,
+                "--pidfile",
+                qemu_pidfile.to_str().expect("utf-8 temp path"),
+            ],
+            CRASH_RUN_TIMEOUT,
+            move |line| {
+                let ev = if line.contains("RINGFENCE-CRASHLOAD-STARTED") {
+                    Some(LoadEvent::Started)
+                } else if line.contains("RINGFENCE-CRASHLOAD-FIO-DONE") {
+                    Some(LoadEvent::FioDone)
+                } else {
+                    None
+                };
+                if let Some(ev) = ev {
+                    let _ = tx.send(ev);
+                }
+            },
+        );
+        (run, host.join().expect("the host's side of the crash run"))
+    });
+    eprintln!(
+        "crash run on {num_queues} queue(s): {} kill(s) in {:.1} s\n  {}",
+        report.kills,
+        started.elapsed().as_secs_f64(),
+        report.notes.join("\n  ")
+    );
+    let mut problems = report.problems;
+    if report.kills < CRASH_KILLS {
+        problems.push(format!(
+            "the backend was killed {} time(s), not {CRASH_KILLS}",
+            report.kills
+        ));
+    }
+    let mut last = report.last.expect("the last backend process");
+    let stderr = format!("{}{}", report.stderr, last.stderr());
+    assert_passed_with(
+        &run,
+        &with_identity(&["crashload_fio_verify", "crashload_no_io_errors"]),
+        &stderr,
+        problems,
+    );
+    assert_alive(&mut last, "after the crash run");
+}
+
+#[test]
+fn guest_survives_backend_crashes_under_load_one_queue() {
+    guest_survives_backend_crashes_under_load(1);
+}
+
+#[test]
+fn guest_survives_backend_crashes_under_load_two_queues() {
+    guest_survives_backend_crashes_under_load(2);
 }
