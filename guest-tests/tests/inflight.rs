@@ -714,12 +714,35 @@ fn expect_used(g: &mut Guest, q: usize, head: u16, what: &str, b: &Bench) -> Use
 struct Crash {
     /// Negotiate INFLIGHT_SHMFD (the control test does not).
     track: bool,
-    /// The held write is an indirect descriptor (chain in an indirect table).
+    /// The (first) held write is an indirect descriptor (chain in an indirect table).
     indirect: bool,
+    /// Writes held in flight (each to its own range), before the read.
+    held_writes: usize,
     num_queues: u16,
     queue_size: u16,
-    /// The queue that gets the held write and the read that completes.
+    /// The queue that gets the held writes and the read that completes.
     busy: usize,
+}
+
+impl Crash {
+    /// The scenario of the issue: one write held, one read completed behind it, one queue.
+    fn one_write() -> Crash {
+        Crash {
+            track: true,
+            indirect: false,
+            held_writes: 1,
+            num_queues: 1,
+            queue_size: MAX_QUEUE_SIZE,
+            busy: 0,
+        }
+    }
+}
+
+/// A write held in flight: the request, where it writes, what.
+struct Held {
+    req: Req,
+    off: u64,
+    data: Vec<u8>,
 }
 
 /// What the scenario left, for the test to judge.
@@ -728,19 +751,19 @@ struct AfterCrash {
     g: Guest,
     fe: Frontend,
     region: Option<Region>,
-    w: Req,
-    w_data: Vec<u8>,
+    /// The held writes, in the order they were made available.
+    ws: Vec<Held>,
     r: Req,
     /// Reads completed on the other queues before the crash (nothing in flight there).
     idle_reads: Vec<(usize, Req)>,
 }
 
-/// Steps 1 to 5: the daemon serves an image on a frozen filesystem; queue `busy` gets a write
+/// Steps 1 to 5: the daemon serves an image on a frozen filesystem; queue `busy` gets writes
 /// W, held, then a read R, which completes; every other queue gets a read that completes. The
-/// region must say so. SIGKILL, thaw, exit; the image range of W back to zeroes; a new daemon,
-/// and the frontend reconnects as QEMU does after a backend crash, SET_VRING_BASE being the used
-/// index (1) on every queue.
-fn crash_with_a_write_in_flight(c: Crash) -> AfterCrash {
+/// region must say so. SIGKILL, thaw, exit; the image ranges of the writes back to zeroes; a new
+/// daemon, and the frontend reconnects as QEMU does after a backend crash, SET_VRING_BASE being
+/// the used index (1) on every queue.
+fn crash_with_writes_in_flight(c: Crash) -> AfterCrash {
     let mut b = Bench::new(c.num_queues);
     let mut g = Guest::new(c.num_queues, c.queue_size);
     let mut region = None;
@@ -767,10 +790,22 @@ fn crash_with_a_write_in_flight(c: Crash) -> AfterCrash {
     }
 
     b.fs.freeze();
-    let w_data = pattern(1, W_LEN);
-    let w = g.write(c.busy, W_OFF, &w_data, c.indirect);
+    let ws: Vec<Held> = (0..c.held_writes)
+        .map(|i| {
+            let off = W_OFF + (i * W_LEN) as u64;
+            let data = pattern(1 + i as u8, W_LEN);
+            let req = g.write(c.busy, off, &data, c.indirect && i == 0);
+            Held { req, off, data }
+        })
+        .collect();
     let r = g.read(c.busy, R_OFF, R_LEN);
-    expect_used(&mut g, c.busy, r.head, "the read behind the held write", &b);
+    expect_used(
+        &mut g,
+        c.busy,
+        r.head,
+        "the read behind the held writes",
+        &b,
+    );
     assert_eq!(
         blk::status_name(g.status(&r)),
         blk::status_name(blk::S_OK),
@@ -779,14 +814,17 @@ fn crash_with_a_write_in_flight(c: Crash) -> AfterCrash {
     assert_eq!(
         g.used_idx(c.busy),
         1,
-        "the write completed although the filesystem is frozen: the scenario holds nothing"
+        "a write completed although the filesystem is frozen: the scenario holds nothing"
     );
-    assert_eq!(
-        g.status(&w),
-        UNWRITTEN,
-        "the held write has a status already"
-    );
+    for w in &ws {
+        assert_eq!(
+            g.status(&w.req),
+            UNWRITTEN,
+            "a held write has a status already"
+        );
+    }
     g.mark_stale(&r);
+    let heads: Vec<u16> = ws.iter().map(|w| w.req.head).collect();
 
     // Step 3: the region at the specification's offsets.
     if let Some(reg) = &region {
@@ -794,22 +832,33 @@ fn crash_with_a_write_in_flight(c: Crash) -> AfterCrash {
         let want = |s: &QueueState| {
             s.version == 1
                 && s.desc_num == c.queue_size
-                && s.descs[usize::from(w.head)].inflight == 1
+                && heads.iter().all(|&h| s.descs[usize::from(h)].inflight == 1)
                 && s.descs[usize::from(r.head)].inflight == 0
                 && s.used_idx == 1
         };
         let s = reg.wait_for(busy, want).unwrap_or_else(|s| {
             panic!(
-                "queue {busy} of the inflight region, with write head {} held and read head {} \
-                 completed (used idx 1), should read version 1, desc_num {}, desc[{}].inflight \
-                 1, desc[{}].inflight 0, used_idx 1; it reads {s}",
-                w.head, r.head, c.queue_size, w.head, r.head
+                "queue {busy} of the inflight region, with write head(s) {heads:?} held and read \
+                 head {} completed (used idx 1), should read version 1, desc_num {}, inflight 1 \
+                 for the writes, desc[{}].inflight 0, used_idx 1; it reads {s}",
+                r.head, c.queue_size, r.head
             )
         });
+        let marked: Vec<u16> = s.in_flight().iter().map(|&(h, _)| h).collect();
+        let mut want_marked = heads.clone();
+        want_marked.sort();
         assert_eq!(
-            s.in_flight().len(),
-            1,
-            "queue {busy}: exactly the held write is in flight: {s}"
+            marked, want_marked,
+            "queue {busy}: exactly the held writes are in flight: {s}"
+        );
+        let counters: Vec<u64> = heads
+            .iter()
+            .map(|&h| s.descs[usize::from(h)].counter)
+            .collect();
+        assert!(
+            counters.windows(2).all(|p| p[0] < p[1]),
+            "queue {busy}: the counters of the writes held in flight (heads {heads:?}, made \
+             available in that order) must increase: {counters:?}"
         );
         for (q, _) in &idle_reads {
             let q = *q as u16;
@@ -833,7 +882,9 @@ fn crash_with_a_write_in_flight(c: Crash) -> AfterCrash {
 
     // Step 4: the crash. Step 5: a new daemon, and QEMU's reconnect.
     b.crash(fe);
-    b.zero_range(W_OFF, W_LEN);
+    for w in &ws {
+        b.zero_range(w.off, W_LEN);
+    }
     b.start();
     let rewound = vec![1u16; usize::from(c.num_queues)];
     let fe = connect(&b, &g, c.track, &mut region, &rewound);
@@ -842,78 +893,93 @@ fn crash_with_a_write_in_flight(c: Crash) -> AfterCrash {
         g,
         fe,
         region,
-        w,
-        w_data,
+        ws,
         r,
         idle_reads,
     }
 }
 
-/// Step 6 with tracking: W completes again on its own (no kick: a guest with nothing more to
-/// submit would otherwise wait forever), as used entry 2; R is not redone; a new request X is
-/// used entry 3; the region ends with nothing in flight.
+/// Step 6 with tracking: the held writes complete again on their own (no kick: a guest with
+/// nothing more to submit would otherwise wait forever), as the next used entries, in any
+/// order; R is not redone; a new request X is the used entry after them; the region ends with
+/// nothing in flight.
 fn expect_resubmission(a: &mut AfterCrash, busy: usize) {
     let AfterCrash {
         b,
         g,
         fe,
         region,
-        w,
-        w_data,
+        ws,
         r,
         ..
     } = a;
-    match g.next_used(busy) {
-        Some(u) if u.id == u32::from(w.head) => {}
-        got => {
-            // Say what the backend does instead: kick, as the next guest request would.
-            let seen = got.or_else(|| {
-                g.queues[busy].kick();
-                g.next_used(busy)
-            });
-            let what = match seen {
-                Some(u) if u.id == u32::from(r.head) => format!(
-                    "used entry 2 is head {} (the read R, redone: the backend honoured the \
-                     rewound SET_VRING_BASE 1), and the write W (head {}) is lost",
-                    r.head, w.head
-                ),
-                Some(u) if u.id == u32::from(w.head) && got.is_none() => format!(
-                    "the write W (head {}) was resubmitted only after a kick; the backend must \
-                     resubmit on its own when the queue starts",
-                    w.head
-                ),
-                Some(u) => format!("used entry 2 is head {} (neither W nor R)", u.id),
-                None => "nothing completed, even after a kick".to_string(),
-            };
-            panic!(
-                "after the crash and reconnect, the held write W (head {}) was not completed \
-                 again: {what}; region: {}; backend stderr:\n{}",
-                w.head,
-                region
-                    .as_ref()
-                    .map(|r| r.queue(busy as u16).to_string())
-                    .unwrap_or_default(),
-                b.stderr_tail()
-            );
+    let heads: Vec<u16> = ws.iter().map(|w| w.req.head).collect();
+    let mut done: Vec<u16> = Vec::new();
+    while done.len() < heads.len() {
+        let entry = 2 + done.len();
+        match g.next_used(busy) {
+            Some(u) if heads.contains(&(u.id as u16)) && !done.contains(&(u.id as u16)) => {
+                done.push(u.id as u16)
+            }
+            got => {
+                // Say what the backend does instead: kick, as the next guest request would.
+                let seen = got.or_else(|| {
+                    g.queues[busy].kick();
+                    g.next_used(busy)
+                });
+                let what = match seen {
+                    Some(u) if u.id == u32::from(r.head) => format!(
+                        "used entry {entry} is head {} (the read R, redone: the backend \
+                         honoured the rewound SET_VRING_BASE 1), and the write(s) never came",
+                        r.head
+                    ),
+                    Some(u) if heads.contains(&(u.id as u16)) && got.is_none() => format!(
+                        "write head {} was resubmitted only after a kick; the backend must \
+                         resubmit on its own when the queue starts",
+                        u.id
+                    ),
+                    Some(u) => format!(
+                        "used entry {entry} is head {} (not one of the held writes still due, \
+                         nor R)",
+                        u.id
+                    ),
+                    None => "nothing completed, even after a kick".to_string(),
+                };
+                panic!(
+                    "after the crash and reconnect, the held write(s) (heads {heads:?}; done \
+                     again so far: {done:?}) were not all completed again: {what}; region: {}; \
+                     backend stderr:\n{}",
+                    region
+                        .as_ref()
+                        .map(|r| r.queue(busy as u16).to_string())
+                        .unwrap_or_default(),
+                    b.stderr_tail()
+                );
+            }
         }
     }
-    assert_eq!(
-        blk::status_name(g.status(w)),
-        blk::status_name(blk::S_OK),
-        "the resubmitted write's status"
-    );
-    assert!(
-        b.read_image(W_OFF, W_LEN) == *w_data,
-        "the resubmitted write W completed OK but its data is not in the image"
-    );
-    let x_data = pattern(3, X_LEN);
+    for w in ws.iter() {
+        assert_eq!(
+            blk::status_name(g.status(&w.req)),
+            blk::status_name(blk::S_OK),
+            "the resubmitted write's status (head {})",
+            w.req.head
+        );
+        assert!(
+            b.read_image(w.off, W_LEN) == w.data,
+            "the resubmitted write (head {}) completed OK but its data is not in the image",
+            w.req.head
+        );
+    }
+    let x_data = pattern(9, X_LEN);
     let x = g.write(busy, X_OFF, &x_data, false);
     expect_used(g, busy, x.head, "a new request after the reconnect", b);
     assert_eq!(g.status(&x), blk::S_OK, "the new request's status");
+    let used = 2 + ws.len() as u16;
     assert_eq!(
         g.used_idx(busy),
-        3,
-        "used entries: R, W (resubmitted), X and nothing else"
+        used,
+        "used entries: R, the held writes (resubmitted), X and nothing else"
     );
     assert!(
         g.untouched_since_stale(r),
@@ -921,10 +987,15 @@ fn expect_resubmission(a: &mut AfterCrash, busy: usize) {
     );
     assert!(b.read_image(X_OFF, X_LEN) == x_data, "X's data");
     if let Some(reg) = region {
-        reg.wait_for(busy as u16, |s| s.used_idx == 3 && s.in_flight().is_empty())
-            .unwrap_or_else(|s| {
-                panic!("after W and X completed, queue {busy}'s region should show used_idx 3 and nothing in flight: {s}")
-            });
+        reg.wait_for(busy as u16, |s| {
+            s.used_idx == used && s.in_flight().is_empty()
+        })
+        .unwrap_or_else(|s| {
+            panic!(
+                "after the writes and X completed, queue {busy}'s region should show \
+                     used_idx {used} and nothing in flight: {s}"
+            )
+        });
     }
     let _ = fe;
 }
@@ -935,13 +1006,7 @@ fn expect_resubmission(a: &mut AfterCrash, busy: usize) {
 
 #[test]
 fn a_write_in_flight_when_the_backend_dies_is_resubmitted_and_a_completed_read_is_not() {
-    let mut a = crash_with_a_write_in_flight(Crash {
-        track: true,
-        indirect: false,
-        num_queues: 1,
-        queue_size: MAX_QUEUE_SIZE,
-        busy: 0,
-    });
+    let mut a = crash_with_writes_in_flight(Crash::one_write());
     expect_resubmission(&mut a, 0);
 }
 
@@ -951,14 +1016,12 @@ fn a_write_in_flight_when_the_backend_dies_is_resubmitted_and_a_completed_read_i
 /// track its requests.
 #[test]
 fn control_without_inflight_tracking_the_read_is_redone_and_the_write_lost() {
-    let mut a = crash_with_a_write_in_flight(Crash {
+    let mut a = crash_with_writes_in_flight(Crash {
         track: false,
-        indirect: false,
-        num_queues: 1,
-        queue_size: MAX_QUEUE_SIZE,
-        busy: 0,
+        ..Crash::one_write()
     });
-    let AfterCrash { b, g, w, r, .. } = &mut a;
+    let AfterCrash { b, g, ws, r, .. } = &mut a;
+    let w = &ws[0].req;
     let x = g.write(0, X_OFF, &pattern(3, X_LEN), false);
     expect_used(
         g,
@@ -987,12 +1050,21 @@ fn control_without_inflight_tracking_the_read_is_redone_and_the_write_lost() {
 
 #[test]
 fn an_indirect_write_in_flight_is_resubmitted() {
-    let mut a = crash_with_a_write_in_flight(Crash {
-        track: true,
+    let mut a = crash_with_writes_in_flight(Crash {
         indirect: true,
-        num_queues: 1,
-        queue_size: MAX_QUEUE_SIZE,
-        busy: 0,
+        ..Crash::one_write()
+    });
+    expect_resubmission(&mut a, 0);
+}
+
+/// Two writes held, made available one after the other: the region marks both, with
+/// increasing counters; both are resubmitted (in whatever order they complete) and the next
+/// request comes after them.
+#[test]
+fn two_writes_in_flight_are_both_resubmitted() {
+    let mut a = crash_with_writes_in_flight(Crash {
+        held_writes: 2,
+        ..Crash::one_write()
     });
     expect_resubmission(&mut a, 0);
 }
@@ -1003,12 +1075,11 @@ fn an_indirect_write_in_flight_is_resubmitted() {
 /// nor invents anything: its next request is its next used entry.
 #[test]
 fn two_queues_a_write_in_flight_on_queue_1_while_queue_0_is_idle() {
-    let mut a = crash_with_a_write_in_flight(Crash {
-        track: true,
-        indirect: false,
+    let mut a = crash_with_writes_in_flight(Crash {
         num_queues: 2,
         queue_size: 128,
         busy: 1,
+        ..Crash::one_write()
     });
     expect_resubmission(&mut a, 1);
     let AfterCrash {
