@@ -35,6 +35,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         opts.create_size,
         opts.read_only,
         opts.cache,
+        Duration::from_secs(opts.lock_wait),
     )?);
     let default_serial = path
         .file_name()

@@ -104,7 +104,13 @@ fn images() -> &'static (Arc<Image>, Arc<Image>) {
             File::create(&path)
                 .and_then(|f| f.set_len(IMAGE_SIZE))
                 .expect("create a scratch image");
-            let img = Image::open(&path, None, read_only, Some(CacheMode::Writeback))
+            let img = Image::open(
+                &path,
+                None,
+                read_only,
+                Some(CacheMode::Writeback),
+                Duration::ZERO,
+            )
                 .expect("open the scratch image");
             std::fs::remove_file(&path).expect("unlink the scratch image");
             Arc::new(img)
