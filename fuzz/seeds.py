@@ -136,7 +136,7 @@ def parse_request_seeds():
 # vhost_messages
 # ---------------------------------------------------------------------------------------------
 
-GET_FEATURES, SET_FEATURES, GET_CONFIG, SET_CONFIG, SET_EVENT_IDX, SET_MEM_TABLE, \
+GET_FEATURES, SET_FEATURES, GET_CONFIG, SET_CONFIG, INFLIGHT, SET_MEM_TABLE, \
     GET_VRING_BASE, LAYOUT = range(8)
 F_CONFIG_WCE = 11
 
@@ -145,9 +145,9 @@ def device(read_only=False, two_queues=False, qsize_log2=3, pbe=3):
     return u8((1 if read_only else 0) | (2 if two_queues else 0)) + u8(qsize_log2 - 1) + u8(pbe)
 
 
-def mem_table(regions, high=False):
+def mem_table(regions, high=False, descending=False):
     """regions: [(gap_pages, pages, None | (offset_pages, file_pages))]"""
-    out = u8(SET_MEM_TABLE) + u8(1 if high else 0) + u8(len(regions))
+    out = u8(SET_MEM_TABLE) + u8((1 if high else 0) | (2 if descending else 0)) + u8(len(regions))
     for gap, pages, file in regions:
         out += u8(gap) + u8(pages - 1)
         if file is None:
@@ -183,7 +183,7 @@ def vhost_messages_seeds():
     seeds["negotiate"] = (
         device() + u8(GET_FEATURES) + u8(SET_FEATURES) + u64(2**64 - 1)
         + get_config(0, 60) + get_config(32, 1) + set_config(32, [0]) + get_config(32, 1)
-        + mem_table([(0, 8, None), (4, 2, (1, 8))]) + u8(SET_EVENT_IDX) + u8(1)
+        + mem_table([(0, 8, None), (4, 2, (1, 8))]) + u8(INFLIGHT) + u8(1 | 2 | (3 << 3))
         + u8(GET_VRING_BASE) + u8(0))
     # Config accesses at and past the edges; writes that must be refused.
     seeds["config_edges"] = (
@@ -203,6 +203,7 @@ def vhost_messages_seeds():
         device(two_queues=True, qsize_log2=1) + mem_table([(0, 8, (2, 4))])
         + mem_table([(3, 2, None), (1, 8, (0, 8))], high=True) + mem_table([])
         + mem_table([(0, 1, (3, 4)), (15, 8, None), (0, 3, (0, 15))]) + u8(GET_VRING_BASE) + u8(7)
+        + mem_table([(0, 2, None), (1, 8, None), (4, 1, (1, 4))], descending=True)
         + u8(SET_FEATURES) + u64(0) + u8(SET_FEATURES) + u64(1 << 9))
     # Fixed-buffer layouts: adjacent, overlapping, overflowing, too many buffers.
     seeds["layouts"] = (
@@ -214,6 +215,11 @@ def vhost_messages_seeds():
                  [(2**64 - 4096, 4096), (2**64 - 1, 2)])
         + layout([(False, 0, 2**40, 0x1000)], 2**20, [(2**39, 2**32 - 1)])
         + layout([(False, 2**63, 2**62, 0), (True, 5, 0, 0)], 1, [(2**63 + 5, 100)]))
+    # Inflight regions: too many queues, a good one, an unsealed memfd, the largest queue.
+    seeds["inflight"] = (
+        device(two_queues=True, qsize_log2=7) + u8(INFLIGHT) + u8(1 | (3 << 1))
+        + u8(INFLIGHT) + u8(1 | (2 << 1) | (7 << 3)) + u8(INFLIGHT) + u8(2 << 1)
+        + u8(INFLIGHT) + u8(1 | (1 << 1) | (15 << 3)) + u8(INFLIGHT) + u8(1))
     seeds["empty"] = b"\x00"
     return seeds
 

@@ -1,6 +1,6 @@
-//! vhost-user glue: the `VhostUserBackend` the `vhost-user-backend` crate drives. One value of
-//! this type serves one VMM connection; its rings are (re)built here, on the control thread,
-//! whenever the memory table or the negotiated features change.
+//! vhost-user glue: the device behind one VMM connection, as the control plane
+//! (`crate::control`) drives it through the `VhostUserBackend` trait. Its rings are (re)built
+//! here, on the control thread, whenever the memory table or the negotiated features change.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -18,14 +18,12 @@ use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use crate::config::{self, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
 use crate::error::RingError;
 use crate::guest_map::FixedBufferMap;
 use crate::image::Image;
+use crate::inflight::QueueInflight;
 use crate::request::Limits;
 use crate::ring::{build_ring, RingPolicy, RingSetup};
 use crate::stats::DeviceStats;
@@ -58,8 +56,6 @@ pub struct BlkBackend {
     built: Mutex<Option<RingPolicy>>,
     /// Serialises ring rebuilds.
     rebuild: Mutex<()>,
-    /// Exit-event fds handed to the crate (see `exit_event`).
-    exit_fds: Mutex<Vec<i32>>,
     thread_init: ThreadInit,
     /// The VMM's backend request channel, once it sent one (see `crate::vmm_channel`).
     channel: Mutex<Option<BackendChannel>>,
@@ -128,7 +124,6 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             built: Mutex::new(None),
             rebuild: Mutex::new(()),
-            exit_fds: Mutex::new(Vec::new()),
             thread_init,
             channel: Mutex::new(None),
         })
@@ -156,11 +151,6 @@ impl BlkBackend {
                 Err(e) => Notified::Failed(e.to_string()),
             },
         }
-    }
-
-    /// The epoll event id of queue completions (above the ids the crate reserves).
-    pub fn completion_event(&self) -> u16 {
-        self.spec.num_queues + 1
     }
 
     /// Raw fds of the queues' completion eventfds, in queue order.
@@ -351,18 +341,43 @@ impl BlkBackend {
         left
     }
 
-    /// Close the exit-event fds the crate leaks. Call only after the daemon (and so every
-    /// worker thread and epoll instance using them) has been dropped.
-    pub fn close_exit_events(&self) {
-        for fd in lock(&self.exit_fds).drain(..) {
-            // SAFETY: `fd` is the exit eventfd created in `exit_event`; its only user, the
-            // crate's worker loop, has ended and never closes it.
-            unsafe { libc::close(fd) };
+    /// Run once on each worker thread before it serves its queue (installs its sandbox).
+    pub fn init_worker_thread(&self, thread_id: usize) {
+        if !INITED.get() {
+            (self.thread_init)(thread_id);
+            INITED.set(true);
         }
     }
 
-    fn queue_for_thread(&self, thread_id: usize) -> Option<&QueueSlot> {
-        self.queues.get(thread_id)
+    /// Serve queue `index` after an event: a kick, a completion (`completion`), or a request to
+    /// look (the queue was started or enabled). Errors are logged, never returned. Nothing is
+    /// done once `exiting` is raised (the connection is over).
+    pub fn serve_queue(&self, index: usize, vring: &Vring, completion: bool, exiting: &AtomicBool) {
+        let Some(q) = self.queues.get(index) else {
+            return;
+        };
+        let mem = self.mem.memory();
+        let mut st = lock(&q.state);
+        if exiting.load(Ordering::Acquire) {
+            return;
+        }
+        st.run(vring, &mem, &self.shared, completion, &q.stop);
+        st.report_memory_faults();
+        if st.inflight_requests() == 0 {
+            q.drained.notify_all();
+        }
+    }
+
+    /// Queue `index` starts: track its requests in `tracking`'s inflight region (None: not
+    /// tracked), resubmitting the heads it lists first.
+    pub fn set_inflight(&self, index: usize, tracking: Option<(QueueInflight, Vec<u16>)>) {
+        let Some(q) = self.queues.get(index) else {
+            return;
+        };
+        q.stop.store(true, Ordering::Relaxed);
+        let mut st = lock(&q.state);
+        q.stop.store(false, Ordering::Relaxed);
+        st.set_inflight(tracking);
     }
 }
 
@@ -396,7 +411,7 @@ fn check_regions(mem: &GuestMemoryMmap) -> Result<(), RingError> {
     Ok(())
 }
 
-/// Handle to share a backend with the crate (which requires `Clone`).
+/// A shared handle on the device (the `VhostUserBackend` trait wants `Clone`).
 #[derive(Clone)]
 pub struct Backend(pub Arc<BlkBackend>);
 
@@ -431,6 +446,8 @@ impl VhostUserBackend for Backend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             // The channel a config-change message goes out on after a live resize.
             | VhostUserProtocolFeatures::BACKEND_REQ
+            // Requests in flight survive a backend restart (src/inflight.rs).
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
@@ -514,14 +531,6 @@ impl VhostUserBackend for Backend {
         (0..self.0.spec.num_queues).map(|i| 1u64 << i).collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        // vhost-user-backend 0.24 turns the consumer into a raw fd and never closes it:
-        // remember it, and close it once the connection's worker threads are gone.
-        lock(&self.0.exit_fds).push(consumer.as_raw_fd());
-        Some((consumer, notifier))
-    }
-
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let Some(q) = self.0.queues.get(queue_index as usize) else {
             return Ok(());
@@ -550,30 +559,14 @@ impl VhostUserBackend for Backend {
         Ok(())
     }
 
+    /// Events come through `crate::control::QueueLoop`, which calls `serve_queue`.
     fn handle_event(
         &self,
-        device_event: u16,
+        _device_event: u16,
         _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
+        _vrings: &[Vring],
+        _thread_id: usize,
     ) -> io::Result<()> {
-        if !INITED.get() {
-            (self.0.thread_init)(thread_id);
-            INITED.set(true);
-        }
-        // One queue per thread: `vrings` holds just this thread's queue. Errors are logged,
-        // never returned: an error would end the worker thread for good.
-        let (Some(q), Some(vring)) = (self.0.queue_for_thread(thread_id), vrings.first()) else {
-            return Ok(());
-        };
-        let mem = self.0.mem.memory();
-        let mut st = lock(&q.state);
-        let completion = device_event == self.0.completion_event();
-        st.run(vring, &mem, &self.0.shared, completion, &q.stop);
-        st.report_memory_faults();
-        if st.inflight_requests() == 0 {
-            q.drained.notify_all();
-        }
         Ok(())
     }
 }

@@ -96,6 +96,13 @@ pub struct Options {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub submit_batch: u32,
 
+    /// How long (seconds) to wait for the image lock when another process holds it. A daemon
+    /// restarted after a crash finds the lock held for a moment: the kernel releases the dead
+    /// daemon's rings, and with them the image, only once their last I/O has completed.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub lock_wait: u64,
+
     /// Print the backend's capabilities as JSON (vhost-user backend program conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,

@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{Backend, BlkBackend, ThreadInit};
 use crate::cli::{Options, SandboxMode};
 use crate::config::{serial_bytes, DeviceSpec};
+use crate::control::Device;
 use crate::error::StartupError;
 use crate::image::Image;
 use crate::ops::Ops;
@@ -36,6 +35,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         opts.create_size,
         opts.read_only,
         opts.cache,
+        Duration::from_secs(opts.lock_wait),
     )?);
     let default_serial = path
         .file_name()
@@ -58,7 +58,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
 
     // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
     crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
-    let (mut listener, socket_path) = listen(opts)?;
+    let (listener, socket_path) = listen(opts)?;
     // Before the sandbox: binding a socket is denied afterwards.
     let stats_listener = match &opts.stats_socket {
         Some(p) => Some(crate::ops::bind_stats_socket(p)?),
@@ -140,17 +140,14 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         *lock_serving() = Some(backend.clone());
         // The vrings of this connection can drop it (a kick or call fd that is no eventfd).
         let conn = crate::vring::Connection::new();
-        let mut daemon = conn
-            .scope(|| VhostUserDaemon::new("ringfence".into(), Backend(backend.clone()), mem))
-            .map_err(|e| StartupError::VhostUser(format!("cannot create the daemon: {e}")))?;
-        let handlers = daemon.get_epoll_handlers();
-        for (h, fd) in handlers.iter().zip(backend.completion_fds()) {
-            h.register_listener(fd, EventSet::IN, u64::from(backend.completion_event()))
-                .map_err(|e| StartupError::VhostUser(format!("cannot watch completions: {e}")))?;
-        }
+        let device = Device::new(Backend(backend.clone()), mem, &conn)
+            .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?;
+        let threads = device
+            .spawn_workers()
+            .map_err(|e| StartupError::VhostUser(format!("cannot start worker threads: {e}")))?;
+        let device = Arc::new(Mutex::new(device));
         // Every worker installs its sandbox before this connection's first request.
-        backend.wake_workers();
-        for _ in 0..handlers.len() {
+        for _ in 0..threads.len() {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(StartupError::Sandbox(e)),
@@ -166,17 +163,13 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             ready_printed = true;
         }
 
-        match daemon.start(&mut listener) {
-            Ok(()) => {
-                conn.attach(daemon.shutdown_handle());
+        match accept(&listener) {
+            Ok(stream) => {
+                conn.attach(stream.try_clone().ok());
                 VMM_CONNECTED.store(true, Ordering::Relaxed);
                 info!("VMM connected");
-                match daemon.wait() {
-                    Ok(())
-                    | Err(vhost_user_backend::Error::HandleRequest(
-                        vhost::vhost_user::Error::Disconnected
-                        | vhost::vhost_user::Error::PartialMessage,
-                    )) => info!("VMM disconnected"),
+                match crate::control::serve(stream, device.clone()) {
+                    Ok(()) => info!("VMM disconnected"),
                     Err(e) => warn!("VMM connection ended: {e}"),
                 }
                 VMM_CONNECTED.store(false, Ordering::Relaxed);
@@ -187,23 +180,35 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        for h in &handlers {
-            h.send_exit_event();
-        }
-        drop(handlers);
+        lock_device(&device).stop_workers();
         // Nothing of this connection may land after the next one starts: wait for its I/O
-        // (the kernel would also hold each worker thread's exit for the requests it punted
-        // to io-wq, but not for requests in flight in the block layer).
+        // (the kernel also holds each worker thread's exit for the requests it punted to
+        // io-wq, but not for requests in flight in the block layer). Before the threads are
+        // joined, so that the wait is bounded and logged.
         quiesce(&backend, false);
-        // Dropping the daemon joins its worker threads.
-        drop(daemon);
+        for t in threads {
+            let _ = t.join();
+        }
+        drop(device);
         *lock_serving() = None;
-        backend.close_exit_events();
         drop(backend);
         if opts.once {
             return Ok(());
         }
     }
+}
+
+/// The next VMM connection.
+fn accept(listener: &Listener) -> Result<UnixStream, vhost::vhost_user::Error> {
+    loop {
+        if let Some(s) = listener.accept()? {
+            return Ok(s);
+        }
+    }
+}
+
+fn lock_device(d: &Mutex<Device>) -> std::sync::MutexGuard<'_, Device> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Bind `--socket-path` (refusing one a live process listens on) or adopt `--fd`.

@@ -43,6 +43,7 @@ impl Image {
         create_size: Option<u64>,
         read_only: bool,
         cache: Option<CacheMode>,
+        lock_wait: std::time::Duration,
     ) -> Result<Image, StartupError> {
         let p = path.to_path_buf();
         match (path.try_exists(), create_size) {
@@ -82,7 +83,7 @@ impl Image {
         if size % 512 != 0 {
             return Err(StartupError::ImageSize { path: p, size });
         }
-        lock(&buffered, read_only, &p)?;
+        lock(&buffered, read_only, &p, lock_wait)?;
 
         // O_DIRECT unless writeback was asked for. A filesystem that refuses it (tmpfs before
         // Linux 6.6, some FUSE and network filesystems) fails an explicit `--cache none`; by
@@ -205,7 +206,34 @@ fn size_of(f: &File) -> io::Result<u64> {
 
 /// Take an open-file-description lock on the whole image: exclusive for a writable export,
 /// shared for a read-only one, so that two servers (or a server and a writer) never share it.
-fn lock(f: &File, read_only: bool, path: &Path) -> Result<(), StartupError> {
+/// A lock held by someone else is waited for, up to `wait` (see `--lock-wait`).
+fn lock(
+    f: &File,
+    read_only: bool,
+    path: &Path,
+    wait: std::time::Duration,
+) -> Result<(), StartupError> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match try_lock(f, read_only, path) {
+            Err(StartupError::ImageLocked { .. }) if std::time::Instant::now() < deadline => {
+                if !said {
+                    info!(
+                        "image {}: locked by another process; waiting up to {wait:?} (a daemon \
+                         that was killed keeps it until its last I/O has completed)",
+                        path.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn try_lock(f: &File, read_only: bool, path: &Path) -> Result<(), StartupError> {
     // SAFETY: an all-zero flock is a valid value of this plain C struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if read_only {

@@ -4,17 +4,20 @@
 //! Layout: `cli` (options), `config` (the virtio-blk device model), `image` (the disk image),
 //! `kernel` (what the running kernel enforces, probed once), `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
 //! `ring` (ring policy and the one ring builder), `worker` (the per-queue worker loop),
-//! `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
+//! `inflight` (inflight I/O tracking across restarts), `control` (the vhost-user request
+//! handler and each queue's event loop), `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
 //! connection loop), `stats` (the I/O counters and their Prometheus encoding), `error` (every
 //! error, in one place).
 
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod guest_map;
 pub mod image;
+pub mod inflight;
 pub mod kernel;
 pub mod ops;
 pub mod opsctl;

@@ -99,7 +99,6 @@ fn process_denied() -> Vec<i64> {
         libc::SYS_truncate,
         libc::SYS_fchmodat,
         libc::SYS_fchownat,
-        libc::SYS_memfd_create,
         // pidfds: pidfd_getfd takes any fd from a process of the same user (the VMM).
         libc::SYS_pidfd_open,
         libc::SYS_pidfd_getfd,
@@ -253,6 +252,19 @@ fn process_filters() -> Result<Vec<BpfProgram>, String> {
             libc::SHM_EXEC as u64,
             libc::SHM_EXEC as u64,
         )?],
+    );
+    // memfd_create only as GET_INFLIGHT_FD needs it (src/inflight.rs): sealable, close-on-exec,
+    // never executable or huge-page backed.
+    let inflight_memfd = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Ne,
+        u64::from(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING),
+    )
+    .map_err(|e| e.to_string())?;
+    deny.insert(
+        libc::SYS_memfd_create,
+        vec![SeccompRule::new(vec![inflight_memfd]).map_err(|e| e.to_string())?],
     );
     // Signals only to ourselves: the pid argument must be our own (known now: no fork later).
     // SAFETY: getpid has no preconditions.

@@ -1,7 +1,7 @@
 //! The vring type the backend serves: the `vhost-user-backend` crate's `VringRwLock`, behind a
 //! guard on the two fds the VMM hands over for each queue.
 //!
-//! The worker thread reads the kick fd (the crate's epoll loop calls [`Vring::read_kick`]
+//! The worker thread reads the kick fd (its epoll loop calls [`Vring::take_kick`]
 //! before our backend runs) and writes the call fd, both while it holds the vring's lock. A
 //! VMM that sends anything but an eventfd could make that read or write wait for ever: the
 //! read end of a pipe holding one byte (the crate reads 8), a socket, a full pipe as call fd.
@@ -39,9 +39,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLockReadGuard, RwLockWriteGuard};
 
 use log::warn;
-use vhost_user_backend::{
-    ShutdownHandle, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
-};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+
+use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -64,12 +65,10 @@ const SEMAPHORE_RUN: u32 = 16;
 /// One VMM connection as its vrings see it: what drops it when the VMM sends a kick or call
 /// fd we refuse.
 ///
-/// The vrings are created by the crate (`VhostUserDaemon::new`) before the connection is
-/// accepted, and the crate's control thread starts handling messages as soon as it is, before
-/// the daemon loop can hand over the [`ShutdownHandle`]. So a refusal is remembered, and
-/// [`Connection::attach`] carries it out if it came first.
+/// The vrings are created (`crate::control::Device::new`) before the connection is accepted,
+/// so a refusal is remembered, and [`Connection::attach`] carries it out if it came first.
 pub struct Connection {
-    shutdown: Mutex<Option<ShutdownHandle>>,
+    shutdown: Mutex<Option<UnixStream>>,
     refused: AtomicBool,
     next_queue: AtomicUsize,
 }
@@ -88,7 +87,7 @@ impl Connection {
         })
     }
 
-    /// Run `f` (which creates the vrings: `VhostUserDaemon::new`) so that every [`Vring`] it
+    /// Run `f` (which creates the vrings) so that every [`Vring`] it
     /// creates on this thread belongs to this connection.
     pub fn scope<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
         struct Restore(Option<Arc<Connection>>);
@@ -103,14 +102,14 @@ impl Connection {
         f()
     }
 
-    /// The connection is accepted and `handle` ends it (`VhostUserDaemon::shutdown_handle`).
-    /// If an fd was refused already, the connection is ended now.
-    pub fn attach(&self, handle: Option<ShutdownHandle>) {
+    /// The connection is accepted: `stream` (a clone of its socket) ends it. If an fd was
+    /// refused already, the connection is ended now.
+    pub fn attach(&self, stream: Option<UnixStream>) {
         let mut slot = self.shutdown.lock().unwrap_or_else(|p| p.into_inner());
-        *slot = handle;
+        *slot = stream;
         if self.refused.load(Ordering::Acquire) {
-            if let Some(h) = slot.as_ref() {
-                h.shutdown();
+            if let Some(s) = slot.as_ref() {
+                let _ = s.shutdown(Shutdown::Both);
             }
         }
     }
@@ -125,8 +124,8 @@ impl Connection {
     fn refuse(&self) {
         let slot = self.shutdown.lock().unwrap_or_else(|p| p.into_inner());
         self.refused.store(true, Ordering::Release);
-        if let Some(h) = slot.as_ref() {
-            h.shutdown();
+        if let Some(s) = slot.as_ref() {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 }
@@ -184,6 +183,13 @@ impl Vring {
                 None
             }
         }
+    }
+}
+
+impl Vring {
+    /// Consume a kick (see `read_kick`): whether the queue is enabled, so worth a look.
+    pub fn take_kick(&self) -> bool {
+        self.read_kick().unwrap_or(false)
     }
 }
 
@@ -287,7 +293,7 @@ impl VringT<Mem> for Vring {
     }
 
     /// Consume a kick. Never blocks (RWF_NOWAIT: "would block" is "nothing to read") and
-    /// never returns an error: an error would end the crate's worker loop for good.
+    /// never returns an error.
     fn read_kick(&self) -> io::Result<bool> {
         let st = self.inner.get_ref();
         if self.kick.refused.load(Ordering::Relaxed) {

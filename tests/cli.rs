@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use ringfence_guest_tests::daemon::Daemon;
+use ringfence_guest_tests::daemon::{Daemon, READY_MARKER};
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -215,7 +215,14 @@ fn image_already_served_by_another_ringfence() {
     sparse(&img, 4 * MIB);
     let first = Daemon::ringfence_at(ringfence_bin(), &s1, &["--blk-file", s(&img)]);
     let line = expect_one_line_error(
-        ringfence().args(["--socket-path", s(&s2), "--blk-file", s(&img)]),
+        ringfence().args([
+            "--socket-path",
+            s(&s2),
+            "--blk-file",
+            s(&img),
+            "--lock-wait",
+            "0",
+        ]),
         "second ringfence on the same image",
     );
     assert!(line.contains(s(&img)), "the error names the image: {line}");
@@ -234,9 +241,60 @@ fn image_already_served_by_another_ringfence() {
             "--blk-file",
             s(&img),
             "--read-only",
+            "--lock-wait",
+            "0",
         ]),
         "read-only ringfence on an image already served",
     );
+}
+
+/// A daemon restarted after a crash finds the image still locked for a moment (the kernel
+/// releases the dead daemon's rings once their I/O has completed): it waits for the lock
+/// (`--lock-wait`) and serves as soon as the holder lets go.
+#[test]
+fn a_second_daemon_waits_for_the_image_lock_and_serves_once_it_is_free() {
+    use std::io::{BufRead, BufReader};
+    let d = tempdir();
+    let img = d.path().join("d.img");
+    let (s1, s2) = (d.path().join("1.sock"), d.path().join("2.sock"));
+    sparse(&img, 4 * MIB);
+    let first = Daemon::ringfence_at(ringfence_bin(), &s1, &["--blk-file", s(&img)]);
+    let mut second = ringfence()
+        .args([
+            "--socket-path",
+            s(&s2),
+            "--blk-file",
+            s(&img),
+            "--lock-wait",
+            "120",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the second ringfence");
+    let mut lines = BufReader::new(second.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut next = |what: &str, seen: &mut String| loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                seen.push_str(&l);
+                seen.push('\n');
+                if l.contains(what) {
+                    return;
+                }
+            }
+            _ => panic!("the second ringfence ended before {what:?}:\n{seen}"),
+        }
+    };
+    next("locked by another process; waiting", &mut seen);
+    send_signal(first.pid(), libc::SIGTERM);
+    next(READY_MARKER, &mut seen);
+    let c = Client::connect(&s2, ClientOpts::default()).expect("the second ringfence serves");
+    assert_eq!(c.capacity(), 4 * MIB);
+    drop(c);
+    let _ = second.kill();
+    let _ = second.wait();
 }
 
 #[test]
@@ -277,6 +335,8 @@ fn two_read_only_servers_share_an_image() {
             s(&d.path().join("3.sock")),
             "--blk-file",
             s(&img),
+            "--lock-wait",
+            "0",
         ]),
         "read-write ringfence on an image served read-only",
     );

@@ -1,29 +1,33 @@
-//! The vhost-user message handling that is ringfence's own code: the `VhostUserBackend`
-//! implementation (`ringfence::backend::Backend`) the vhost-user-backend crate calls for
-//! GET_FEATURES, SET_FEATURES, GET_CONFIG, SET_CONFIG, SET_VRING_ENABLE/EVENT_IDX,
-//! SET_MEM_TABLE and GET_VRING_BASE, the config space behind GET_CONFIG, and the fixed-buffer
-//! layout built from a memory table (`FixedBufferMap::from_regions`). The framing and decoding
-//! of messages is the vhost crate's; it hands the backend exactly these calls.
+//! The vhost-user message handling that is ringfence's own code: the request handler
+//! (`ringfence::control::Device`, which the `vhost` crate's `BackendReqHandler` calls once it
+//! has framed and decoded a message) for GET/SET_FEATURES, GET/SET_CONFIG, SET_MEM_TABLE (in
+//! any region order), GET_VRING_BASE and GET/SET_INFLIGHT_FD, the config space behind
+//! GET_CONFIG, and the fixed-buffer layout built from a memory table
+//! (`FixedBufferMap::from_regions`).
 //!
 //! Each input is a device (read-only or not, 1-2 queues, queue size, topology) followed by a
 //! script of up to 64 messages. A model of what the guest has been told (offered and acked
-//! features, the write-cache setting) checks every answer. SET_MEM_TABLE builds real guest
-//! memory (anonymous or memfd-backed, possibly mapping past the end of its file) and real
-//! restricted rings. Needs io_uring.
+//! features, the write-cache setting) checks every answer, and that every refusal lets the
+//! connection go on. SET_MEM_TABLE builds real guest memory (memfd-backed, possibly mapping
+//! past the end of its file) and real restricted rings. Needs io_uring.
 //!
 //! Input layout (little-endian; reading past the end yields zeroes), see `seeds.py`:
 //!   u8 device: bit0 read-only, bit1 two queues; u8 queue size 2^(1 + b % 10);
 //!   u8 physical_block_exp % 4
 //!   then messages, each a u8 opcode (b % 8) and its arguments:
 //!     0 GET_FEATURES
-//!     1 SET_FEATURES   u64 bits (masked with the offered bits, as the crate does)
+//!     1 SET_FEATURES   u64 bits (bit 63 set: masked with the offered bits; clear: as is,
+//!                      refused if it holds a bit that was not offered)
 //!     2 GET_CONFIG     u32 offset, u32 size
 //!     3 SET_CONFIG     u32 offset, u8 length (b % 4), that many bytes
-//!     4 SET_EVENT_IDX  u8 (bit0)
-//!     5 SET_MEM_TABLE  u8 flags (bit0: at the top of the address space), u8 count (b % 4),
-//!                      per region: u8 gap pages (b % 16), u8 pages (1 + b % 8), u8 backing:
-//!                      bit0 memfd (else anonymous), then u8 offset pages (b % 4) and
-//!                      u8 file pages (b % 16)
+//!     4 INFLIGHT       u8 b: queues (b >> 1) % 4, queue size 2^((b >> 3) % 16); bit0:
+//!                      GET_INFLIGHT_FD then SET_INFLIGHT_FD with its fd; else
+//!                      SET_INFLIGHT_FD with an unsealed memfd (refused)
+//!     5 SET_MEM_TABLE  u8 flags (bit0: at the top of the address space, bit1: regions in
+//!                      descending order), u8 count (b % 4), per region: u8 gap pages
+//!                      (b % 16), u8 pages (1 + b % 8), u8 backing: bit0 a file of its own
+//!                      size and offset (else one that fits), then u8 offset pages (b % 4)
+//!                      and u8 file pages (b % 16)
 //!     6 GET_VRING_BASE u8 queue index
 //!     7 LAYOUT         u8 count (b % 5), per region u8 mode + u64 gpa, u64 len, u64 host,
 //!                      then u64 max_buffer and 4 x (u64 gpa, u32 len) ranges to translate
@@ -42,14 +46,20 @@ use ringfence::cli::CacheMode;
 use ringfence::config::{
     config_read, serves_writeback, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET,
 };
+use ringfence::control::Device;
 use ringfence::guest_map::{FixedBufferMap, TranslateError, MAX_FIXED_BUFFERS};
 use ringfence::image::Image;
+use ringfence::inflight::region_len;
 use ringfence::stats::DeviceStats;
+use ringfence::vring::Connection;
 use ringfence::worker::Tuning;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserMemoryRegion};
+use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::vhost_user::{Error as VhostUserError, Result as VhostUserResult};
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const PAGE: u64 = 4096;
 const IMAGE_SIZE: u64 = 1 << 20;
@@ -94,7 +104,13 @@ fn images() -> &'static (Arc<Image>, Arc<Image>) {
             File::create(&path)
                 .and_then(|f| f.set_len(IMAGE_SIZE))
                 .expect("create a scratch image");
-            let img = Image::open(&path, None, read_only, Some(CacheMode::Writeback))
+            let img = Image::open(
+                &path,
+                None,
+                read_only,
+                Some(CacheMode::Writeback),
+                Duration::ZERO,
+            )
                 .expect("open the scratch image");
             std::fs::remove_file(&path).expect("unlink the scratch image");
             Arc::new(img)
@@ -116,7 +132,11 @@ impl Model {
     /// The write cache served (virtio 1.2 §5.2.6), from the acked features (the offered
     /// ones before any were acked) and the guest's choice.
     fn writeback(&self) -> bool {
-        let f = if self.acked == 0 { self.offered } else { self.acked };
+        let f = if self.acked == 0 {
+            self.offered
+        } else {
+            self.acked
+        };
         let has = |b: u32| f & (1u64 << b) != 0;
         serves_writeback(
             has(VIRTIO_BLK_F_FLUSH),
@@ -163,6 +183,8 @@ fn run(data: &[u8]) {
     )
     .expect("create the backend");
     let backend = Backend(Arc::new(blk));
+    let conn = Connection::new();
+    let mut device = Device::new(backend.clone(), mem.clone(), &conn).expect("create the device");
     let mut model = Model {
         read_only,
         offered: backend.features(),
@@ -178,30 +200,87 @@ fn run(data: &[u8]) {
             break;
         }
         match inp.u8() % 8 {
-            0 => assert_eq!(backend.features(), model.offered),
+            0 => assert_eq!(device.get_features().expect("GET_FEATURES"), model.offered),
             1 => {
-                let bits = inp.u64() & model.offered;
-                backend.acked_features(bits);
-                model.acked = bits;
+                let raw = inp.u64();
+                let bits = if raw >> 63 != 0 {
+                    raw & model.offered
+                } else {
+                    raw
+                };
+                let r = device.set_features(bits);
+                assert_eq!(
+                    r.is_ok(),
+                    bits & !model.offered == 0,
+                    "SET_FEATURES {bits:#x}"
+                );
+                goes_on(&mut device, r);
+                if bits & !model.offered == 0 {
+                    model.acked = bits;
+                }
             }
             2 => {
                 let (offset, size) = (inp.u32(), inp.u32());
-                get_config(&backend, &spec, &model, offset, size);
+                get_config(&mut device, &spec, &model, offset, size);
             }
             3 => {
                 let offset = inp.u32();
                 let len = usize::from(inp.u8() % 4);
                 let buf: Vec<u8> = (0..len).map(|_| inp.u8()).collect();
-                set_config(&backend, &spec, &mut model, offset, &buf);
+                set_config(&mut device, &spec, &mut model, offset, &buf);
             }
-            4 => backend.set_event_idx(inp.u8() & 1 != 0),
-            5 => set_mem_table(&backend, &mem, &mut inp),
+            4 => inflight(&mut device, num_queues, inp.u8()),
+            5 => set_mem_table(&mut device, &mut inp),
             6 => {
                 let q = u32::from(inp.u8());
-                backend.stop_vring(q).expect("GET_VRING_BASE never fails");
+                let r = device.get_vring_base(q);
+                assert_eq!(r.is_ok(), q < u32::from(num_queues), "GET_VRING_BASE {q}");
             }
             _ => layout(&mut inp),
         }
+    }
+}
+
+/// A refused request is answered and the connection goes on; an accepted one leaves nothing
+/// behind.
+fn goes_on<T>(device: &mut Device, r: VhostUserResult<T>) {
+    let e = match r {
+        Ok(_) => VhostUserError::InvalidParam,
+        Err(e) => {
+            assert!(
+                device.take_refused(&e),
+                "a refusal ({e}) must let the connection go on"
+            );
+            return;
+        }
+    };
+    assert!(
+        !device.take_refused(&e),
+        "an accepted request counted as refused"
+    );
+}
+
+fn inflight(device: &mut Device, num_queues: u16, b: u8) {
+    let nq = u16::from(b >> 1) % 4;
+    let qs = 1u16 << ((b >> 3) % 16);
+    let valid = nq >= 1 && nq <= num_queues;
+    if b & 1 != 0 {
+        let r = device.get_inflight_fd(&VhostUserInflight::new(0, 0, nq, qs));
+        assert_eq!(r.is_ok(), valid, "GET_INFLIGHT_FD {nq} x {qs}");
+        let Ok((reply, file)) = r else { return };
+        assert_eq!(reply.mmap_size, region_len(nq, qs) as u64);
+        assert_eq!((reply.num_queues, reply.queue_size), (nq, qs));
+        let r = device.set_inflight_fd(&reply, file);
+        assert!(r.is_ok(), "SET_INFLIGHT_FD of our own region: {r:?}");
+        goes_on(device, r);
+    } else {
+        let len = region_len(nq.max(1), qs) as u64;
+        let r = device.set_inflight_fd(&VhostUserInflight::new(len, 0, nq.max(1), qs), memfd(len));
+        assert!(
+            r.is_err(),
+            "SET_INFLIGHT_FD of an unsealed memfd was accepted"
+        );
+        goes_on(device, r);
     }
 }
 
@@ -220,8 +299,10 @@ fn check_offer(m: &Model, spec: &DeviceSpec) {
     assert!(has(VIRTIO_BLK_F_MQ) || spec.num_queues == 1);
 }
 
-fn get_config(backend: &Backend, spec: &DeviceSpec, m: &Model, offset: u32, size: u32) {
-    let got = backend.get_config(offset, size);
+fn get_config(device: &mut Device, spec: &DeviceSpec, m: &Model, offset: u32, size: u32) {
+    let got = device
+        .get_config(offset, size, VhostUserConfigFlags::WRITABLE)
+        .expect("GET_CONFIG answers");
     let space = spec.config_space(m.writeback());
     let inside = u64::from(offset) + u64::from(size) <= CONFIG_LEN as u64;
     if inside {
@@ -250,19 +331,26 @@ fn get_config(backend: &Backend, spec: &DeviceSpec, m: &Model, offset: u32, size
     }
 }
 
-fn set_config(backend: &Backend, spec: &DeviceSpec, m: &mut Model, offset: u32, buf: &[u8]) {
+fn set_config(device: &mut Device, spec: &DeviceSpec, m: &mut Model, offset: u32, buf: &[u8]) {
     let wce = m.acked & (1u64 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
     let allowed = wce && offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1;
-    let res = backend.set_config(offset, buf);
+    let res = device.set_config(offset, buf, VhostUserConfigFlags::WRITABLE);
     assert_eq!(
         res.is_ok(),
         allowed,
         "SET_CONFIG {offset} {buf:?} with wce={wce}"
     );
+    goes_on(device, res);
     if allowed {
         m.choice = Some(buf[0] != 0);
     }
-    let wb = backend.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1);
+    let wb = device
+        .get_config(
+            CONFIG_WRITEBACK_OFFSET as u32,
+            1,
+            VhostUserConfigFlags::WRITABLE,
+        )
+        .expect("GET_CONFIG answers");
     assert_eq!(wb, vec![u8::from(m.writeback())]);
     assert!(!spec.read_only || !allowed);
 }
@@ -277,7 +365,7 @@ fn memfd(len: u64) -> File {
     f
 }
 
-fn set_mem_table(backend: &Backend, mem: &GuestMemoryAtomic<GuestMemoryMmap>, inp: &mut Input) {
+fn set_mem_table(device: &mut Device, inp: &mut Input) {
     let flags = inp.u8();
     let n = inp.u8() % 4;
     let mut regions = Vec::new();
@@ -286,41 +374,47 @@ fn set_mem_table(backend: &Backend, mem: &GuestMemoryAtomic<GuestMemoryMmap>, in
         let gap = u64::from(inp.u8() % 16) * PAGE;
         let len = (1 + u64::from(inp.u8() % 8)) * PAGE;
         let backing = inp.u8();
-        let file = if backing & 1 != 0 {
+        let (offset, file_len) = if backing & 1 != 0 {
             let offset = u64::from(inp.u8() % 4) * PAGE;
             let file_len = u64::from(inp.u8() % 16) * PAGE;
             fits &= offset + len <= file_len;
-            Some(FileOffset::new(memfd(file_len), offset))
+            (offset, file_len)
         } else {
-            None
+            (0, len)
         };
-        regions.push((gap, len, file));
+        regions.push((gap, len, offset, memfd(file_len)));
     }
-    let span: u64 = regions.iter().map(|(g, l, _)| g + l).sum();
+    let span: u64 = regions.iter().map(|(g, l, _, _)| g + l).sum();
     let mut at = if flags & 1 != 0 {
         (u64::MAX - span - PAGE + 1) & !(PAGE - 1)
     } else {
         0
     };
-    let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = regions
-        .into_iter()
-        .map(|(gap, len, file)| {
-            at += gap;
-            let r = (GuestAddress(at), len as usize, file);
-            at += len;
-            r
-        })
-        .collect();
-    let table = if ranges.is_empty() {
-        GuestMemoryMmap::new()
-    } else {
-        GuestMemoryMmap::from_ranges_with_files(&ranges).expect("a valid memory table")
-    };
-    mem.lock().expect("memory lock").replace(table);
-    let res = backend.update_memory(mem.clone());
+    let mut table = Vec::new();
+    let mut files = Vec::new();
+    let mut desc = Vec::new();
+    for (gap, len, offset, file) in regions {
+        at += gap;
+        desc.push((at, len, offset));
+        // The VMM's address of the region: anything, as long as the regions do not overlap.
+        table.push(VhostUserMemoryRegion::new(at, len, at, offset));
+        files.push(file);
+        at += len;
+    }
+    if flags & 2 != 0 {
+        table.reverse();
+        files.reverse();
+    }
+    let res = device.set_mem_table(&table, files, None);
     // A region mapping past the end of its file would raise SIGBUS when touched: the table
-    // must be refused. Anything else must be accepted (and get restricted rings).
-    assert_eq!(res.is_ok(), fits, "SET_MEM_TABLE {ranges:?}: {res:?}");
+    // must be refused, as must an empty one. Anything else, in any order, must be accepted
+    // (and get restricted rings).
+    assert_eq!(
+        res.is_ok(),
+        fits && n > 0,
+        "SET_MEM_TABLE {desc:?} (flags {flags}): {res:?}"
+    );
+    goes_on(device, res);
 }
 
 /// Fixed-buffer layouts from arbitrary region tables, and translation through them.

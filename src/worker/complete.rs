@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use log::{debug, error};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::sqe::{
@@ -173,8 +174,16 @@ impl QueueState {
             Some(a) if mem.write_obj(status, GuestAddress(a)).is_ok() => used_len,
             _ => 0,
         };
-        if let Err(e) = vs.add_used(head, len) {
-            debug!("queue {}: add_used({head}): {e}", self.index);
+        if let Some(t) = &self.inflight {
+            t.before_publish(head);
+        }
+        match vs.add_used(head, len) {
+            Ok(()) => {
+                if let Some(t) = &self.inflight {
+                    t.after_publish(head, vs.get_queue().next_used());
+                }
+            }
+            Err(e) => debug!("queue {}: add_used({head}): {e}", self.index),
         }
         self.used_added = true;
     }

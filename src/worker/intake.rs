@@ -37,7 +37,25 @@ impl QueueState {
                 debug!("queue {}: disable_notification: {e}", self.index);
             }
             let mut popped = 0usize;
-            while let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) {
+            // What a previous backend left in flight goes first (see src/inflight.rs).
+            while let Some(head) = self.resubmit.pop_front() {
+                popped += 1;
+                budget = budget.saturating_sub(1);
+                let q = vs.get_queue();
+                crate::inflight::read_chain(mem, q.desc_table(), q.size(), head, &mut self.descs);
+                self.start(head, vs, mem, shared);
+                if self.queued_sqes() >= self.submit_batch {
+                    self.submit(vs, mem);
+                    self.clock = Instant::now();
+                }
+                if budget == 0 || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            while budget > 0 && !stop.load(Ordering::Relaxed) {
+                let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) else {
+                    break;
+                };
                 popped += 1;
                 budget = budget.saturating_sub(1);
                 let head = chain.head_index();
@@ -129,6 +147,9 @@ impl QueueState {
                 );
             }
             return;
+        }
+        if let Some(t) = self.inflight.as_mut() {
+            t.mark(head);
         }
         let req = request::parse(&self.descs, mem, &limits, &mut self.segs, &mut self.ranges);
         match req.parsed {

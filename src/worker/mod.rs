@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::SERIAL_LEN;
 use crate::guest_map::{FixedBufferMap, Piece};
+use crate::inflight::QueueInflight;
 use crate::request::{Desc, Limits, Segment, ZeroRange};
 use crate::stats::{ErrorKind, OpKind, QueueCounters, QueueSnapshot};
 
@@ -219,6 +220,10 @@ pub struct QueueState {
     /// so that guest-triggered noise never hides one.
     security_limit: WarnLimit,
     completion_fd: EventFd,
+    /// This queue's part of the VMM's inflight region (INFLIGHT_SHMFD), if it gave one.
+    inflight: Option<QueueInflight>,
+    /// Heads a previous backend left in flight, oldest first: taken before the avail ring.
+    resubmit: std::collections::VecDeque<u16>,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
     segs: Vec<Segment>,
@@ -254,6 +259,8 @@ impl QueueState {
             warn_limit: WarnLimit::new(),
             security_limit: WarnLimit::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
+            inflight: None,
+            resubmit: std::collections::VecDeque::new(),
             descs: Vec::new(),
             segs: Vec::new(),
             ranges: Vec::new(),
@@ -359,6 +366,22 @@ impl QueueState {
         if let Some(l) = self.limits.as_mut() {
             l.capacity_sectors = sectors;
         }
+    }
+
+    /// Track this queue's requests in an inflight region (or stop tracking them), and
+    /// resubmit the heads listed first. The worker is woken to do so.
+    pub fn set_inflight(&mut self, tracking: Option<(QueueInflight, Vec<u16>)>) {
+        match tracking {
+            Some((t, heads)) => {
+                self.inflight = Some(t);
+                self.resubmit = heads.into();
+            }
+            None => {
+                self.inflight = None;
+                self.resubmit.clear();
+            }
+        }
+        self.wake_self();
     }
 
     /// Make `engine` the ring for new requests; the previous one retires once idle.
