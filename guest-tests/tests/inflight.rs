@@ -547,12 +547,29 @@ impl Region {
             ptr: ptr as *const u8,
             map_len,
         };
-        assert!(
-            region.all_zero(),
-            "a fresh inflight region must be all zeroes (version 0); queue 0 reads {}",
-            region.queue(0)
-        );
+        for q in 0..num_queues {
+            let s = region.queue(q);
+            assert!(
+                region.fresh(q),
+                "queue {q} of a fresh inflight region must read as fresh: all zeroes (version \
+                 0, nothing in flight, zero counters), but for desc_num, which the backend may \
+                 fill in already (0 or {queue_size}); it reads {s}"
+            );
+        }
         region
+    }
+
+    /// Whether queue `q`'s part of the region is as GET_INFLIGHT_FD must hand it out: every
+    /// byte zero, except `desc_num`, which libvhost-user fills in at SET_INFLIGHT_FD and a
+    /// backend may fill in at once.
+    fn fresh(&self, q: u16) -> bool {
+        let qs = self.info.queue_size;
+        let base = self.info.mmap_offset as usize
+            + usize::from(q) * inflight_queue_region_size(qs) as usize;
+        let mut b = self.bytes(base, 16 + 16 * usize::from(qs));
+        let desc_num = u16::from_ne_bytes([b[10], b[11]]);
+        b[10..12].fill(0);
+        (desc_num == 0 || desc_num == qs) && b.iter().all(|&x| x == 0)
     }
 
     fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
@@ -562,12 +579,6 @@ impl Region {
             // writes it concurrently.
             .map(|i| unsafe { std::ptr::read_volatile(self.ptr.add(off + i)) })
             .collect()
-    }
-
-    fn all_zero(&self) -> bool {
-        self.bytes(self.info.mmap_offset as usize, self.info.mmap_size as usize)
-            .iter()
-            .all(|&b| b == 0)
     }
 
     /// Queue `q`'s header and descriptor states, at the specification's offsets.
@@ -1105,15 +1116,16 @@ fn two_queues_a_write_in_flight_on_queue_1_while_queue_0_is_idle() {
         .unwrap_or_else(|s| panic!("queue 0's region after its second read: {s}"));
 }
 
-/// A region fresh from GET_INFLIGHT_FD is all zeroes (version 0); once the queue runs it is
+/// A region fresh from GET_INFLIGHT_FD is all zeroes (version 0; `desc_num` may be filled in
+/// already); once the queue runs it is
 /// initialised (version 1, desc_num the queue size), and normal I/O, many requests at once,
 /// leaves no head marked in flight and `used_idx` equal to the used ring's index.
 #[test]
 fn a_fresh_region_is_initialised_and_normal_io_leaves_nothing_in_flight() {
     let b = Bench::new(1);
     let mut g = Guest::new(1, MAX_QUEUE_SIZE);
-    // Region::get (inside connect) checks that the region is all zeroes before it is handed
-    // back with SET_INFLIGHT_FD.
+    // Region::get (inside connect) checks that the region is fresh (version 0, zeroes) before
+    // it is handed back with SET_INFLIGHT_FD.
     let mut region = None;
     let fe = connect(&b, &g, true, &mut region, &[0]);
     let reg = region.as_ref().expect("a region");
