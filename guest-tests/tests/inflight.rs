@@ -226,10 +226,10 @@ impl Bench {
             wait_exit(pid, WAIT),
             "the killed daemon did not exit within {WAIT:?} of the thaw"
         );
-        drop(d); // reaps it
-                 // The dead process's rings are torn down by the kernel after it exits, and they hold
-                 // the image (and so its lock) until then: a new daemon started at once is refused
-                 // ("already served by another process").
+        // Dropping it reaps it. The dead process's rings are torn down by the kernel after it
+        // exits, and they hold the image (and so its lock) until then: wait for that here
+        // rather than rely on the new daemon's --lock-wait.
+        drop(d);
         let deadline = Instant::now() + WAIT;
         while image_locked(&self.image) {
             assert!(

@@ -879,20 +879,6 @@ fn memfds(pid: i32) -> Vec<(String, u64)> {
     v
 }
 
-/// Whether some process holds a lock on the image (a ringfence daemon's OFD lock).
-fn image_locked(image: &std::path::Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let f = File::open(image).expect("open image");
-    // SAFETY: an all-zero flock is a valid value of this plain C struct.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_GETLK reads and writes the flock struct we own.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
-    fl.l_type != libc::F_UNLCK as libc::c_short
-}
-
 /// Wait (bounded) until process `pid` has exited, on a pidfd.
 fn wait_exit(pid: i32, timeout: Duration) -> bool {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -1113,14 +1099,10 @@ fn crash_loop(
             break;
         }
         r.stderr.push_str(&daemon.stderr());
-        drop(daemon); // reaps it
-                      // The dead process's rings are torn down by the kernel after it exits and hold the
-                      // image (and its lock) until then; a new daemon started before is refused.
-        let deadline = Instant::now() + CRASH_WAIT;
-        while image_locked(&disk.image) && Instant::now() < deadline {
-            // Spacing of the looks, not a synchronisation: the loop ends on the lock's state.
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // Dropping it reaps it. Restarted at once, as a supervisor would: the kernel releases
+        // the dead process's rings, and with them the image's lock, only once their last I/O
+        // has landed, and the new process waits for the lock (`--lock-wait`, 5 s by default).
+        drop(daemon);
         daemon = start_with_stats(disk, stats);
         if !daemon.wait_for_log("VMM connected", CRASH_WAIT) {
             r.problems.push(format!(
