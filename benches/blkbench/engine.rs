@@ -3,6 +3,9 @@
 //! through blkio's `virtio-blk-vhost-user` driver. Each queue gets one thread that keeps
 //! exactly `qd` requests in flight (a new request is issued the moment one completes), like
 //! fio's `iodepth` per job with one job per queue.
+//!
+//! How the refills reach the device is the client's [`Pattern`]: one submission (one kick, one
+//! `io_uring_enter`) per request, groups of N, or the whole round of refills at once.
 
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -15,6 +18,62 @@ use crate::procstat;
 
 /// How long a queue may go without a single completion before the run is declared stalled.
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a client hands its requests to the device. blkio queues a request on `read`/`write`
+/// (the virtio driver publishes it in the avail ring right away) and submits on `do_io`: the
+/// io_uring driver with one `io_uring_enter`, the virtio driver with one kick of the queue's
+/// eventfd (unless the device suppressed notifications with `VIRTIO_RING_F_EVENT_IDX`, as a
+/// guest driver would see it too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pattern {
+    /// Submit every N refilled requests (`Batch(1)`: each request on its own, as its completion
+    /// frees a slot, like fio's default `iodepth_batch_submit=1` or a guest virtio-blk driver
+    /// without plugging). A group that is not full when the reaped completions run out is
+    /// submitted by the `do_io` that then waits, so a request never waits for a later one.
+    Batch(u32),
+    /// Refill every completion that one `do_io` returned, then submit them all together with
+    /// the wait for the next completion (blkbench's pattern before the patterns existed).
+    Round,
+}
+
+impl Pattern {
+    pub const PER_REQUEST: Pattern = Pattern::Batch(1);
+
+    /// `1`, `per-request`, `8`, `round`.
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        match s.trim() {
+            "round" => Ok(Pattern::Round),
+            "per-request" => Ok(Pattern::PER_REQUEST),
+            n => n
+                .parse()
+                .ok()
+                .filter(|&n| (1..=1024).contains(&n))
+                .map(Pattern::Batch)
+                .ok_or_else(|| {
+                    format!("client pattern '{n}': use round, per-request or N in 1..=1024")
+                }),
+        }
+    }
+
+    /// `per-request`, `batch 8`, `round`.
+    pub fn name(self) -> String {
+        match self {
+            Pattern::Batch(1) => "per-request".into(),
+            Pattern::Batch(n) => format!("batch {n}"),
+            Pattern::Round => "round".into(),
+        }
+    }
+
+    /// At QD1 every pattern submits the one request as its completion frees the slot, with
+    /// the next wait: the patterns are the same client there.
+    pub fn effective(self, qd: u32) -> Pattern {
+        match self {
+            _ if qd == 1 => Pattern::PER_REQUEST,
+            Pattern::Batch(n) if n >= qd => Pattern::Round,
+            p => p,
+        }
+    }
+}
 
 /// One point of the matrix: access pattern, block size, depth, queues.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +92,8 @@ pub struct Workload {
     /// until a completion wakes it, natively on the io_uring completion ring, through vhost-user
     /// on the used ring (the backend's call eventfd then wakes nobody).
     pub polled: bool,
+    /// How the client submits its refills.
+    pub pattern: Pattern,
 }
 
 impl Workload {
@@ -44,7 +105,19 @@ impl Workload {
             qd,
             queues: 1,
             polled: false,
+            pattern: Pattern::Round,
         }
+    }
+
+    /// The same workload with another client pattern.
+    pub const fn with_pattern(self, pattern: Pattern) -> Workload {
+        Workload { pattern, ..self }
+    }
+
+    /// The workload without its client pattern (rows that differ only in the pattern share it):
+    /// what the best native baseline is chosen over.
+    pub const fn base(self) -> Workload {
+        self.with_pattern(Pattern::Round)
     }
 
     /// The same workload with polled completions.
@@ -91,7 +164,8 @@ impl Workload {
         s
     }
 
-    /// Parse `rw=randread,bs=4k,qd=32[,queues=2][,rwmixread=70]` (fio's names).
+    /// Parse `rw=randread,bs=4k,qd=32[,queues=2][,rwmixread=70][,hipri=1][,batch=1|N|round]`
+    /// (fio's names, and `batch` for the client pattern, round when absent).
     pub fn parse(spec: &str) -> Result<Workload, String> {
         let mut w = Workload::new(true, 100, 4096, 1);
         let mut mix: Option<u8> = None;
@@ -145,6 +219,9 @@ impl Workload {
                             .ok_or_else(|| format!("job '{spec}': rwmixread must be 0..=100"))?,
                     )
                 }
+                "batch" => {
+                    w.pattern = Pattern::parse(v).map_err(|e| format!("job '{spec}': {e}"))?
+                }
                 "hipri" => {
                     w.polled = match v {
                         "1" => true,
@@ -154,8 +231,8 @@ impl Workload {
                 }
                 _ => {
                     return Err(format!(
-                        "job '{spec}': unknown key '{k}' (rw, bs, qd, queues, rwmixread, hipri)"
-                    ))
+                    "job '{spec}': unknown key '{k}' (rw, bs, qd, queues, rwmixread, hipri, batch)"
+                ))
                 }
             }
         }
@@ -533,10 +610,21 @@ fn worker(
     let mut comps: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let mut hist = Histogram::new();
     sleep_until(win.start);
+    // Requests queued in blkio since the last submission, and how many make a group.
+    let group = match w.pattern {
+        Pattern::Batch(n) => n as usize,
+        Pattern::Round => usize::MAX,
+    };
+    let mut queued = 0usize;
     let mut sent = vec![Instant::now(); qd];
     for (slot, t) in sent.iter_mut().enumerate() {
         *t = Instant::now();
         issuer.submit(&mut q, slot);
+        queued += 1;
+        if queued >= group && slot + 1 < qd {
+            submit_queued(&mut q)?;
+            queued = 0;
+        }
     }
     let mut in_flight = qd;
     while in_flight > 0 {
@@ -555,7 +643,7 @@ fn worker(
         };
         let now = Instant::now();
         let measuring = now >= win.measure && now < win.end;
-        for c in &comps[..n] {
+        for (i, c) in comps[..n].iter().enumerate() {
             // SAFETY: do_io() initialised the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             if c.ret != 0 {
@@ -572,12 +660,28 @@ fn worker(
             if now < win.end {
                 sent[slot] = now;
                 issuer.submit(&mut q, slot);
+                queued += 1;
+                // A full group goes out now; the last one (full or not) goes out with the
+                // wait for the next completion, which is the same single submission.
+                if queued >= group && i + 1 < n {
+                    submit_queued(&mut q)?;
+                    queued = 0;
+                }
             } else {
                 in_flight -= 1;
             }
         }
+        queued = 0;
     }
     Ok(hist)
+}
+
+/// Submit what is queued without reaping or waiting: one `io_uring_enter` natively, one kick
+/// (if the device wants notifications) through vhost-user.
+fn submit_queued(q: &mut Blkioq) -> Result<(), String> {
+    q.do_io(&mut [], 0, None, None)
+        .map(|_| ())
+        .map_err(|e| format!("blkio do_io (submit): {e}"))
 }
 
 /// Spin on the queue (submitting what is queued) until at least one request completes.
@@ -618,7 +722,22 @@ pub fn self_check() -> Result<(), String> {
     if w != Workload::new(true, 100, 4096, 1).polled() || w.label() != "4k randread QD1 polled" {
         return Err(format!("polled workload: {w:?} {}", w.label()));
     }
+    let w = Workload::parse("rw=randwrite,bs=4k,qd=32,batch=1")?;
+    if w.pattern != Pattern::PER_REQUEST || w.base() != Workload::new(true, 0, 4096, 32) {
+        return Err(format!("batch=1: {w:?}"));
+    }
+    if Workload::parse("rw=read,batch=round")?.pattern != Pattern::Round
+        || Pattern::parse("per-request")? != Pattern::Batch(1)
+        || Pattern::Batch(4).name() != "batch 4"
+        || Pattern::Round.effective(1) != Pattern::PER_REQUEST
+        || Pattern::Batch(32).effective(32) != Pattern::Round
+        || Pattern::Batch(8).effective(32) != Pattern::Batch(8)
+    {
+        return Err("client pattern parsing".into());
+    }
     for bad in [
+        "rw=read,batch=0",
+        "rw=read,batch=some",
         "rw=read,hipri=2",
         "rw=foo",
         "bs=4k",

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
-use engine::{Timing, Workload};
+use engine::{Pattern, Timing, Workload};
 use report::{Record, Report, RunInfo, Section};
 use targets::{Env, Kind};
 
-/// The default matrix of issue 6.
+/// The default matrix (issues 6 and 12). Each row runs once per client pattern (`--patterns`).
 const MATRIX: [Workload; 7] = [
     Workload::new(true, 100, 4096, 1),
     Workload::new(true, 100, 4096, 1).polled(),
@@ -68,9 +68,21 @@ struct Opts {
     #[arg(long, value_delimiter = ',', default_value = "native,ringfence,qsd")]
     targets: Vec<String>,
 
-    /// fio (`--ioengine=io_uring --direct=1`) as an extra baseline for sequential rows.
+    /// fio (`--ioengine=io_uring --direct=1`, its default submission) as a second native
+    /// baseline on every matrix row that is not polled.
     #[arg(long, value_enum, default_value_t = FioMode::Auto)]
     fio: FioMode,
+
+    /// Client patterns each matrix row runs with: `1` (or `per-request`) submits every request
+    /// on its own as its completion frees a slot, `N` in groups of N, `round` a whole round of
+    /// refills at once. A job with `batch=` runs that pattern only; at QD1 all are one.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,round",
+        value_name = "LIST"
+    )]
+    patterns: Vec<String>,
 
     /// Rounds per matrix workload [default: 5; 2 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -232,9 +244,48 @@ fn fmt_dur(d: Duration) -> String {
 
 struct Plan {
     section: Section,
+    /// The workload; its pattern is replaced by each of `patterns`.
     w: Workload,
+    patterns: Vec<Pattern>,
     t: Timing,
     rounds: u32,
+}
+
+impl Plan {
+    /// Runs per round: every pattern on every target but fio, and fio once (matrix only).
+    fn runs(&self, kinds: &[Kind]) -> usize {
+        kinds
+            .iter()
+            .filter(|k| {
+                k.applies_to(&self.w) && (**k != Kind::Fio || self.section == Section::Main)
+            })
+            .map(|k| {
+                if *k == Kind::Fio {
+                    1
+                } else {
+                    self.patterns.len()
+                }
+            })
+            .sum()
+    }
+}
+
+/// The patterns a row runs with: `batch=` in its job spec, else `--patterns`, collapsed where
+/// they are the same client (every pattern at QD1, groups of at least QD).
+fn patterns_for(w: &Workload, spec: Option<&str>, list: &[Pattern]) -> Vec<Pattern> {
+    let given = spec.is_some_and(|s| s.split(',').any(|p| p.trim().starts_with("batch=")));
+    let from: Vec<Pattern> = if given {
+        vec![w.pattern]
+    } else {
+        list.to_vec()
+    };
+    let mut out: Vec<Pattern> = Vec::new();
+    for p in from.into_iter().map(|p| p.effective(w.qd)) {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 fn main() {
@@ -338,18 +389,28 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     };
 
     // What to run.
+    let patterns: Vec<Pattern> = o
+        .patterns
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| Pattern::parse(p).map_err(|e| format!("--patterns: {e}")))
+        .collect::<Result<_, _>>()?;
+    if patterns.is_empty() {
+        return Err("--patterns: no pattern".into());
+    }
     let mut plan: Vec<Plan> = Vec::new();
     if !o.no_matrix {
-        let matrix: Vec<Workload> = if o.jobs.is_empty() {
-            MATRIX.to_vec()
+        let matrix: Vec<(Workload, Option<&str>)> = if o.jobs.is_empty() {
+            MATRIX.iter().map(|w| (*w, None)).collect()
         } else {
             o.jobs
                 .iter()
-                .map(|j| Workload::parse(j))
-                .collect::<Result<_, _>>()?
+                .map(|j| Ok((Workload::parse(j)?, Some(j.as_str()))))
+                .collect::<Result<_, String>>()?
         };
-        plan.extend(matrix.into_iter().map(|w| Plan {
+        plan.extend(matrix.into_iter().map(|(w, spec)| Plan {
             section: Section::Main,
+            patterns: patterns_for(&w, spec, &patterns),
             w,
             t: main_t,
             rounds,
@@ -364,6 +425,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 queues: 1,
                 ..base
             },
+            patterns: vec![base.pattern.effective(qd)],
             t: scale_t,
             rounds: scale_rounds,
         });
@@ -376,6 +438,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 queues,
                 ..base
             },
+            patterns: vec![base.pattern.effective(o.queue_scaling_qd)],
             t: scale_t,
             rounds: scale_rounds,
         });
@@ -397,7 +460,9 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
         FioMode::Off => false,
         FioMode::On => true,
         FioMode::Auto => kinds.contains(&Kind::Fio) || fio_version.is_some(),
-    } && plan.iter().any(|p| Kind::Fio.applies_to(&p.w));
+    } && plan
+        .iter()
+        .any(|p| p.section == Section::Main && Kind::Fio.applies_to(&p.w));
     kinds.retain(|k| *k != Kind::Fio);
     if want_fio {
         kinds.push(Kind::Fio);
@@ -483,14 +548,13 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
 
     let total_runs: usize = plan
         .iter()
-        .map(|p| p.rounds as usize * kinds.iter().filter(|k| k.applies_to(&p.w)).count())
+        .map(|p| p.rounds as usize * p.runs(&kinds))
         .sum();
-    let per_run_overhead = Duration::from_millis(250);
+    let per_run_overhead = Duration::from_millis(300);
     let mut remaining: Duration = plan
         .iter()
         .map(|p| {
-            (p.t.warmup + p.t.duration + per_run_overhead)
-                * (p.rounds * kinds.iter().filter(|k| k.applies_to(&p.w)).count() as u32)
+            (p.t.warmup + p.t.duration + per_run_overhead) * (p.rounds * p.runs(&kinds) as u32)
         })
         .sum();
     let scaling = plan.iter().any(|p| p.section != Section::Main);
@@ -518,16 +582,25 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     let mut done = 0usize;
     'outer: for p in &plan {
         for round in 1..=p.rounds {
-            for &k in &kinds {
-                if !k.applies_to(&p.w) || dropped.contains(&k) {
+            // Pattern by pattern, each target in turn; fio (its own client) once at the end.
+            let mut runs: Vec<(Kind, Workload)> = Vec::new();
+            for &pat in &p.patterns {
+                for &k in kinds.iter().filter(|k| **k != Kind::Fio) {
+                    runs.push((k, p.w.with_pattern(pat)));
+                }
+            }
+            if kinds.contains(&Kind::Fio) && p.section == Section::Main {
+                runs.push((Kind::Fio, p.w.base()));
+            }
+            for (k, w) in runs {
+                if !k.applies_to(&w) || dropped.contains(&k) {
                     continue;
                 }
                 if STOP.load(Ordering::SeqCst) {
                     eprintln!("blkbench: interrupted");
                     break 'outer;
                 }
-                let t0 = Instant::now();
-                let result = targets::run_once(k, &env, &p.w, &p.t);
+                let result = targets::run_once(k, &env, &w, &p.t);
                 done += 1;
                 remaining = remaining.saturating_sub(p.t.warmup + p.t.duration + per_run_overhead);
                 let status = match &result {
@@ -554,17 +627,22 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                         format!("FAILED: {e}")
                     }
                 };
+                let client = if k == Kind::Fio {
+                    "fio".to_string()
+                } else {
+                    w.pattern.name()
+                };
                 eprintln!(
-                    "[{done:>3}/{total_runs} {:>5} left] {:<24} round {round}/{}  {:<9} {status}",
+                    "[{done:>3}/{total_runs} {:>5} left] {:<24} round {round}/{}  {:<9} {:<11} {status}",
                     fmt_dur(remaining),
-                    p.w.label(),
+                    w.label(),
                     p.rounds,
                     k.name(),
+                    client,
                 );
-                let _ = t0;
                 records.push(Record {
                     section: p.section,
-                    w: p.w,
+                    w,
                     round,
                     kind: k,
                     result,
@@ -589,9 +667,10 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     let fio_example = kinds.contains(&Kind::Fio).then(|| {
         let w = plan
             .iter()
+            .filter(|p| p.section == Section::Main && !p.w.polled)
             .map(|p| p.w)
             .find(Workload::is_sequential)
-            .unwrap_or(MATRIX[4]);
+            .unwrap_or(MATRIX[5]);
         format!("fio {}", fio::args(&image, capacity, &w, &main_t).join(" "))
     });
     let image_desc = format!(

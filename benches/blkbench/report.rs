@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::engine::{RunResult, Timing, Workload};
+use crate::engine::{Pattern, RunResult, Timing, Workload};
 use crate::hist::Histogram;
 use crate::sysinfo::Machine;
 use crate::targets::Kind;
@@ -186,20 +186,6 @@ impl<'a> Report<'a> {
             .collect()
     }
 
-    fn ratio_text(&self, s: Section, w: &Workload, k: Kind, base: Kind) -> String {
-        if k == base {
-            return "1".into();
-        }
-        let rs = self.ratios(s, w, k, base, RunResult::iops);
-        match median(rs.clone()) {
-            None => "—".into(),
-            Some(m) => {
-                let per: Vec<String> = rs.iter().map(|r| format!("{r:.2}")).collect();
-                format!("**{m:.2}** ({})", per.join(" "))
-            }
-        }
-    }
-
     pub fn markdown(&self, img_prefix: &str) -> String {
         let m = self.machine;
         let i = self.info;
@@ -226,8 +212,12 @@ impl<'a> Report<'a> {
             o,
             "Command: `{}`. Targets interleaved round by round; matrix: {} of {} s \
              after {} s warm-up; scaling points: {} of {} s after {} s. Values are medians \
-             over rounds; \"vs native\" is the median of the per-round IOPS ratios to native \
-             (each round's ratio in parentheses). Latencies in µs; CPU/IO is the backend \
+             over rounds; \"vs best native\" is the median of the per-round IOPS ratios to the \
+             best native run of the same round (each round's ratio in parentheses), \"vs qsd\" \
+             the same against qemu-storage-daemon under the same client pattern. Client \
+             patterns: per-request submits each request on its own as its completion frees a \
+             slot (one kick or `io_uring_enter` per request); batch N in groups of N; round \
+             refills every completion one wait returned and submits them together. Latencies in µs; CPU/IO is the backend \
              process's user+system CPU time per I/O in µs (from /proc/PID/stat).\n",
             i.command,
             rounds(i.rounds),
@@ -250,46 +240,10 @@ impl<'a> Report<'a> {
         }
         o.push('\n');
 
-        let main = self.workloads(Section::Main);
-        if !main.is_empty() {
-            let _ = writeln!(
-                o,
-                "| Workload | Target | IOPS | MiB/s | mean | p50 | p99 | p99.9 | CPU/IO | vs native |"
-            );
-            let _ = writeln!(o, "|---|---|--:|--:|--:|--:|--:|--:|--:|---|");
-            for w in &main {
-                for k in self.kinds(Section::Main, w) {
-                    let c = self.cell(Section::Main, w, k);
-                    if c.rounds.is_empty() {
-                        let e = c.errors.first().copied().unwrap_or("no result");
-                        let _ = writeln!(
-                            o,
-                            "| {} | {} | failed: {} |||||||| |",
-                            w.label(),
-                            k.name(),
-                            one_line(e, 160)
-                        );
-                        continue;
-                    }
-                    let _ = writeln!(
-                        o,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                        w.label(),
-                        k.name(),
-                        opt(c.iops(), fmt_iops),
-                        opt(c.med(|r| Some(r.mib_s())), |v| format!("{v:.0}")),
-                        opt(c.med(|r| Some(r.mean_ns)), fmt_us),
-                        opt(c.med(|r| Some(r.p50_ns)), fmt_us),
-                        opt(c.med(|r| Some(r.p99_ns)), fmt_us),
-                        opt(c.med(|r| Some(r.p999_ns)), fmt_us),
-                        opt(c.med(RunResult::backend_us_per_io), |v| format!("{v:.2}")),
-                        self.ratio_text(Section::Main, w, k, Kind::Native)
-                            + &failed_note(c.errors.len()),
-                    );
-                }
-            }
-            o.push('\n');
-            self.fio_table(&mut o, &main);
+        if self.records.iter().any(|r| r.section == Section::Main) {
+            self.headline(&mut o);
+            self.main_table(&mut o);
+            self.fio_table(&mut o);
             self.goals(&mut o);
         }
 
@@ -304,8 +258,9 @@ impl<'a> Report<'a> {
             let kinds = self.kinds_in(s);
             let _ = writeln!(
                 o,
-                "**{title}** ({}; IOPS, with the median per-round ratio to native):\n",
-                scaling_base_label(&ws[0], s)
+                "**{title}** ({}, {} client; IOPS, with the median per-round ratio to native):\n",
+                scaling_base_label(&ws[0], s),
+                ws[0].pattern.name()
             );
             let mut hdr = format!("| {col} |");
             let mut sep = "|--:|".to_string();
@@ -329,7 +284,7 @@ impl<'a> Report<'a> {
                 let mut line = format!("| {x} |");
                 for k in &kinds {
                     let c = self.cell(s, w, *k);
-                    let ratio = median(self.ratios(s, w, *k, Kind::Native, RunResult::iops));
+                    let ratio = median(self.ratios_best(s, w, *k, RunResult::iops));
                     let cell = match (c.iops(), ratio) {
                         (None, _) => "—".to_string(),
                         (Some(v), Some(r)) if *k != Kind::Native => {
@@ -359,7 +314,7 @@ impl<'a> Report<'a> {
             let _ = writeln!(o, "![Latency CDF at QD1]({img_prefix}{CDF_SVG})\n");
         }
         if let Some(f) = &i.fio_example {
-            let _ = writeln!(o, "fio baseline command (per sequential row): `{f}`\n");
+            let _ = writeln!(o, "fio baseline command (one row; the others change --rw, --bs, --iodepth, --numjobs): `{f}`\n");
         }
         o
     }
@@ -376,161 +331,425 @@ impl<'a> Report<'a> {
         ks
     }
 
-    fn fio_table(&self, o: &mut String, main: &[Workload]) {
-        let rows: Vec<&Workload> = main
+    /// Base workloads (without the client pattern) of a section, in order of first appearance.
+    fn groups(&self, s: Section) -> Vec<Workload> {
+        let mut out: Vec<Workload> = Vec::new();
+        for r in self.records.iter().filter(|r| r.section == s) {
+            if !out.contains(&r.w.base()) {
+                out.push(r.w.base());
+            }
+        }
+        out
+    }
+
+    /// The client patterns of a section (fio's own client aside), in order of first appearance.
+    fn patterns(&self, s: Section) -> Vec<Pattern> {
+        let mut out: Vec<Pattern> = Vec::new();
+        for r in self
+            .records
             .iter()
-            .filter(|w| !self.cell(Section::Main, w, Kind::Fio).rounds.is_empty())
+            .filter(|r| r.section == s && r.kind != Kind::Fio)
+        {
+            if !out.contains(&r.w.pattern) {
+                out.push(r.w.pattern);
+            }
+        }
+        out
+    }
+
+    /// The (target, workload with its pattern) rows of a group: pattern by pattern, the targets
+    /// in their order, fio last.
+    fn variants(&self, s: Section, base: &Workload) -> Vec<(Kind, Workload)> {
+        let mut out: Vec<(Kind, Workload)> = Vec::new();
+        for p in self.patterns(s) {
+            let w = base.with_pattern(p);
+            for k in self.kinds(s, &w) {
+                if k != Kind::Fio {
+                    out.push((k, w));
+                }
+            }
+        }
+        if self.kinds(s, base).contains(&Kind::Fio) {
+            out.push((Kind::Fio, *base));
+        }
+        out
+    }
+
+    /// The row of `k` under client pattern `p` in a group (at QD1 every pattern is one client).
+    fn row(&self, base: &Workload, p: Pattern) -> Workload {
+        base.with_pattern(p.effective(base.qd))
+    }
+
+    /// Per round, the native run with the most IOPS among every native pattern and fio.
+    fn best_native(
+        &self,
+        s: Section,
+        base: &Workload,
+    ) -> BTreeMap<u32, (Kind, Pattern, &'a RunResult)> {
+        let mut best: BTreeMap<u32, (Kind, Pattern, &'a RunResult)> = BTreeMap::new();
+        for r in self.records {
+            let Ok(res) = &r.result else { continue };
+            if r.section != s || !r.kind.is_native() || r.w.base() != *base {
+                continue;
+            }
+            let e = best.entry(r.round).or_insert((r.kind, r.w.pattern, res));
+            if res.iops() > e.2.iops() {
+                *e = (r.kind, r.w.pattern, res);
+            }
+        }
+        best
+    }
+
+    /// Per-round `f(target) / f(best native of that round)`.
+    fn ratios_best(
+        &self,
+        s: Section,
+        w: &Workload,
+        k: Kind,
+        f: impl Fn(&RunResult) -> f64,
+    ) -> Vec<f64> {
+        let best = self.best_native(s, &w.base());
+        self.cell(s, w, k)
+            .rounds
+            .iter()
+            .filter_map(|(round, r)| Some(f(r) / f(best.get(round)?.2)))
+            .collect()
+    }
+
+    /// Median per-round p50 minus the best native's p50, in µs.
+    fn p50_delta_best(&self, s: Section, w: &Workload, k: Kind) -> Option<f64> {
+        let best = self.best_native(s, &w.base());
+        let d = self
+            .cell(s, w, k)
+            .rounds
+            .iter()
+            .filter_map(|(round, r)| Some((r.p50_ns - best.get(round)?.2.p50_ns) / 1000.0))
             .collect();
-        if rows.is_empty() {
-            return;
+        median(d)
+    }
+
+    /// Which native won the rounds: `native round 3/5, fio 2/5`.
+    fn winners(&self, s: Section, base: &Workload) -> String {
+        let best = self.best_native(s, base);
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for (k, p, _) in best.values() {
+            let name = variant_name(*k, *p, base.qd);
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some(c) => c.1 += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+        let n = best.len();
+        counts
+            .iter()
+            .map(|(name, c)| format!("{name} {c}/{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn ratio_cell(rs: Vec<f64>) -> String {
+        match median(rs.clone()) {
+            None => "—".into(),
+            Some(m) => {
+                let per: Vec<String> = rs.iter().map(|r| format!("{r:.2}")).collect();
+                format!("**{m:.2}** ({})", per.join(" "))
+            }
+        }
+    }
+
+    /// The compact table: every client pattern's ratio to the best native, and ringfence to
+    /// qemu-storage-daemon under the same pattern.
+    fn headline(&self, o: &mut String) {
+        let s = Section::Main;
+        let pats = self.patterns(s);
+        let contenders: Vec<Kind> = [Kind::Ringfence, Kind::Qsd]
+            .into_iter()
+            .filter(|k| self.records.iter().any(|r| r.section == s && r.kind == *k))
+            .collect();
+        let mut hdr = "| Workload | best native: IOPS (won the round) |".to_string();
+        let mut sep = "|---|---|".to_string();
+        for k in &contenders {
+            for p in &pats {
+                let _ = write!(hdr, " {} {} |", k.name(), p.name());
+                sep.push_str("--:|");
+            }
+        }
+        let both = contenders.len() == 2;
+        if both {
+            for p in &pats {
+                let _ = write!(hdr, " ringfence / qsd, {} |", p.name());
+                sep.push_str("--:|");
+            }
         }
         let _ = writeln!(
             o,
-            "Sequential rows against fio's io_uring engine (per-round IOPS ratio to fio):\n"
+            "Against the best native (per round, the native run with the most IOPS: blkio \
+             `io_uring` under each client pattern, and fio), median of the per-round IOPS ratios; \
+             at QD1 also the median per-round p50 difference to that run. At QD1 the patterns \
+             are one client (one request, submitted with the wait for its completion).\n"
         );
-        let _ = writeln!(o, "| Workload | Target | vs fio |");
-        let _ = writeln!(o, "|---|---|---|");
-        for w in rows {
-            for k in self.kinds(Section::Main, w) {
-                if k == Kind::Fio {
+        let _ = writeln!(o, "{hdr}\n{sep}");
+        for base in self.groups(s) {
+            let best = self.best_native(s, &base);
+            let best_iops = median(best.values().map(|b| b.2.iops()).collect());
+            let mut line = format!(
+                "| {} | {} ({}) |",
+                base.label(),
+                opt(best_iops, fmt_iops),
+                self.winners(s, &base)
+            );
+            for k in &contenders {
+                for p in &pats {
+                    let w = self.row(&base, *p);
+                    let r = median(self.ratios_best(s, &w, *k, RunResult::iops));
+                    let mut cell = opt(r, |r| format!("{r:.2}×"));
+                    if base.qd == 1 {
+                        if let Some(d) = self.p50_delta_best(s, &w, *k) {
+                            let _ = write!(cell, ", p50 {d:+.1} µs");
+                        }
+                    }
+                    let _ = write!(line, " {cell} |");
+                }
+            }
+            if both {
+                for p in &pats {
+                    let w = self.row(&base, *p);
+                    let r = median(self.ratios(s, &w, Kind::Ringfence, Kind::Qsd, RunResult::iops));
+                    let _ = write!(line, " {} |", opt(r, |r| format!("{r:.2}×")));
+                }
+            }
+            let _ = writeln!(o, "{line}");
+        }
+        o.push('\n');
+    }
+
+    /// Every row with its latencies and CPU, each round's ratio in parentheses.
+    fn main_table(&self, o: &mut String) {
+        let s = Section::Main;
+        let _ = writeln!(
+            o,
+            "| Workload | Client | Target | IOPS | MiB/s | mean | p50 | p99 | p99.9 | CPU/IO | vs best native | vs qsd |"
+        );
+        let _ = writeln!(o, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|");
+        for base in self.groups(s) {
+            for (k, w) in self.variants(s, &base) {
+                let c = self.cell(s, &w, k);
+                let client = variant_client(k, w.pattern, base.qd);
+                if c.rounds.is_empty() {
+                    let e = c.errors.first().copied().unwrap_or("no result");
+                    let _ = writeln!(
+                        o,
+                        "| {} | {client} | {} | failed: {} ||||||||| |",
+                        base.label(),
+                        k.name(),
+                        one_line(e, 160)
+                    );
                     continue;
                 }
+                let vs_qsd = if k == Kind::Ringfence && self.has(&w, Kind::Qsd) {
+                    Self::ratio_cell(self.ratios(s, &w, k, Kind::Qsd, RunResult::iops))
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} |",
-                    w.label(),
+                    "| {} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {vs_qsd} |",
+                    base.label(),
                     k.name(),
-                    self.ratio_text(Section::Main, w, k, Kind::Fio)
+                    opt(c.iops(), fmt_iops),
+                    opt(c.med(|r| Some(r.mib_s())), |v| format!("{v:.0}")),
+                    opt(c.med(|r| Some(r.mean_ns)), fmt_us),
+                    opt(c.med(|r| Some(r.p50_ns)), fmt_us),
+                    opt(c.med(|r| Some(r.p99_ns)), fmt_us),
+                    opt(c.med(|r| Some(r.p999_ns)), fmt_us),
+                    opt(c.med(RunResult::backend_us_per_io), |v| format!("{v:.2}")),
+                    Self::ratio_cell(self.ratios_best(s, &w, k, RunResult::iops))
+                        + &failed_note(c.errors.len()),
+                );
+            }
+            let best = self.best_native(s, &base);
+            if !best.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "| {} | | **best native** | {} | {} | | {} | | | | won by {} | |",
+                    base.label(),
+                    opt(
+                        median(best.values().map(|b| b.2.iops()).collect()),
+                        fmt_iops
+                    ),
+                    opt(median(best.values().map(|b| b.2.mib_s()).collect()), |v| {
+                        format!("{v:.0}")
+                    }),
+                    opt(median(best.values().map(|b| b.2.p50_ns).collect()), fmt_us),
+                    self.winners(s, &base)
                 );
             }
         }
         o.push('\n');
     }
 
-    /// The issue's targets, checked for ringfence (and qemu-storage-daemon for reference).
-    fn goals(&self, o: &mut String) {
-        let main = self.workloads(Section::Main);
-        let find = |w: Workload| main.iter().find(|x| **x == w).copied();
-        let contenders: Vec<Kind> = [Kind::Ringfence, Kind::Qsd]
+    fn fio_table(&self, o: &mut String) {
+        let s = Section::Main;
+        let rows: Vec<Workload> = self
+            .groups(s)
             .into_iter()
-            .filter(|k| {
-                main.iter()
-                    .any(|w| !self.cell(Section::Main, w, *k).rounds.is_empty())
-            })
+            .filter(|w| w.is_sequential() && self.has(w, Kind::Fio))
             .collect();
-        if contenders.is_empty() || !main.iter().any(|w| self.has(w, Kind::Native)) {
+        if rows.is_empty() {
             return;
         }
-        let mut lines: Vec<(String, Vec<String>)> = Vec::new();
-        let ratio_goal = |w: Workload, what: &str| -> Option<(String, Vec<String>)> {
-            let w = find(w)?;
-            let cells = contenders
-                .iter()
-                .map(|k| {
-                    match median(self.ratios(Section::Main, &w, *k, Kind::Native, RunResult::iops))
-                    {
-                        Some(r) => format!("{} {r:.2}", mark(r >= 0.95)),
-                        None => "—".into(),
-                    }
-                })
-                .collect();
-            Some((format!("{what} ≥ 0.95 × native IOPS"), cells))
-        };
-        let goals = [
-            (Workload::new(true, 100, 4096, 32), "4k randread QD32"),
-            (Workload::new(true, 0, 4096, 32), "4k randwrite QD32"),
-            (Workload::new(false, 100, 128 << 10, 8), "128k seq read QD8"),
-            (Workload::new(false, 0, 128 << 10, 8), "128k seq write QD8"),
-        ];
-        for (w, what) in goals {
-            if let Some(l) = ratio_goal(w, what) {
-                lines.push(l);
+        let _ = writeln!(
+            o,
+            "Sequential rows against fio's io_uring engine alone (per-round IOPS ratio to fio):\n"
+        );
+        let _ = writeln!(o, "| Workload | Client | Target | vs fio |");
+        let _ = writeln!(o, "|---|---|---|---|");
+        for base in rows {
+            for (k, w) in self.variants(s, &base) {
+                if k == Kind::Fio {
+                    continue;
+                }
+                let a = self.cell(s, &w, k);
+                let b = self.cell(s, &base, Kind::Fio);
+                let rs = a
+                    .rounds
+                    .iter()
+                    .filter_map(|(round, r)| Some(r.iops() / b.rounds.get(round)?.iops()))
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} |",
+                    base.label(),
+                    variant_client(k, w.pattern, base.qd),
+                    k.name(),
+                    Self::ratio_cell(rs)
+                );
             }
         }
-        let qd1 = Workload::new(true, 100, 4096, 1);
-        for (w, what) in [
-            (qd1, "4k randread QD1"),
-            (qd1.polled(), "4k randread QD1 polled"),
-        ] {
-            let Some(w) = find(w) else { continue };
-            let cells = contenders
-                .iter()
-                .map(|k| {
-                    let d = median(self.ratios(Section::Main, &w, *k, Kind::Native, |r| r.p50_ns));
-                    let n = self
-                        .cell(Section::Main, &w, Kind::Native)
-                        .med(|r| Some(r.p50_ns));
-                    match (d, n) {
-                        (Some(d), Some(n)) => {
-                            let delta = (d - 1.0) * n / 1000.0;
-                            format!("{} {delta:+.1} µs", mark(delta <= 5.0))
-                        }
-                        _ => "—".into(),
-                    }
-                })
-                .collect();
-            lines.push((format!("{what} p50 ≤ native + 5 µs"), cells));
+        o.push('\n');
+    }
+
+    /// The targets of issue 12, checked for ringfence (and qemu-storage-daemon for reference)
+    /// under each client pattern.
+    fn goals(&self, o: &mut String) {
+        let s = Section::Main;
+        let groups = self.groups(s);
+        let pats = self.patterns(s);
+        let cols: Vec<(Kind, Pattern)> = [Kind::Ringfence, Kind::Qsd]
+            .into_iter()
+            .filter(|k| self.records.iter().any(|r| r.section == s && r.kind == *k))
+            .flat_map(|k| pats.iter().map(move |p| (k, *p)))
+            .collect();
+        if cols.is_empty() || !groups.iter().any(|w| !self.best_native(s, w).is_empty()) {
+            return;
         }
-        if contenders.contains(&Kind::Ringfence) && contenders.contains(&Kind::Qsd) {
-            let rows: Vec<&Workload> = main
-                .iter()
-                .filter(|w| self.has(w, Kind::Ringfence) && self.has(w, Kind::Qsd))
-                .collect();
-            let ahead = rows
-                .iter()
-                .filter(|w| {
-                    let r = median(self.ratios(
-                        Section::Main,
-                        w,
-                        Kind::Ringfence,
-                        Kind::Qsd,
-                        RunResult::iops,
-                    ));
-                    r.is_some_and(|r| r > 1.0)
-                })
-                .count();
-            let cpu_ok = rows
-                .iter()
-                .filter(|w| {
-                    let a = self
-                        .cell(Section::Main, w, Kind::Ringfence)
-                        .med(RunResult::backend_us_per_io);
-                    let b = self
-                        .cell(Section::Main, w, Kind::Qsd)
-                        .med(RunResult::backend_us_per_io);
-                    matches!((a, b), (Some(a), Some(b)) if a <= b)
-                })
-                .count();
-            let n = rows.len();
-            let fill = |s: String| {
-                contenders
-                    .iter()
-                    .map(|k| {
-                        if *k == Kind::Ringfence {
-                            s.clone()
-                        } else {
-                            "".into()
-                        }
-                    })
+        let find = |w: Workload| groups.iter().find(|x| **x == w).copied();
+        let mut lines: Vec<(String, Vec<String>)> = Vec::new();
+        let cells =
+            |f: &dyn Fn(Kind, &Workload) -> Option<String>, base: &Workload| -> Vec<String> {
+                cols.iter()
+                    .map(|(k, p)| f(*k, &self.row(base, *p)).unwrap_or_else(|| "—".into()))
                     .collect()
             };
+        let vs_best = |k: Kind, w: &Workload| {
+            let r = median(self.ratios_best(s, w, k, RunResult::iops))?;
+            Some(format!("{} {r:.2}", mark(r >= 0.95)))
+        };
+        let qd32 = [
+            (Workload::new(true, 100, 4096, 32), "4k randread QD32"),
+            (Workload::new(true, 0, 4096, 32), "4k randwrite QD32"),
+        ];
+        for (w, what) in qd32 {
+            if let Some(w) = find(w) {
+                lines.push((
+                    format!("{what} ≥ 0.95 × best native IOPS"),
+                    cells(&vs_best, &w),
+                ));
+            }
+        }
+        if cols.iter().any(|(k, _)| *k == Kind::Qsd) {
+            for (w, what) in qd32 {
+                let Some(w) = find(w) else { continue };
+                let vs_qsd = |k: Kind, w: &Workload| {
+                    if k != Kind::Ringfence {
+                        return Some(String::new());
+                    }
+                    let r = median(self.ratios(s, w, k, Kind::Qsd, RunResult::iops))?;
+                    Some(format!("{} {r:.2}", mark(r >= 1.10)))
+                };
+                lines.push((
+                    format!("{what} ≥ 1.10 × qemu-storage-daemon IOPS"),
+                    cells(&vs_qsd, &w),
+                ));
+            }
+        }
+        if let Some(w) = find(Workload::new(true, 100, 4096, 1)) {
+            let lat = |k: Kind, w: &Workload| {
+                let d = self.p50_delta_best(s, w, k)?;
+                Some(format!("{} {d:+.1} µs", mark(d <= 5.0)))
+            };
             lines.push((
-                "IOPS ahead of qemu-storage-daemon on every row".into(),
-                fill(format!("{} {ahead}/{n} rows", mark(ahead == n))),
+                "4k randread QD1 p50 ≤ best native + 5 µs".into(),
+                cells(&lat, &w),
             ));
+        }
+        for (w, what) in [
+            (Workload::new(false, 100, 128 << 10, 8), "128k seq read QD8"),
+            (Workload::new(false, 0, 128 << 10, 8), "128k seq write QD8"),
+        ] {
+            let Some(w) = find(w) else { continue };
+            if !self.has(&w, Kind::Fio) {
+                continue;
+            }
+            let vs_fio = |k: Kind, x: &Workload| {
+                let fio = self.cell(s, &w, Kind::Fio);
+                let rs = self
+                    .cell(s, x, k)
+                    .rounds
+                    .iter()
+                    .filter_map(|(round, r)| Some(r.iops() / fio.rounds.get(round)?.iops()))
+                    .collect();
+                let r = median(rs)?;
+                Some(format!("{} {r:.2}", mark(r >= 0.95)))
+            };
             lines.push((
-                "backend CPU per I/O ≤ qemu-storage-daemon's on every row".into(),
-                fill(format!("{} {cpu_ok}/{n} rows", mark(cpu_ok == n))),
+                format!("{what} ≥ 0.95 × fio io_uring IOPS"),
+                cells(&vs_fio, &w),
             ));
+        }
+        if let Some(w) = groups.iter().find(|w| w.queues == 2 && !w.polled) {
+            lines.push((
+                format!("{} ≥ 0.95 × best native (2 threads)", w.label()),
+                cells(&vs_best, w),
+            ));
+        }
+        if let Some(w) = find(Workload::new(true, 100, 4096, 1)) {
+            if cols.iter().any(|(k, _)| *k == Kind::Qsd) {
+                let cpu = |k: Kind, w: &Workload| {
+                    if k != Kind::Ringfence {
+                        return Some(String::new());
+                    }
+                    let a = self.cell(s, w, k).med(RunResult::backend_us_per_io)?;
+                    let b = self
+                        .cell(s, w, Kind::Qsd)
+                        .med(RunResult::backend_us_per_io)?;
+                    Some(format!("{} {a:.1} vs {b:.1} µs", mark(a <= b)))
+                };
+                lines.push((
+                    "4k randread QD1 backend CPU per I/O ≤ qemu-storage-daemon's".into(),
+                    cells(&cpu, &w),
+                ));
+            }
         }
         if lines.is_empty() {
             return;
         }
-        let _ = writeln!(o, "Goals (issue 6):\n");
-        let mut hdr = "| Goal |".to_string();
+        let _ = writeln!(o, "Targets (issue 12; benchmarks, not tests):\n");
+        let mut hdr = "| Target |".to_string();
         let mut sep = "|---|".to_string();
-        for k in &contenders {
-            let _ = write!(hdr, " {} |", k.name());
+        for (k, p) in &cols {
+            let _ = write!(hdr, " {} {} |", k.name(), p.name());
             sep.push_str("---|");
         }
         let _ = writeln!(o, "{hdr}\n{sep}");
@@ -675,7 +894,7 @@ impl<'a> Report<'a> {
 
     pub fn csv(&self) -> String {
         let mut o = String::from(
-            "section,workload,round,target,iops,mib_s,mean_us,p50_us,p99_us,p999_us,backend_cpu_us_per_io,client_cpu_us_per_io,error\n",
+            "section,workload,client,round,target,iops,mib_s,mean_us,p50_us,p99_us,p999_us,backend_cpu_us_per_io,client_cpu_us_per_io,error\n",
         );
         for r in self.records {
             let sec = match r.section {
@@ -688,8 +907,9 @@ impl<'a> Report<'a> {
                 Ok(x) => {
                     let _ = writeln!(
                         o,
-                        "{sec},{},{},{},{:.1},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},",
+                        "{sec},{},{},{},{},{:.1},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},",
                         r.w.label(),
+                        variant_client(r.kind, r.w.pattern, r.w.qd),
                         r.round,
                         r.kind.name(),
                         x.iops(),
@@ -705,8 +925,9 @@ impl<'a> Report<'a> {
                 Err(e) => {
                     let _ = writeln!(
                         o,
-                        "{sec},{},{},{},,,,,,,,,\"{}\"",
+                        "{sec},{},{},{},{},,,,,,,,,\"{}\"",
                         r.w.label(),
+                        variant_client(r.kind, r.w.pattern, r.w.qd),
                         r.round,
                         r.kind.name(),
                         one_line(e, 400).replace('"', "'")
@@ -745,6 +966,24 @@ impl<'a> Report<'a> {
 impl Kind {
     fn has_cpu(&self) -> bool {
         crate::targets::has_backend(*self)
+    }
+}
+
+/// The client column: the pattern, `fio defaults` for fio, and at QD1 the one client it is.
+fn variant_client(k: Kind, p: Pattern, qd: u32) -> String {
+    match k {
+        Kind::Fio => "fio defaults".into(),
+        _ if qd == 1 => "per-request = round".into(),
+        _ => p.name(),
+    }
+}
+
+/// `native round`, `native per-request`, `fio`.
+fn variant_name(k: Kind, p: Pattern, qd: u32) -> String {
+    match k {
+        Kind::Fio => "fio".into(),
+        _ if qd == 1 => k.name().into(),
+        _ => format!("{} {}", k.name(), p.name()),
     }
 }
 

@@ -22,7 +22,8 @@ pub enum Kind {
     Ringfence,
     /// qemu-storage-daemon's vhost-user-blk export, `aio=io_uring,cache.direct=on`.
     Qsd,
-    /// fio's io_uring engine with `--direct=1` on the image (sequential rows only).
+    /// fio's io_uring engine with `--direct=1` on the image, its default submission (one
+    /// `io_uring_enter` per request): a second native baseline (matrix rows, not polled ones).
     Fio,
 }
 
@@ -46,7 +47,7 @@ impl Kind {
                 "qemu-storage-daemon vhost-user-blk export, `aio=io_uring,cache.direct=on`, through blkio's `virtio-blk-vhost-user`"
             }
             Kind::Fio => {
-                "`fio --ioengine=io_uring --direct=1` on the image (extra native baseline, sequential rows)"
+                "`fio --ioengine=io_uring --direct=1` on the image with fio's default submission (`iodepth_batch_submit=1`): a second native baseline on every matrix row that is not polled"
             }
         }
     }
@@ -58,9 +59,15 @@ impl Kind {
             .ok_or_else(|| format!("unknown target '{s}' (native, ringfence, qsd, fio)"))
     }
 
-    /// Whether this target runs `w` at all (fio only serves as a baseline for sequential I/O).
+    /// Whether this target runs `w` at all (fio has no polled client here: its `hipri` needs
+    /// a device with poll queues).
     pub fn applies_to(self, w: &Workload) -> bool {
-        self != Kind::Fio || w.is_sequential()
+        self != Kind::Fio || !w.polled
+    }
+
+    /// A native baseline: the best of these in a round is what every ratio is taken against.
+    pub fn is_native(self) -> bool {
+        matches!(self, Kind::Native | Kind::Fio)
     }
 
     fn has_backend(self) -> bool {
