@@ -26,7 +26,7 @@ use report::{Record, Report, RunInfo, Section};
 use targets::{Env, Kind};
 
 /// The default matrix (issues 6 and 12). Each row runs once per client pattern (`--patterns`).
-const MATRIX: [Workload; 7] = [
+const MATRIX: [Workload; 8] = [
     Workload::new(true, 100, 4096, 1),
     Workload::new(true, 100, 4096, 1).polled(),
     Workload::new(true, 100, 4096, 32),
@@ -34,6 +34,11 @@ const MATRIX: [Workload; 7] = [
     Workload::new(true, 70, 4096, 16),
     Workload::new(false, 100, 128 << 10, 8),
     Workload::new(false, 0, 128 << 10, 8),
+    // 2 queues (ringfence --num-queues 2) against native with 2 submitting threads.
+    Workload {
+        queues: 2,
+        ..Workload::new(true, 100, 4096, 16)
+    },
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -92,11 +97,11 @@ struct Opts {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     scale_rounds: Option<u32>,
 
-    /// Measured seconds per matrix run [default: 2; 1 with --quick].
+    /// Measured seconds per matrix run [default: 1.5; 1 with --quick].
     #[arg(long, value_parser = parse_secs)]
     duration: Option<f64>,
 
-    /// Warm-up seconds before each matrix measurement [default: 0.5; 0.25 with --quick].
+    /// Warm-up seconds before each matrix measurement [default: 0.3; 0.25 with --quick].
     #[arg(long, value_parser = parse_secs)]
     warmup: Option<f64>,
 
@@ -380,8 +385,8 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
         Duration::from_secs_f64(v.unwrap_or(if o.quick { quick } else { normal }))
     };
     let main_t = Timing {
-        warmup: secs(o.warmup, 0.5, 0.25),
-        duration: secs(o.duration, 2.0, 1.0),
+        warmup: secs(o.warmup, 0.3, 0.25),
+        duration: secs(o.duration, 1.5, 1.0),
     };
     let scale_t = Timing {
         warmup: secs(o.scale_warmup, 0.25, 0.1),
@@ -669,8 +674,8 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
             .iter()
             .filter(|p| p.section == Section::Main && !p.w.polled)
             .map(|p| p.w)
-            .find(Workload::is_sequential)
-            .unwrap_or(MATRIX[5]);
+            .next()
+            .unwrap_or(MATRIX[2]);
         format!("fio {}", fio::args(&image, capacity, &w, &main_t).join(" "))
     });
     let image_desc = format!(

@@ -260,7 +260,11 @@ impl<'a> Report<'a> {
                 o,
                 "**{title}** ({}, {} client; IOPS, with the median per-round ratio to native):\n",
                 scaling_base_label(&ws[0], s),
-                ws[0].pattern.name()
+                ws.iter()
+                    .find(|w| w.qd > 1)
+                    .unwrap_or(&ws[0])
+                    .pattern
+                    .name()
             );
             let mut hdr = format!("| {col} |");
             let mut sep = "|--:|".to_string();
