@@ -1,8 +1,9 @@
 //! blkbench: a fio-style closed-loop benchmark of vhost-user-blk backends.
 //!
 //! `cargo bench --bench blkbench` runs the default matrix against native io_uring, ringfence
-//! and qemu-storage-daemon (plus fio for the sequential rows when installed), interleaving the
-//! targets round by round, and writes `benches/results/` (Markdown, SVG plots, CSV) and the
+//! and qemu-storage-daemon under each client pattern (plus fio as a second native when
+//! installed), interleaving the targets round by round, compares every run with the best native
+//! run of its round, and writes `benches/results/` (Markdown, SVG plots, CSV) and the
 //! results block of `benches/README.md`. `cargo bench --bench blkbench -- --help` lists the
 //! options. Without `--bench` (as `cargo test --benches` runs it) it only self-checks.
 
@@ -43,7 +44,7 @@ const MATRIX: [Workload; 8] = [
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum FioMode {
-    /// Add fio to the sequential rows when fio is installed.
+    /// Add fio to every matrix row that is not polled when fio is installed.
     Auto,
     /// Require fio.
     On,
