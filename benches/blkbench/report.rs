@@ -216,8 +216,9 @@ impl<'a> Report<'a> {
              best native run of the same round (each round's ratio in parentheses), \"vs qsd\" \
              the same against qemu-storage-daemon under the same client pattern. Client \
              patterns: per-request submits each request on its own as its completion frees a \
-             slot (one kick or `io_uring_enter` per request); batch N in groups of N; round \
-             refills every completion one wait returned and submits them together. Latencies in µs; CPU/IO is the backend \
+             slot (one `io_uring_enter`, or one kick when the device asks for it, per \
+             request); batch N in groups of N; round refills every completion one wait \
+             returned and submits them together. Latencies in µs; CPU/IO is the backend \
              process's user+system CPU time per I/O in µs (from /proc/PID/stat).\n",
             i.command,
             rounds(i.rounds),
