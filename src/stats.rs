@@ -206,6 +206,8 @@ pub struct QueueCounters {
     pub wakeups: Counter,
     /// Events (new requests or completions) the polling window found: each one a wakeup saved.
     pub poll_hits: Counter,
+    /// Times the guest was signalled (its call eventfd written) about new used entries.
+    pub notifications: Counter,
     /// SQEs handed to the kernel, and the `io_uring_enter` calls that carried them.
     pub sqes: Counter,
     pub enters: Counter,
@@ -259,6 +261,7 @@ impl QueueCounters {
         s.inflight = self.inflight.get();
         s.wakeups = self.wakeups.get();
         s.poll_hits = self.poll_hits.get();
+        s.notifications = self.notifications.get();
         s.sqes = self.sqes.get();
         s.enters = self.enters.get();
         s.kernel_refusals = self.kernel_refusals.get();
@@ -286,6 +289,7 @@ pub struct QueueSnapshot {
     pub inflight: u64,
     pub wakeups: u64,
     pub poll_hits: u64,
+    pub notifications: u64,
     pub sqes: u64,
     pub enters: u64,
     pub kernel_refusals: u64,
@@ -311,6 +315,7 @@ impl QueueSnapshot {
         self.inflight += o.inflight;
         self.wakeups += o.wakeups;
         self.poll_hits += o.poll_hits;
+        self.notifications += o.notifications;
         self.sqes += o.sqes;
         self.enters += o.enters;
         self.kernel_refusals += o.kernel_refusals;
@@ -454,6 +459,11 @@ const QUEUE_COUNTERS: &[Field] = &[
         "poll_hits",
         "Events (new requests, completions) found by the polling window after a wakeup: each a wakeup saved.",
         |s| s.poll_hits,
+    ),
+    (
+        "guest_notifications",
+        "Times the guest was signalled (call eventfd) about new used entries.",
+        |s| s.notifications,
     ),
     (
         "sqes",

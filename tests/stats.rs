@@ -226,6 +226,23 @@ fn counters_match_what_a_blkio_client_did() {
     assert!(sqes >= total.reads.0 + total.writes.0, "{sqes} SQEs");
     assert!(enters < sqes, "{enters} enters for {sqes} SQEs");
     assert!(value(&text, "ringfence_wakeups_total") > 0);
+    // The client waited for its completions, so it was signalled, at most once per request.
+    let requests: u64 = [
+        "read",
+        "write",
+        "flush",
+        "discard",
+        "write_zeroes",
+        "get_id",
+    ]
+    .iter()
+    .map(|op| value(&text, &format!("ringfence_requests_total{{op=\"{op}\"}}")))
+    .sum();
+    let notified = value(&text, "ringfence_guest_notifications_total");
+    assert!(
+        notified > 0 && notified <= requests,
+        "{notified} notifications for {requests} requests"
+    );
     assert_eq!(value(&text, "ringfence_vmm_connected"), 1);
     drop(c);
     assert!(b.is_alive());

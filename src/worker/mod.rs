@@ -560,6 +560,7 @@ impl QueueState {
         if std::mem::take(&mut self.used_added) {
             match vs.needs_notification() {
                 Ok(true) => {
+                    self.counters.notifications.add(1);
                     if let Err(e) = vs.signal_used_queue() {
                         debug!("queue {}: cannot signal the guest: {e}", self.index);
                     }
