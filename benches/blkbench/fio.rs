@@ -1,11 +1,18 @@
 //! fio as an extra native baseline: `fio --ioengine=io_uring --direct=1` on the same image.
 //! fio's io_uring engine reads large blocks noticeably faster than blkio's io_uring driver on
 //! some machines, so large sequential I/O is also compared against it.
+//!
+//! fio's `libblkio` engine as an independent client: the same backends (and the image natively
+//! through libblkio's `io_uring` driver) driven by fio's own submission pattern rather than
+//! blkbench's. It needs a fio >= 3.34 built with libblkio, which
+//! `benches/fio/build-fio-libblkio.sh` builds into a cache shared by worktrees.
 
-use std::path::Path;
-use std::process::Command;
+use std::io::{BufRead as _, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::engine::{RunResult, Timing, Workload};
+use crate::engine::{self, RunResult, Timing, Workload};
 
 /// fio's version string, if fio is installed.
 pub fn version() -> Option<String> {
@@ -17,11 +24,19 @@ pub fn version() -> Option<String> {
 
 /// The fio command line equivalent to `w` on `image` (also printed in the report).
 pub fn args(image: &Path, capacity: u64, w: &Workload, t: &Timing) -> Vec<String> {
-    let mut a = vec![
+    let head = vec![
         "--name=blkbench".to_string(),
         format!("--filename={}", image.display()),
         "--ioengine=io_uring".into(),
         "--direct=1".into(),
+    ];
+    job_args(head, capacity, w, t)
+}
+
+/// The engine-independent part of a job: `head` (name, engine and its options), then the
+/// workload, the timing and the output format.
+fn job_args(mut a: Vec<String>, capacity: u64, w: &Workload, t: &Timing) -> Vec<String> {
+    a.extend([
         format!("--rw={}", w.rw_name()),
         format!("--bs={}", w.bs),
         format!("--iodepth={}", w.qd),
@@ -33,7 +48,7 @@ pub fn args(image: &Path, capacity: u64, w: &Workload, t: &Timing) -> Vec<String
         "--lat_percentiles=1".into(),
         "--percentile_list=50:99:99.9".into(),
         "--output-format=json".into(),
-    ];
+    ]);
     if !matches!(w.read_pct, 0 | 100) {
         a.push(format!("--rwmixread={}", w.read_pct));
     }
@@ -127,6 +142,255 @@ fn parse_output(stdout: &str) -> Result<RunResult, String> {
         backend_cpu_s: None,
         client_cpu_s: None,
     })
+}
+
+/// What fio's libblkio engine drives.
+#[derive(Clone, Copy, Debug)]
+pub enum LbTarget<'a> {
+    /// The image through libblkio's `io_uring` driver (O_DIRECT).
+    Image(&'a Path),
+    /// A vhost-user-blk backend's socket, through libblkio's `virtio-blk-vhost-user` driver.
+    Socket(&'a Path),
+}
+
+/// The fio command line for `w` through the libblkio engine (also printed in the report):
+/// fio's default submission (`iodepth_batch_submit=1`), one connection, and with several
+/// queues one thread per queue on it (`thread`, `numjobs`: the engine gives each threaded job
+/// its own queue of one shared blkio instance). The virtqueue size matches the backend's
+/// `--queue-size` and blkbench's own client.
+pub fn libblkio_args(target: LbTarget, capacity: u64, w: &Workload, t: &Timing) -> Vec<String> {
+    let mut head = vec!["--name=blkbench".to_string(), "--ioengine=libblkio".into()];
+    match target {
+        LbTarget::Image(image) => {
+            head.push("--libblkio_driver=io_uring".into());
+            head.push(format!("--libblkio_path={}", image.display()));
+            if w.qd > 128 {
+                head.push(format!("--libblkio_num_entries={}", w.qd));
+            }
+        }
+        LbTarget::Socket(sock) => {
+            head.push("--libblkio_driver=virtio-blk-vhost-user".into());
+            head.push(format!("--libblkio_path={}", sock.display()));
+            head.push(format!(
+                "--libblkio_queue_size={}",
+                engine::vq_size_for(w.qd)
+            ));
+        }
+    }
+    head.push("--direct=1".into());
+    if w.queues > 1 {
+        head.push("--thread".into());
+    }
+    job_args(head, capacity, w, t)
+}
+
+/// Where `benches/fio/build-fio-libblkio.sh` puts its fio:
+/// `${RINGFENCE_BENCH_CACHE:-$HOME/.cache/ringfence-bench}/fio-libblkio/bin/fio`.
+pub fn libblkio_cached_binary() -> Option<PathBuf> {
+    let root = std::env::var_os("RINGFENCE_BENCH_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache").join("ringfence-bench"))
+        })?;
+    Some(root.join("fio-libblkio").join("bin").join("fio"))
+}
+
+/// The build script's path in this checkout.
+pub fn libblkio_build_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches")
+        .join("fio")
+        .join("build-fio-libblkio.sh")
+}
+
+/// Whether `bin` is a fio that has the libblkio engine; its version string if so.
+pub fn libblkio_version(bin: &Path) -> Result<String, String> {
+    let help = Command::new(bin)
+        .arg("--enghelp=libblkio")
+        .output()
+        .map_err(|e| format!("running {}: {e}", bin.display()))?;
+    if !help.status.success() || !String::from_utf8_lossy(&help.stdout).contains("libblkio_driver")
+    {
+        return Err(format!(
+            "{} has no libblkio engine ({}{})",
+            bin.display(),
+            String::from_utf8_lossy(&help.stdout).trim(),
+            String::from_utf8_lossy(&help.stderr).trim()
+        ));
+    }
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("running {}: {e}", bin.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A fio with the libblkio engine: the cached build, or (with `build`) the one the build
+/// script makes now. Its path and version.
+pub fn libblkio_binary(build: bool) -> Result<(PathBuf, String), String> {
+    let cached = libblkio_cached_binary();
+    if let Some(bin) = cached.as_deref().filter(|b| b.is_file()) {
+        if let Ok(v) = libblkio_version(bin) {
+            return Ok((bin.to_path_buf(), v));
+        }
+    }
+    let script = libblkio_build_script();
+    if !build {
+        return Err(format!(
+            "no fio with the libblkio engine at {} (build it with {})",
+            cached
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "$RINGFENCE_BENCH_CACHE/fio-libblkio/bin/fio".into()),
+            script.display()
+        ));
+    }
+    eprintln!(
+        "blkbench: no fio with the libblkio engine in the cache; running {}",
+        script.display()
+    );
+    // Its progress goes on to our stderr as it comes; the last lines are kept for the reason.
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    let mut stdout_pipe = child.stdout.take();
+    let out_t = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(r) = stdout_pipe.as_mut() {
+            let _ = r.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let mut last: Vec<String> = Vec::new();
+    if let Some(err) = child.stderr.take() {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            last.push(line);
+            if last.len() > 3 {
+                last.remove(0);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {}: {e}", script.display()))?;
+    let stdout = out_t.join().unwrap_or_default();
+    if !status.success() {
+        let why = last
+            .iter()
+            .rev()
+            .find(|l| l.contains("ERROR"))
+            .or(last.last())
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default();
+        return Err(format!("{} failed ({status}): {why}", script.display()));
+    }
+    let printed = String::from_utf8_lossy(&stdout);
+    let bin = printed
+        .lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| format!("{} printed no fio binary", script.display()))?;
+    let v = libblkio_version(&bin)?;
+    Ok((bin, v))
+}
+
+/// The version of the libblkio the build script extracted beside `bin` (from its blkio.pc).
+pub fn libblkio_lib_version(bin: &Path) -> Option<String> {
+    let lib = bin
+        .parent()?
+        .parent()?
+        .join("libblkio")
+        .join("usr")
+        .join("lib");
+    let mut dirs = vec![lib.join("pkgconfig")];
+    for e in std::fs::read_dir(&lib).ok()?.flatten() {
+        dirs.push(e.path().join("pkgconfig"));
+    }
+    dirs.iter().find_map(|d| {
+        let text = std::fs::read_to_string(d.join("blkio.pc")).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Version:"))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// Run `w` once through fio's libblkio engine; fio is killed if it runs past `limit`.
+pub fn run_libblkio(
+    bin: &Path,
+    target: LbTarget,
+    capacity: u64,
+    w: &Workload,
+    t: &Timing,
+    limit: Duration,
+) -> Result<RunResult, String> {
+    let mut child = Command::new(bin)
+        .args(libblkio_args(target, capacity, w, t))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {}: {e}", bin.display()))?;
+    // Drain both pipes on their own threads so that fio never blocks on a full pipe.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
+    );
+    let err_t = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let mut killed = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if Instant::now() >= deadline && !killed => {
+                let _ = child.kill();
+                killed = true;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => break Err(format!("waiting for fio: {e}")),
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    let status = status?;
+    if killed {
+        return Err(format!(
+            "fio (libblkio) did not finish within {limit:?} and was killed: {}",
+            stderr.trim()
+        ));
+    }
+    if !status.success() {
+        return Err(format!(
+            "fio (libblkio) failed ({status}): {}{}",
+            stderr.trim(),
+            stdout.trim()
+        ));
+    }
+    parse_output(&stdout)
 }
 
 /// Just enough JSON for fio's output.
@@ -335,6 +599,29 @@ pub fn self_check() -> Result<(), String> {
             r.iops(),
             r.p50_ns
         ));
+    }
+    // The libblkio command lines: the driver and path per target, one thread per queue.
+    let t = Timing {
+        warmup: Duration::from_millis(300),
+        duration: Duration::from_millis(1500),
+    };
+    let w = Workload {
+        queues: 2,
+        ..Workload::new(true, 100, 4096, 16)
+    };
+    let sock = libblkio_args(LbTarget::Socket(Path::new("/s.sock")), 1 << 30, &w, &t);
+    let img = libblkio_args(LbTarget::Image(Path::new("/d.img")), 1 << 30, &w, &t);
+    let has = |a: &[String], x: &str| a.iter().any(|y| y == x);
+    if !has(&sock, "--libblkio_driver=virtio-blk-vhost-user")
+        || !has(&sock, "--libblkio_path=/s.sock")
+        || !has(&sock, "--libblkio_queue_size=256")
+        || !has(&sock, "--thread")
+        || !has(&sock, "--numjobs=2")
+        || !has(&img, "--libblkio_driver=io_uring")
+        || !has(&img, "--libblkio_path=/d.img")
+        || has(&img, "--filename=/d.img")
+    {
+        return Err(format!("fio libblkio args: {sock:?} {img:?}"));
     }
     Ok(())
 }

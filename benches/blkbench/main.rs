@@ -52,6 +52,17 @@ enum FioMode {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FioLbMode {
+    /// Use the cached fio with the libblkio engine; without one, run
+    /// benches/fio/build-fio-libblkio.sh once, and skip these runs (saying why) if that fails.
+    Auto,
+    /// Like auto, but a missing or unbuildable fio is an error.
+    On,
+    /// Never run fio's libblkio engine.
+    Off,
+}
+
 /// Closed-loop block I/O benchmark of vhost-user-blk backends (ringfence,
 /// qemu-storage-daemon) against native io_uring on the same image.
 #[derive(Parser, Debug)]
@@ -78,6 +89,15 @@ struct Opts {
     /// baseline on every matrix row that is not polled.
     #[arg(long, value_enum, default_value_t = FioMode::Auto)]
     fio: FioMode,
+
+    /// fio's libblkio engine as an independent client, with fio's default submission (one
+    /// request submitted and kicked at a time): on every matrix row that is not polled, against
+    /// ringfence and qsd (`virtio-blk-vhost-user` on a backend started for the run) and native
+    /// (`io_uring` on the image), interleaved with the other targets. Needs a fio >= 3.34 built
+    /// with libblkio (`benches/fio/build-fio-libblkio.sh`, cached under
+    /// $RINGFENCE_BENCH_CACHE or ~/.cache/ringfence-bench).
+    #[arg(long, value_enum, default_value_t = FioLbMode::Auto)]
+    fio_libblkio: FioLbMode,
 
     /// Client patterns each matrix row runs with: `1` (or `per-request`) submits every request
     /// on its own as its completion frees a slot, `N` in groups of N, `round` a whole round of
@@ -258,15 +278,16 @@ struct Plan {
 }
 
 impl Plan {
-    /// Runs per round: every pattern on every target but fio, and fio once (matrix only).
+    /// Runs per round: every pattern on every target but fio's, and each fio client once
+    /// (matrix only).
     fn runs(&self, kinds: &[Kind]) -> usize {
         kinds
             .iter()
             .filter(|k| {
-                k.applies_to(&self.w) && (**k != Kind::Fio || self.section == Section::Main)
+                k.applies_to(&self.w) && (!k.is_fio_client() || self.section == Section::Main)
             })
             .map(|k| {
-                if *k == Kind::Fio {
+                if k.is_fio_client() {
                     1
                 } else {
                     self.patterns.len()
@@ -473,6 +494,28 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     if want_fio {
         kinds.push(Kind::Fio);
     }
+    // fio's libblkio engine: the fio-lb-* targets named in --targets, else one beside each of
+    // native, ringfence and qsd that runs.
+    let lb_rows = plan
+        .iter()
+        .any(|p| p.section == Section::Main && Kind::FioLbNative.applies_to(&p.w));
+    let lb_kinds: Vec<Kind> = if o.fio_libblkio == FioLbMode::Off || !lb_rows {
+        Vec::new()
+    } else if kinds.iter().any(|k| k.is_fio_lb()) {
+        Kind::FIO_LB
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| kinds.contains(k))
+            .collect()
+    } else {
+        Kind::FIO_LB
+            .iter()
+            .filter(|(_, beside)| kinds.contains(beside))
+            .map(|(k, _)| *k)
+            .collect()
+    };
+    kinds.retain(|k| !k.is_fio_lb());
+    kinds.extend(lb_kinds);
     if kinds.is_empty() {
         return Err("no targets".into());
     }
@@ -523,18 +566,42 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
             None => unavailable.push((Kind::Fio, "fio not installed (apt-get install fio)".into())),
         }
     }
+    let mut fio_libblkio = None;
+    if kinds.iter().any(|k| k.is_fio_lb()) {
+        match fio::libblkio_binary(true) {
+            Ok((bin, v)) => {
+                eprintln!("blkbench: fio's libblkio engine: {}", bin.display());
+                let mut v = v.trim_start_matches("fio-").to_string();
+                if let Some(lib) = fio::libblkio_lib_version(&bin) {
+                    v.push_str(&format!(" with libblkio {lib}"));
+                }
+                versions.push(("fio (libblkio engine)".into(), v));
+                fio_libblkio = Some(bin);
+            }
+            Err(e) if o.fio_libblkio == FioLbMode::On => {
+                return Err(format!("--fio-libblkio on: {e}"));
+            }
+            Err(e) => {
+                eprintln!("blkbench: skipping the fio-libblkio runs: {e}");
+                for k in kinds.iter().filter(|k| k.is_fio_lb()) {
+                    unavailable.push((*k, format!("fio's libblkio engine unavailable: {e}")));
+                }
+            }
+        }
+    }
     versions.push(("blkio crate".into(), "0.5".into()));
     let env = Env {
         image: image.clone(),
         capacity,
         sock_dir: sock_tmp.path().to_path_buf(),
         ringfence_bin,
+        fio_libblkio,
         counter: std::cell::Cell::new(0),
     };
 
     // Does each target work at all?
     for k in kinds.clone() {
-        if unavailable.iter().any(|(u, _)| *u == k) || k == Kind::Fio {
+        if unavailable.iter().any(|(u, _)| *u == k) || k.is_fio_client() {
             continue;
         }
         eprint!("blkbench: checking {} ... ", k.name());
@@ -545,6 +612,14 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 eprintln!("unavailable: {e}");
                 unavailable.push((k, e));
             }
+        }
+    }
+    // fio's libblkio engine needs the backend its target stands beside.
+    for (k, beside) in Kind::FIO_LB {
+        let missing = unavailable.iter().any(|(u, _)| *u == beside)
+            && !unavailable.iter().any(|(u, _)| *u == k);
+        if kinds.contains(&k) && missing {
+            unavailable.push((k, format!("needs {}, which is unavailable", beside.name())));
         }
     }
     kinds.retain(|k| !unavailable.iter().any(|(u, _)| u == k));
@@ -588,15 +663,18 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     let mut done = 0usize;
     'outer: for p in &plan {
         for round in 1..=p.rounds {
-            // Pattern by pattern, each target in turn; fio (its own client) once at the end.
+            // Pattern by pattern, each target in turn; the fio clients (their own submission)
+            // once each at the end.
             let mut runs: Vec<(Kind, Workload)> = Vec::new();
             for &pat in &p.patterns {
-                for &k in kinds.iter().filter(|k| **k != Kind::Fio) {
+                for &k in kinds.iter().filter(|k| !k.is_fio_client()) {
                     runs.push((k, p.w.with_pattern(pat)));
                 }
             }
-            if kinds.contains(&Kind::Fio) && p.section == Section::Main {
-                runs.push((Kind::Fio, p.w.base()));
+            if p.section == Section::Main {
+                for &k in kinds.iter().filter(|k| k.is_fio_client()) {
+                    runs.push((k, p.w.base()));
+                }
             }
             for (k, w) in runs {
                 if !k.applies_to(&w) || dropped.contains(&k) {
@@ -635,6 +713,8 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 };
                 let client = if k == Kind::Fio {
                     "fio".to_string()
+                } else if k.is_fio_lb() {
+                    "fio-libblkio".to_string()
                 } else {
                     w.pattern.name()
                 };
@@ -643,7 +723,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                     fmt_dur(remaining),
                     w.label(),
                     p.rounds,
-                    k.name(),
+                    k.target_name(),
                     client,
                 );
                 records.push(Record {
@@ -679,6 +759,17 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
             .unwrap_or(MATRIX[2]);
         format!("fio {}", fio::args(&image, capacity, &w, &main_t).join(" "))
     });
+    let fio_lb_example = kinds.iter().any(|k| k.is_fio_lb()).then(|| {
+        let w = plan
+            .iter()
+            .filter(|p| p.section == Section::Main && !p.w.polled)
+            .map(|p| p.w)
+            .next()
+            .unwrap_or(MATRIX[2]);
+        let sock = Path::new("<backend socket>");
+        let args = fio::libblkio_args(fio::LbTarget::Socket(sock), capacity, &w, &main_t);
+        format!("fio {}", args.join(" "))
+    });
     let image_desc = format!(
         "{} {}, fully written",
         engine::fmt_size(capacity),
@@ -699,6 +790,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
         unavailable,
         targets: kinds.clone(),
         fio_example,
+        fio_lb_example,
         interrupted,
     };
     let rep = Report {

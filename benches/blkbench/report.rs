@@ -36,6 +36,7 @@ pub struct RunInfo {
     pub unavailable: Vec<(Kind, String)>,
     pub targets: Vec<Kind>,
     pub fio_example: Option<String>,
+    pub fio_lb_example: Option<String>,
     pub interrupted: bool,
 }
 
@@ -65,6 +66,9 @@ fn color(k: Kind) -> &'static str {
         Kind::Ringfence => "#1f77b4",
         Kind::Qsd => "#ff7f0e",
         Kind::Fio => "#2ca02c",
+        Kind::FioLbNative => "#7f7f7f",
+        Kind::FioLbRingfence => "#17becf",
+        Kind::FioLbQsd => "#d62728",
     }
 }
 
@@ -244,6 +248,7 @@ impl<'a> Report<'a> {
         if self.records.iter().any(|r| r.section == Section::Main) {
             self.headline(&mut o);
             self.main_table(&mut o);
+            self.fio_lb_table(&mut o);
             self.fio_table(&mut o);
             self.goals(&mut o);
         }
@@ -321,6 +326,9 @@ impl<'a> Report<'a> {
         if let Some(f) = &i.fio_example {
             let _ = writeln!(o, "fio baseline command (one row; the others change --rw, --bs, --iodepth, --numjobs): `{f}`\n");
         }
+        if let Some(f) = &i.fio_lb_example {
+            let _ = writeln!(o, "fio libblkio client command (one row, on a backend's socket; native uses `--libblkio_driver=io_uring --libblkio_path=<image>`; several queues add `--thread`): `{f}`\n");
+        }
         o
     }
 
@@ -353,7 +361,7 @@ impl<'a> Report<'a> {
         for r in self
             .records
             .iter()
-            .filter(|r| r.section == s && r.kind != Kind::Fio)
+            .filter(|r| r.section == s && !r.kind.is_fio_client())
         {
             if !out.contains(&r.w.pattern) {
                 out.push(r.w.pattern);
@@ -363,19 +371,21 @@ impl<'a> Report<'a> {
     }
 
     /// The (target, workload with its pattern) rows of a group: pattern by pattern, the targets
-    /// in their order, fio last.
+    /// in their order, then the fio clients (fio, fio's libblkio engine).
     fn variants(&self, s: Section, base: &Workload) -> Vec<(Kind, Workload)> {
         let mut out: Vec<(Kind, Workload)> = Vec::new();
         for p in self.patterns(s) {
             let w = base.with_pattern(p);
             for k in self.kinds(s, &w) {
-                if k != Kind::Fio {
+                if !k.is_fio_client() {
                     out.push((k, w));
                 }
             }
         }
-        if self.kinds(s, base).contains(&Kind::Fio) {
-            out.push((Kind::Fio, *base));
+        for k in self.kinds(s, base) {
+            if k.is_fio_client() {
+                out.push((k, *base));
+            }
         }
         out
     }
@@ -487,12 +497,42 @@ impl<'a> Report<'a> {
                 sep.push_str("--:|");
             }
         }
+        // fio's libblkio engine, the independent client: its runs against the best native,
+        // and ringfence against qsd under it.
+        let lb: Vec<Kind> = [Kind::FioLbRingfence, Kind::FioLbQsd]
+            .into_iter()
+            .filter(|k| self.records.iter().any(|r| r.section == s && r.kind == *k))
+            .collect();
+        for k in &lb {
+            let _ = write!(hdr, " {} fio-libblkio |", k.target_name());
+            sep.push_str("--:|");
+        }
+        let lb_both = lb.len() == 2;
+        if lb_both {
+            hdr.push_str(" ringfence / qsd, fio-libblkio |");
+            sep.push_str("--:|");
+        }
+        let lb_native = self
+            .records
+            .iter()
+            .any(|r| r.section == s && r.kind == Kind::FioLbNative);
         let _ = writeln!(
             o,
             "Against the best native (per round, the native run with the most IOPS: blkio \
-             `io_uring` under each client pattern, and fio), median of the per-round IOPS ratios; \
+             `io_uring` under each client pattern, and fio{}), median of the per-round IOPS ratios; \
              at QD1 also the median per-round p50 difference to that run. At QD1 the patterns \
-             are one client (one request, submitted with the wait for its completion).\n"
+             are one client (one request, submitted with the wait for its completion).{}\n",
+            if lb_native {
+                ", and fio's libblkio engine on `io_uring`"
+            } else {
+                ""
+            },
+            if lb.is_empty() {
+                ""
+            } else {
+                " The fio-libblkio columns are the same backends under fio's libblkio engine \
+                 (fio's default submission), an independent client."
+            }
         );
         let _ = writeln!(o, "{hdr}\n{sep}");
         for base in self.groups(s) {
@@ -524,6 +564,26 @@ impl<'a> Report<'a> {
                     let _ = write!(line, " {} |", opt(r, |r| format!("{r:.2}×")));
                 }
             }
+            for k in &lb {
+                let r = median(self.ratios_best(s, &base, *k, RunResult::iops));
+                let mut cell = opt(r, |r| format!("{r:.2}×"));
+                if base.qd == 1 {
+                    if let Some(d) = self.p50_delta_best(s, &base, *k) {
+                        let _ = write!(cell, ", p50 {d:+.1} µs");
+                    }
+                }
+                let _ = write!(line, " {cell} |");
+            }
+            if lb_both {
+                let r = median(self.ratios(
+                    s,
+                    &base,
+                    Kind::FioLbRingfence,
+                    Kind::FioLbQsd,
+                    RunResult::iops,
+                ));
+                let _ = write!(line, " {} |", opt(r, |r| format!("{r:.2}×")));
+            }
             let _ = writeln!(o, "{line}");
         }
         o.push('\n');
@@ -547,21 +607,28 @@ impl<'a> Report<'a> {
                         o,
                         "| {} | {client} | {} | failed: {} ||||||||| |",
                         base.label(),
-                        k.name(),
+                        k.target_name(),
                         one_line(e, 160)
                     );
                     continue;
                 }
-                let vs_qsd = if k == Kind::Ringfence && self.has(&w, Kind::Qsd) {
-                    Self::ratio_cell(self.ratios(s, &w, k, Kind::Qsd, RunResult::iops))
-                } else {
-                    String::new()
+                // ringfence against qsd under the same client.
+                let peer = match k {
+                    Kind::Ringfence => Some(Kind::Qsd),
+                    Kind::FioLbRingfence => Some(Kind::FioLbQsd),
+                    _ => None,
+                };
+                let vs_qsd = match peer {
+                    Some(q) if self.has(&w, q) => {
+                        Self::ratio_cell(self.ratios(s, &w, k, q, RunResult::iops))
+                    }
+                    _ => String::new(),
                 };
                 let _ = writeln!(
                     o,
                     "| {} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {vs_qsd} |",
                     base.label(),
-                    k.name(),
+                    k.target_name(),
                     opt(c.iops(), fmt_iops),
                     opt(c.med(|r| Some(r.mib_s())), |v| format!("{v:.0}")),
                     opt(c.med(|r| Some(r.mean_ns)), fmt_us),
@@ -590,6 +657,72 @@ impl<'a> Report<'a> {
                     self.winners(s, &base)
                 );
             }
+        }
+        o.push('\n');
+    }
+
+    /// fio's libblkio engine, the independent client (issue 12: it should reproduce the 4k QD32
+    /// ratios within noise): each target's IOPS under it, its ratios, and blkbench's own
+    /// per-request client's ratios beside them.
+    fn fio_lb_table(&self, o: &mut String) {
+        let s = Section::Main;
+        let rows: Vec<Workload> = self
+            .groups(s)
+            .into_iter()
+            .filter(|w| Kind::FIO_LB.iter().any(|(k, _)| self.has(w, *k)))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "Independent client, fio's libblkio engine (fio's default submission: each request \
+             submitted, and the device kicked, on its own): median IOPS of native (libblkio \
+             `io_uring` on the image), ringfence and qsd (libblkio `virtio-blk-vhost-user`), and \
+             the medians of the per-round ratios (each round's in parentheses); best native as \
+             above (it includes the fio-libblkio native run). The last two columns are \
+             blkbench's own per-request client on the same rounds, for comparison.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| Workload | native | ringfence | qsd | ringfence / best native | qsd / best native | ringfence / qsd | ringfence / native (same client) | blkbench per-request: ringfence / best native | blkbench per-request: ringfence / qsd |"
+        );
+        let _ = writeln!(o, "|---|--:|--:|--:|---|---|---|---|---|---|");
+        for base in rows {
+            let iops = |k: Kind| {
+                let c = self.cell(s, &base, k);
+                match c.iops() {
+                    Some(v) => fmt_iops(v) + &failed_note(c.errors.len()),
+                    None if !c.errors.is_empty() => {
+                        format!("failed: {}", one_line(c.errors[0], 120))
+                    }
+                    None => "—".into(),
+                }
+            };
+            let best = |k: Kind| Self::ratio_cell(self.ratios_best(s, &base, k, RunResult::iops));
+            let pair = |a: Kind, b: Kind, w: &Workload| {
+                Self::ratio_cell(self.ratios(s, w, a, b, RunResult::iops))
+            };
+            let per_request = self.row(&base, Pattern::PER_REQUEST);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                base.label(),
+                iops(Kind::FioLbNative),
+                iops(Kind::FioLbRingfence),
+                iops(Kind::FioLbQsd),
+                best(Kind::FioLbRingfence),
+                best(Kind::FioLbQsd),
+                pair(Kind::FioLbRingfence, Kind::FioLbQsd, &base),
+                pair(Kind::FioLbRingfence, Kind::FioLbNative, &base),
+                Self::ratio_cell(self.ratios_best(
+                    s,
+                    &per_request,
+                    Kind::Ringfence,
+                    RunResult::iops
+                )),
+                pair(Kind::Ringfence, Kind::Qsd, &per_request),
+            );
         }
         o.push('\n');
     }
@@ -627,7 +760,7 @@ impl<'a> Report<'a> {
                     "| {} | {} | {} | {} |",
                     base.label(),
                     variant_client(k, w.pattern, base.qd),
-                    k.name(),
+                    k.target_name(),
                     Self::ratio_cell(rs)
                 );
             }
@@ -916,7 +1049,7 @@ impl<'a> Report<'a> {
                         r.w.label(),
                         variant_client(r.kind, r.w.pattern, r.w.qd),
                         r.round,
-                        r.kind.name(),
+                        r.kind.target_name(),
                         x.iops(),
                         x.mib_s(),
                         x.mean_ns / 1e3,
@@ -934,7 +1067,7 @@ impl<'a> Report<'a> {
                         r.w.label(),
                         variant_client(r.kind, r.w.pattern, r.w.qd),
                         r.round,
-                        r.kind.name(),
+                        r.kind.target_name(),
                         one_line(e, 400).replace('"', "'")
                     );
                 }
@@ -978,6 +1111,7 @@ impl Kind {
 fn variant_client(k: Kind, p: Pattern, qd: u32) -> String {
     match k {
         Kind::Fio => "fio defaults".into(),
+        _ if k.is_fio_lb() => "fio-libblkio defaults".into(),
         _ if qd == 1 => "per-request = round".into(),
         _ => p.name(),
     }
@@ -987,6 +1121,7 @@ fn variant_client(k: Kind, p: Pattern, qd: u32) -> String {
 fn variant_name(k: Kind, p: Pattern, qd: u32) -> String {
     match k {
         Kind::Fio => "fio".into(),
+        _ if k.is_fio_lb() => format!("fio-libblkio {}", k.target_name()),
         _ if qd == 1 => k.name().into(),
         _ => format!("{} {}", k.name(), p.name()),
     }

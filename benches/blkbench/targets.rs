@@ -25,10 +25,32 @@ pub enum Kind {
     /// fio's io_uring engine with `--direct=1` on the image, its default submission (one
     /// `io_uring_enter` per request): a second native baseline (matrix rows, not polled ones).
     Fio,
+    /// fio's libblkio engine on the image through libblkio's `io_uring` driver: the native
+    /// baseline of the independent client (matrix rows, not polled ones).
+    FioLbNative,
+    /// fio's libblkio engine on ringfence's socket (`virtio-blk-vhost-user`).
+    FioLbRingfence,
+    /// fio's libblkio engine on qemu-storage-daemon's socket.
+    FioLbQsd,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Native, Kind::Ringfence, Kind::Qsd, Kind::Fio];
+    pub const ALL: [Kind; 7] = [
+        Kind::Native,
+        Kind::Ringfence,
+        Kind::Qsd,
+        Kind::Fio,
+        Kind::FioLbNative,
+        Kind::FioLbRingfence,
+        Kind::FioLbQsd,
+    ];
+
+    /// The targets fio's libblkio engine drives, and the blkbench target each stands beside.
+    pub const FIO_LB: [(Kind, Kind); 3] = [
+        (Kind::FioLbNative, Kind::Native),
+        (Kind::FioLbRingfence, Kind::Ringfence),
+        (Kind::FioLbQsd, Kind::Qsd),
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -36,6 +58,42 @@ impl Kind {
             Kind::Ringfence => "ringfence",
             Kind::Qsd => "qsd",
             Kind::Fio => "fio",
+            Kind::FioLbNative => "fio-lb-native",
+            Kind::FioLbRingfence => "fio-lb-ringfence",
+            Kind::FioLbQsd => "fio-lb-qsd",
+        }
+    }
+
+    /// What is measured, without the client: `native`, `ringfence`, `qsd` (fio's libblkio
+    /// runs), `fio` (fio's io_uring engine on the image).
+    pub fn target_name(self) -> &'static str {
+        match self {
+            Kind::FioLbNative => "native",
+            Kind::FioLbRingfence => "ringfence",
+            Kind::FioLbQsd => "qsd",
+            k => k.name(),
+        }
+    }
+
+    /// fio's libblkio engine is the client.
+    pub fn is_fio_lb(self) -> bool {
+        matches!(
+            self,
+            Kind::FioLbNative | Kind::FioLbRingfence | Kind::FioLbQsd
+        )
+    }
+
+    /// fio is the client (its own submission pattern; one run per round, matrix rows only).
+    pub fn is_fio_client(self) -> bool {
+        self == Kind::Fio || self.is_fio_lb()
+    }
+
+    /// The backend process this target runs against, if any.
+    fn backend(self) -> Option<Kind> {
+        match self {
+            Kind::Ringfence | Kind::FioLbRingfence => Some(Kind::Ringfence),
+            Kind::Qsd | Kind::FioLbQsd => Some(Kind::Qsd),
+            _ => None,
         }
     }
 
@@ -49,6 +107,15 @@ impl Kind {
             Kind::Fio => {
                 "`fio --ioengine=io_uring --direct=1` on the image with fio's default submission (`iodepth_batch_submit=1`): a second native baseline on every matrix row that is not polled"
             }
+            Kind::FioLbNative => {
+                "fio's `libblkio` engine (`--libblkio_driver=io_uring`, `--direct=1`) on the image with fio's default submission: the native baseline of the independent client, and one more native in the best native of each round"
+            }
+            Kind::FioLbRingfence => {
+                "fio's `libblkio` engine (`--libblkio_driver=virtio-blk-vhost-user`) on ringfence's socket (`--cache none`) with fio's default submission: an independent client, one request submitted and kicked at a time"
+            }
+            Kind::FioLbQsd => {
+                "fio's `libblkio` engine (`--libblkio_driver=virtio-blk-vhost-user`) on qemu-storage-daemon's socket with fio's default submission"
+            }
         }
     }
 
@@ -56,18 +123,23 @@ impl Kind {
         Kind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown target '{s}' (native, ringfence, qsd, fio)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown target '{s}' (native, ringfence, qsd, fio, fio-lb-native, \
+                     fio-lb-ringfence, fio-lb-qsd)"
+                )
+            })
     }
 
     /// Whether this target runs `w` at all (fio has no polled client here: its `hipri` needs
     /// a device with poll queues).
     pub fn applies_to(self, w: &Workload) -> bool {
-        self != Kind::Fio || !w.polled
+        !self.is_fio_client() || !w.polled
     }
 
     /// A native baseline: the best of these in a round is what every ratio is taken against.
     pub fn is_native(self) -> bool {
-        matches!(self, Kind::Native | Kind::Fio)
+        matches!(self, Kind::Native | Kind::Fio | Kind::FioLbNative)
     }
 
     fn has_backend(self) -> bool {
@@ -82,54 +154,73 @@ pub struct Env {
     /// Where the vhost-user sockets go.
     pub sock_dir: PathBuf,
     pub ringfence_bin: Option<PathBuf>,
+    /// A fio with the libblkio engine (for the fio-lb-* targets).
+    pub fio_libblkio: Option<PathBuf>,
     pub counter: std::cell::Cell<u32>,
+}
+
+fn fio_lb_bin(env: &Env) -> Result<&Path, String> {
+    env.fio_libblkio
+        .as_deref()
+        .ok_or_else(|| "no fio with the libblkio engine".to_string())
 }
 
 /// Run `w` once on `kind`, starting and stopping its backend around the run.
 pub fn run_once(kind: Kind, env: &Env, w: &Workload, t: &Timing) -> Result<RunResult, String> {
-    match kind {
-        Kind::Native => engine::run(&Endpoint::File(&env.image), w, t, None),
-        Kind::Fio => fio::run(&env.image, env.capacity, w, t),
-        Kind::Ringfence | Kind::Qsd => {
-            let n = env.counter.get() + 1;
-            env.counter.set(n);
-            let sock = env.sock_dir.join(format!("{}-{n}.sock", kind.name()));
-            let _ = std::fs::remove_file(&sock);
-            let mut daemon = start(kind, env, &sock, w)?;
-            let pid = daemon.pid();
-            // If the client hangs (a backend that never answers the vhost-user handshake or
-            // loses requests), killing the backend unblocks it.
-            let limit = t.warmup + t.duration + Duration::from_secs(30);
-            let (tx, rx) = mpsc::channel::<()>();
-            let watchdog = std::thread::spawn(move || {
-                if rx.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout) {
-                    // SAFETY: signalling the backend process this run started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    true
-                } else {
-                    false
-                }
-            });
-            let r = engine::run(&Endpoint::VhostUser(&sock), w, t, Some(pid));
-            drop(tx);
-            let fired = watchdog.join().unwrap_or(false);
-            let died = !alive(kind, &mut daemon);
-            let log = daemon.stderr();
-            stop(kind, daemon);
-            let _ = std::fs::remove_file(&sock);
-            wait_image_unlocked(&env.image);
-            match r {
-                Ok(r) if !died => Ok(r),
-                Ok(_) => Err(format!(
-                    "{} exited during the run{}",
-                    kind.name(),
-                    tail(&log)
-                )),
-                Err(e) if fired => Err(format!("{e} (run exceeded {limit:?}; backend killed)")),
-                Err(e) if died => Err(format!("{e}; {} exited{}", kind.name(), tail(&log))),
-                Err(e) => Err(e),
-            }
+    // If the client hangs (a backend that never answers the vhost-user handshake or loses
+    // requests), killing the backend unblocks it.
+    let limit = t.warmup + t.duration + Duration::from_secs(30);
+    let backend = match (kind, kind.backend()) {
+        (_, Some(b)) => b,
+        (Kind::Native, None) => return engine::run(&Endpoint::File(&env.image), w, t, None),
+        (Kind::Fio, None) => return fio::run(&env.image, env.capacity, w, t),
+        (_, None) => {
+            let target = fio::LbTarget::Image(&env.image);
+            return fio::run_libblkio(fio_lb_bin(env)?, target, env.capacity, w, t, limit);
         }
+    };
+    let n = env.counter.get() + 1;
+    env.counter.set(n);
+    let sock = env.sock_dir.join(format!("{}-{n}.sock", backend.name()));
+    let _ = std::fs::remove_file(&sock);
+    let mut daemon = start(backend, env, &sock, w)?;
+    let pid = daemon.pid();
+    let (tx, rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout) {
+            // SAFETY: signalling the backend process this run started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            true
+        } else {
+            false
+        }
+    });
+    let r = if kind.is_fio_lb() {
+        // fio is killed a little after the backend would be, should it hang even then.
+        fio_lb_bin(env).and_then(|bin| {
+            let target = fio::LbTarget::Socket(&sock);
+            let fio_limit = limit + Duration::from_secs(10);
+            fio::run_libblkio(bin, target, env.capacity, w, t, fio_limit)
+        })
+    } else {
+        engine::run(&Endpoint::VhostUser(&sock), w, t, Some(pid))
+    };
+    drop(tx);
+    let fired = watchdog.join().unwrap_or(false);
+    let died = !alive(backend, &mut daemon);
+    let log = daemon.stderr();
+    stop(backend, daemon);
+    let _ = std::fs::remove_file(&sock);
+    wait_image_unlocked(&env.image);
+    let name = backend.name();
+    match r {
+        Ok(r) if !died => Ok(r),
+        Ok(_) => Err(format!("{name} exited during the run{}", tail(&log))),
+        Err(e) if fired => Err(format!("{e} (run exceeded {limit:?}; backend killed)")),
+        Err(e) if died => Err(format!("{e}; {name} exited{}", tail(&log))),
+        // fio's own client failed: what the backend said is part of the story.
+        Err(e) if kind.is_fio_lb() => Err(format!("{e}; {name}'s log{}", tail(&log))),
+        Err(e) => Err(e),
     }
 }
 

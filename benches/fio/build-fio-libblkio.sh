@@ -116,7 +116,7 @@ if [ ! -s "$apt_dir/sources.list" ] || [ "$(cat "$apt_dir/sources.list")" != "$s
     printf '%s\n' "$sources" >"$apt_dir/sources.list"
 fi
 log "refreshing the $suite/$src_suites package lists (private apt state in $apt_dir)"
-if ! apt-get "${apt_opts[@]}" -q update >"$work/apt-update.log" 2>&1; then
+if ! apt-get "${apt_opts[@]}" -q update --error-on=any >"$work/apt-update.log" 2>&1; then
     tail -n 20 "$work/apt-update.log" >&2
     die "apt-get update of the $suite lists failed (see above; set RINGFENCE_FIO_MIRROR for" \
         "another mirror)"
