@@ -544,13 +544,20 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     let mut versions = Vec::new();
     let mut unavailable: Vec<(Kind, String)> = Vec::new();
     let mut ringfence_bin = None;
-    if kinds.contains(&Kind::Ringfence) {
+    // A backend is needed for its own target and for fio's libblkio engine on it.
+    let needs = |k: Kind| {
+        kinds.contains(&k)
+            || Kind::FIO_LB
+                .iter()
+                .any(|(lb, beside)| *beside == k && kinds.contains(lb))
+    };
+    if needs(Kind::Ringfence) {
         match targets::ringfence_binary(o.ringfence_bin.as_deref()) {
             Ok(b) => ringfence_bin = Some(b),
             Err(e) => unavailable.push((Kind::Ringfence, e)),
         }
     }
-    if kinds.contains(&Kind::Qsd) {
+    if needs(Kind::Qsd) {
         match targets::ensure_qsd() {
             Ok(v) => versions.push((
                 "qemu-storage-daemon".to_string(),

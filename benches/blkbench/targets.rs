@@ -219,7 +219,9 @@ pub fn run_once(kind: Kind, env: &Env, w: &Workload, t: &Timing) -> Result<RunRe
         Err(e) if fired => Err(format!("{e} (run exceeded {limit:?}; backend killed)")),
         Err(e) if died => Err(format!("{e}; {name} exited{}", tail(&log))),
         // fio's own client failed: what the backend said is part of the story.
-        Err(e) if kind.is_fio_lb() => Err(format!("{e}; {name}'s log{}", tail(&log))),
+        Err(e) if kind.is_fio_lb() && !log.trim().is_empty() => {
+            Err(format!("{e}; {name}'s log{}", tail(&log)))
+        }
         Err(e) => Err(e),
     }
 }
