@@ -22,7 +22,8 @@
 # Environment:
 #   RINGFENCE_BENCH_CACHE   cache root (default $HOME/.cache/ringfence-bench); the build lands
 #                           in its fio-libblkio/ directory: bin/fio, libblkio/ (extracted
-#                           packages), apt/ (private apt state), src/ (fio's sources)
+#                           packages), apt/ (private apt state), src/ (fio's sources, removed
+#                           after the build)
 #   RINGFENCE_FIO_MIRROR    Debian mirror (default http://deb.debian.org/debian)
 #   RINGFENCE_FIO_SUITE     suite to take libblkio from (default trixie)
 #   RINGFENCE_FIO_SRC_SUITES suites whose fio sources may be used, separated by spaces
@@ -81,7 +82,7 @@ trap 'exit 130' INT TERM
 # Build tools, from the host's own apt sources.
 # ---------------------------------------------------------------------------------------------
 missing=()
-for t in gcc:gcc make:make pkg-config:pkg-config xz:xz-utils dpkg-deb:dpkg; do
+for t in gcc:gcc make:make pkg-config:pkg-config curl:curl dpkg-deb:dpkg; do
     command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
 done
 [ -r "$keyring" ] || missing+=(debian-archive-keyring)
@@ -188,7 +189,7 @@ rm -rf "$dir/src"
 mkdir -p "$dir/src"
 tar -xf "$orig" -C "$dir/src" --strip-components=1
 
-log "building fio $version with libblkio (this takes a few minutes)"
+log "building fio $version with libblkio (a minute or so)"
 cd "$dir/src"
 if ! PKG_CONFIG_PATH=$pc_dir \
     CFLAGS="-I$prefix/include" \
