@@ -91,8 +91,9 @@ pub struct Options {
 
     /// Most SQEs a worker queues before it hands them to the kernel. Submitting the first
     /// requests of a large kick while the rest are still parsed keeps the disk busy and its
-    /// completions spread out (see benches/README.md); 1 submits every request on its own.
-    #[arg(long, value_name = "N", default_value_t = 8,
+    /// completions spread out; pairs cost one io_uring_enter per two requests and measured
+    /// best (see benches/README.md); 1 submits every request on its own.
+    #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub submit_batch: u32,
 

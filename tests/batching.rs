@@ -65,8 +65,13 @@ fn counters_after_a_kick_of_32(extra: &[&str]) -> String {
 
 #[test]
 fn a_kick_with_32_requests_makes_one_io_uring_enter_per_submit_batch() {
-    // Default --submit-batch 8: four enters of eight.
+    // Default --submit-batch 2: sixteen enters of two.
     let stats = counters_after_a_kick_of_32(&[]);
+    assert!(
+        stats.contains("32 requests, 32 SQEs in 16 io_uring_enter calls"),
+        "expected sixteen io_uring_enter calls of 2 SQEs: {stats}"
+    );
+    let stats = counters_after_a_kick_of_32(&["--submit-batch", "8"]);
     assert!(
         stats.contains("32 requests, 32 SQEs in 4 io_uring_enter calls"),
         "expected four io_uring_enter calls of 8 SQEs: {stats}"
