@@ -18,6 +18,10 @@ per target:
   - for a vhost-user target, per completion burst: backend's call signal -> client woken ->
     client's next kick -> backend's next submission.
 
+With `queues=N` in the job, the figures are those of the busiest ring and its share of the
+depth (QD per queue); a backend that serves every queue from one ring (qemu-storage-daemon)
+then holds N times that.
+
 Needs root (tracefs), blkbench (cargo bench --bench blkbench builds it). It is a measurement
 script, not a test: it prints figures and asserts nothing.
 
