@@ -69,8 +69,6 @@ def tracefs(path, value=None):
 
 
 def setup_tracing(buffer_kb):
-    if not os.path.exists(os.path.join(TRACEFS, "events")):
-        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
     tracefs("tracing_on", "0")
     tracefs("set_event", "")
     tracefs("trace", "")
@@ -334,6 +332,17 @@ def main():
         sys.exit("handoffs.py: tracefs needs root")
     qd = int(re.search(r"qd=(\d+)", a.job).group(1)) if "qd=" in a.job else 1
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(TRACEFS, "events")):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
+    # The trace buffer's size before this run, given back at the end (it is kernel memory).
+    old_buffer_kb = tracefs("buffer_size_kb").split()[0]
+    try:
+        run_targets(a, qd, repo)
+    finally:
+        tracefs("buffer_size_kb", old_buffer_kb)
+
+
+def run_targets(a, qd, repo):
     for target in a.targets.split(","):
         cmd = [
             "cargo", "bench", "-q", "--bench", "blkbench", "--",
