@@ -20,6 +20,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::{self, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
+use crate::dirty_log::DirtyLog;
 use crate::error::RingError;
 use crate::guest_map::FixedBufferMap;
 use crate::image::Image;
@@ -368,6 +369,46 @@ impl BlkBackend {
         }
     }
 
+    /// The image this device serves.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// Log every write to guest RAM in `log` (None: stop logging), on every queue. When this
+    /// returns, no worker writes to a log it replaced.
+    pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
+        for q in &self.queues {
+            q.stop.store(true, Ordering::Relaxed);
+            let mut st = lock(&q.state);
+            q.stop.store(false, Ordering::Relaxed);
+            st.set_dirty_log(log.clone());
+        }
+    }
+
+    /// Log queue `index`'s used-ring writes at `addr` too (VHOST_VRING_F_LOG).
+    pub fn set_used_log_addr(&self, index: usize, addr: Option<u64>) {
+        if let Some(q) = self.queues.get(index) {
+            q.stop.store(true, Ordering::Relaxed);
+            let mut st = lock(&q.state);
+            q.stop.store(false, Ordering::Relaxed);
+            st.set_used_log_addr(addr);
+        }
+    }
+
+    /// I/O operations still in flight on any ring of any queue (requests given up on
+    /// included): zero means nothing of this device can land in the image any more.
+    pub fn sqes_in_flight(&self) -> usize {
+        self.queues
+            .iter()
+            .map(|q| {
+                q.stop.store(true, Ordering::Relaxed);
+                let n = lock(&q.state).sqes_in_flight();
+                q.stop.store(false, Ordering::Relaxed);
+                n
+            })
+            .sum()
+    }
+
     /// Queue `index` starts: track its requests in `tracking`'s inflight region (None: not
     /// tracked), resubmitting the heads it lists first.
     pub fn set_inflight(&self, index: usize, tracking: Option<(QueueInflight, Vec<u16>)>) {
@@ -448,6 +489,8 @@ impl VhostUserBackend for Backend {
             | VhostUserProtocolFeatures::BACKEND_REQ
             // Requests in flight survive a backend restart (src/inflight.rs).
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The dirty log of a live migration comes as a shared memfd (src/dirty_log.rs).
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {

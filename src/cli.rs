@@ -97,6 +97,13 @@ pub struct Options {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub submit_batch: u32,
 
+    /// Start as the destination of a live migration: the image (on storage shared with the
+    /// source) is opened but not locked, so this daemon starts while the source's daemon still
+    /// serves it; it is taken over when the VMM starts the device after the switchover (the
+    /// source gives it up when its device stops), waiting up to --lock-wait.
+    #[arg(long)]
+    pub incoming: bool,
+
     /// How long (seconds) to wait for the image lock when another process holds it. A daemon
     /// restarted after a crash finds the lock held for a moment: the kernel releases the dead
     /// daemon's rings, and with them the image, only once their last I/O has completed.

@@ -23,6 +23,8 @@ pub const CONFIG_LEN: usize = 96;
 pub const CONFIG_WRITEBACK_OFFSET: usize = 32;
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// vhost's "log every page the device writes" feature bit (live migration).
+pub const VHOST_F_LOG_ALL: u32 = 26;
 
 /// The write-cache mode a guest chose through the config space (CONFIG_WCE). It belongs to the
 /// device, not to one connection: a VMM that reconnects finds the mode its guest set.
@@ -95,6 +97,8 @@ impl DeviceSpec {
             VIRTIO_BLK_F_BLK_SIZE,
             VIRTIO_BLK_F_TOPOLOGY,
             VIRTIO_BLK_F_MQ,
+            // Dirty-page logging for live migration (src/dirty_log.rs).
+            VHOST_F_LOG_ALL,
         ]
         .iter()
         .fold(0u64, |acc, b| acc | 1 << b);

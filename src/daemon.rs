@@ -36,6 +36,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         opts.read_only,
         opts.cache,
         Duration::from_secs(opts.lock_wait),
+        opts.incoming,
     )?);
     let default_serial = path
         .file_name()
@@ -189,6 +190,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         for t in threads {
             let _ = t.join();
         }
+        lock_device(&device).connection_ended();
         drop(device);
         *lock_serving() = None;
         drop(backend);

@@ -91,3 +91,27 @@ pub enum RingError {
     #[error("guest memory layout cannot be used: {0}")]
     Layout(String),
 }
+
+/// Why a dirty log the VMM handed over (SET_LOG_BASE) cannot be used.
+#[derive(Debug, Error)]
+pub enum DirtyLogError {
+    #[error("a log of {size} bytes (it must be 1 byte to 1 GiB)")]
+    Size { size: u64 },
+    #[error(
+        "the fd is not a memfd sealed against shrinking (F_SEAL_SHRINK): the VMM could shrink \
+         it under our writes"
+    )]
+    NotSealed,
+    #[error("cannot stat the log fd: {0}")]
+    Stat(io::Error),
+    #[error("{size} bytes at offset {offset} lie past the end of the {file_len}-byte log file")]
+    PastEnd {
+        offset: u64,
+        size: u64,
+        file_len: u64,
+    },
+    #[error("cannot map the log: {0}")]
+    Map(io::Error),
+    #[error("the log has {len} bytes, too few for guest RAM up to {end:#x} ({need} bytes)")]
+    TooSmall { len: u64, end: u64, need: u64 },
+}

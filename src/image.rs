@@ -1,5 +1,14 @@
 //! The disk image: opening (or creating) it, checking it, locking it against a second server,
 //! and learning the host's direct-I/O alignment.
+//!
+//! **The image lock.** A process serves the image only while it holds an open-file-description
+//! lock on it (exclusive for a writable export, shared for a read-only one), so two servers
+//! never write it at once. A daemon takes the lock at startup (or, started with `--incoming` as
+//! a migration's destination, when its VMM first starts the device), gives it up when its
+//! device is stopped and drained (the source of a migration, after GET_VRING_BASE on every
+//! queue), and takes it back when the device starts again (a cancelled migration). The rings
+//! hold the image's open file description, so a killed daemon's lock outlives it until its
+//! last I/O has completed.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -7,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use log::info;
 
@@ -33,6 +43,10 @@ pub struct Image {
     pub dio_offset_align: u32,
     /// The guest's write-cache choice, kept across VMM connections.
     pub write_cache: crate::config::WriteCacheChoice,
+    /// How long to wait for the lock when another process holds it (`--lock-wait`).
+    lock_wait: std::time::Duration,
+    /// Whether we hold the image lock, so may serve the image (see [`Image::take_over`]).
+    held: Mutex<bool>,
 }
 
 impl Image {
@@ -44,6 +58,7 @@ impl Image {
         read_only: bool,
         cache: Option<CacheMode>,
         lock_wait: std::time::Duration,
+        incoming: bool,
     ) -> Result<Image, StartupError> {
         let p = path.to_path_buf();
         match (path.try_exists(), create_size) {
@@ -83,7 +98,11 @@ impl Image {
         if size % 512 != 0 {
             return Err(StartupError::ImageSize { path: p, size });
         }
-        lock(&buffered, read_only, &p, lock_wait)?;
+        // A migration's destination (`--incoming`) takes the lock only when its VMM starts the
+        // device, after the source gave it up.
+        if !incoming {
+            lock(&buffered, read_only, &p, lock_wait)?;
+        }
 
         // O_DIRECT unless writeback was asked for. A filesystem that refuses it (tmpfs before
         // Linux 6.6, some FUSE and network filesystems) fails an explicit `--cache none`; by
@@ -133,7 +152,52 @@ impl Image {
             dio_mem_align,
             dio_offset_align,
             write_cache: Default::default(),
+            lock_wait,
+            held: Mutex::new(!incoming),
         })
+    }
+
+    /// Whether this process holds the image lock (it may serve the image).
+    pub fn held(&self) -> bool {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold the image lock before serving it: at once if we hold it already, else waiting up
+    /// to `--lock-wait` for the process that holds it (the source of a migration gives it up
+    /// when its device stopped and drained). Returns whether it was taken now.
+    pub fn take_over(&self) -> Result<bool, StartupError> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if *held {
+            return Ok(false);
+        }
+        lock(&self.buffered, self.read_only, &self.path, self.lock_wait)?;
+        *held = true;
+        // Another host may have written the image since this one last cached any of it
+        // (shared storage): drop what the page cache holds. Dirty pages are not dropped.
+        // SAFETY: posix_fadvise on an fd we own reads no memory of ours.
+        unsafe { libc::posix_fadvise(self.buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        Ok(true)
+    }
+
+    /// Give the image up (the device stopped and nothing is in flight): make what was written
+    /// durable, then release the lock, so that a migration's destination may serve it.
+    /// Returns whether it was held.
+    pub fn give_up(&self) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if !*held {
+            return false;
+        }
+        if !self.read_only {
+            if let Err(e) = self.buffered.sync_data() {
+                log::warn!(
+                    "image {}: fdatasync before giving it up failed: {e}",
+                    self.path.display()
+                );
+            }
+        }
+        self.unlock();
+        *held = false;
+        true
     }
 
     /// The capacity served, in bytes.

@@ -4,7 +4,8 @@
 //! Layout: `cli` (options), `config` (the virtio-blk device model), `image` (the disk image),
 //! `kernel` (what the running kernel enforces, probed once), `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
 //! `ring` (ring policy and the one ring builder), `worker` (the per-queue worker loop),
-//! `inflight` (inflight I/O tracking across restarts), `control` (the vhost-user request
+//! `inflight` (inflight I/O tracking across restarts), `dirty_log` (the migration's
+//! dirty-page log), `control` (the vhost-user request
 //! handler and each queue's event loop), `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
 //! connection loop), `stats` (the I/O counters and their Prometheus encoding), `error` (every
 //! error, in one place).
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dirty_log;
 pub mod error;
 pub mod guest_map;
 pub mod image;

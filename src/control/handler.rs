@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -26,6 +26,8 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMma
 
 use super::queue_loop::QueueLoop;
 use crate::backend::Backend;
+use crate::dirty_log::{self, DirtyLog};
+use crate::error::DirtyLogError;
 use crate::inflight::{self, InflightMap};
 use crate::vring::{Connection, Mem};
 use crate::worker::{Vring, WarnLimit};
@@ -56,6 +58,10 @@ pub struct Device {
     mappings: Vec<AddrMapping>,
     /// The inflight region the VMM handed over (SET_INFLIGHT_FD).
     inflight: Option<Arc<InflightMap>>,
+    /// The dirty log the VMM handed over (SET_LOG_BASE), in use while it asks for LOG_ALL.
+    log: Option<Arc<DirtyLog>>,
+    /// The device stopped with I/O still in flight: the image is given up once it drains.
+    give_up_pending: bool,
     /// The last request was refused and its answer (a nack, where the VMM asked for one)
     /// went out: the connection goes on.
     refused: bool,
@@ -102,6 +108,8 @@ impl Device {
             acked_protocol_features: 0,
             mappings: Vec::new(),
             inflight: None,
+            log: None,
+            give_up_pending: false,
             refused: false,
             refusal_log: WarnLimit::new(),
         })
@@ -176,6 +184,16 @@ impl Device {
     /// Start queue `index` (its kick fd arrived): pick up its inflight region (resubmitting
     /// what a previous backend left in flight), then serve it.
     fn start_queue(&mut self, index: usize) -> VhostUserResult<()> {
+        let image = self.backend.0.image();
+        match image.take_over() {
+            Ok(true) => info!("image {}: taken over; serving it", image.path.display()),
+            Ok(false) => {}
+            Err(e) => {
+                error!("queue {index}: not served: {e}");
+                return Err(invalid(e.to_string()));
+            }
+        }
+        self.give_up_pending = false;
         let vring = self.vrings[index].clone();
         let mut tracking = None;
         if let Some(map) = &self.inflight {
@@ -253,6 +271,7 @@ impl Device {
                 self.update_registration(i)?;
             }
         }
+        self.apply_logging();
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for v in &self.vrings {
             v.set_queue_event_idx(event_idx);
@@ -260,6 +279,103 @@ impl Device {
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(features);
         Ok(())
+    }
+
+    fn logging(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
+    }
+
+    /// Hand the workers the log while LOG_ALL is negotiated; without it, drop (unmap) the log.
+    fn apply_logging(&mut self) {
+        if self.logging() {
+            match &self.log {
+                Some(log) => info!("dirty logging on ({} bytes of log)", log.len()),
+                // QEMU sends SET_LOG_BASE right after when it starts a device mid-migration.
+                None => info!("dirty logging asked for; no log yet (SET_LOG_BASE)"),
+            }
+            self.backend.0.set_dirty_log(self.log.clone());
+        } else if self.log.is_some() {
+            self.backend.0.set_dirty_log(None);
+            self.log = None;
+            info!("dirty logging off; log unmapped");
+        }
+    }
+
+    /// Guest-physical addresses below this are guest RAM.
+    fn guest_ram_end(&self) -> u64 {
+        self.mappings
+            .iter()
+            .map(|m| m.gpa_base.saturating_add(m.size))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn do_set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let map = DirtyLog::adopt(&file, offset, size).and_then(|map| {
+            let end = self.guest_ram_end();
+            if map.covers(end) {
+                Ok(map)
+            } else {
+                Err(DirtyLogError::TooSmall {
+                    len: size,
+                    end,
+                    need: dirty_log::bytes_for(end),
+                })
+            }
+        });
+        let map = match map {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                warn!("refusing the VMM's dirty log ({size} bytes at offset {offset}): {e}");
+                return Err(invalid(format!("dirty log: {e}")));
+            }
+        };
+        info!("dirty log: {size} bytes at offset {offset}");
+        self.log = Some(map);
+        if self.logging() {
+            // The reply goes out after this: from then on nothing is written to the old log.
+            self.backend.0.set_dirty_log(self.log.clone());
+        }
+        Ok(())
+    }
+
+    /// The device stopped (every queue got GET_VRING_BASE): give the image up if nothing is in
+    /// flight, so that a migration's destination may take it over; else once it drains.
+    fn maybe_give_up_image(&mut self) {
+        let stopped = self.vrings.iter().all(|v| !v.get_ref().get_queue().ready());
+        if !stopped {
+            return;
+        }
+        let left = self.backend.0.sqes_in_flight();
+        let image = self.backend.0.image();
+        if left > 0 {
+            if image.held() {
+                warn!(
+                    "device stopped with {left} I/O operation(s) in flight: keeping image {} \
+                     until they complete",
+                    image.path.display()
+                );
+            }
+            self.give_up_pending = true;
+        } else if image.give_up() {
+            self.give_up_pending = false;
+            info!(
+                "device stopped and drained: image {} given up (a migration's destination may \
+                 take it over; it is taken back when the device starts again)",
+                image.path.display()
+            );
+        }
+    }
+
+    /// The connection is over and its I/O waited for: finish a give-up the device's stop left
+    /// pending.
+    pub fn connection_ended(&mut self) {
+        if self.give_up_pending {
+            self.maybe_give_up_image();
+        }
+        self.backend.0.set_dirty_log(None);
+        self.log = None;
     }
 
     fn do_set_mem_table(
@@ -287,15 +403,30 @@ impl Device {
             .map_err(|e| invalid(format!("memory table: {e}")))?;
         self.install_memory(mem)?;
         self.mappings = mappings;
+        self.check_log_covers();
         Ok(())
+    }
+
+    fn check_log_covers(&self) {
+        let end = self.guest_ram_end();
+        if let Some(log) = self.log.as_ref().filter(|l| !l.covers(end)) {
+            warn!(
+                "dirty log: {} bytes cannot log guest RAM up to {end:#x} ({} bytes needed): \
+                 writes past it are not logged",
+                log.len(),
+                dirty_log::bytes_for(end)
+            );
+        }
     }
 
     fn do_set_vring_addr(
         &mut self,
         index: u32,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
+        log: u64,
     ) -> VhostUserResult<()> {
         let vring = self.vring(index)?;
         if self.mappings.is_empty() {
@@ -304,6 +435,23 @@ impl Device {
         let desc = self.vmm_va_to_gpa(descriptor)?;
         let avail = self.vmm_va_to_gpa(available)?;
         let used_gpa = self.vmm_va_to_gpa(used)?;
+        let log_addr = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
+        self.backend.0.set_used_log_addr(index as usize, log_addr);
+        {
+            // A running queue gets the same addresses again when the VMM switches logging on or
+            // off: nothing else changes (its used index moves under us).
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            if q.ready()
+                && q.desc_table() == desc
+                && q.avail_ring() == avail
+                && q.used_ring() == used_gpa
+            {
+                return Ok(());
+            }
+        }
         vring
             .set_queue_info(desc, avail, used_gpa)
             .map_err(|e| invalid(format!("vring addresses: {e}")))?;
@@ -452,13 +600,13 @@ impl VhostUserBackendReqHandlerMut for Device {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostUserResult<()> {
-        let r = self.do_set_vring_addr(index, descriptor, used, available);
+        let r = self.do_set_vring_addr(index, flags, descriptor, used, available, log);
         refused(&mut self.refused, r)
     }
 
@@ -480,6 +628,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         let next_avail = vring.queue_next_avail();
         vring.set_kick(None);
         vring.set_call(None);
+        self.maybe_give_up_image();
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
@@ -657,9 +806,9 @@ impl VhostUserBackendReqHandlerMut for Device {
         Err(VhostUserError::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation(
-            "dirty logging is not supported",
-        ))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        // Not a refusal the connection survives: the vhost crate cannot nack SET_LOG_BASE, and a
+        // VMM waits for its reply, so an unusable log ends the connection.
+        self.do_set_log_base(log, file)
     }
 }

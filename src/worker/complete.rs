@@ -106,6 +106,13 @@ impl QueueState {
         if slot.pending > 0 {
             return;
         }
+        // The kernel put a read's data in guest RAM: logged before anything makes it visible
+        // (also when it failed part-way, or was given up on: the bytes may have landed).
+        if let Some(log) = &self.log {
+            for r in &slot.landed {
+                log.mark(r[0], r[1]);
+            }
+        }
         if slot.orphaned {
             // Given up on when its queue was stopped: free the slot, tell nobody.
             slot.busy = false;
@@ -171,7 +178,12 @@ impl QueueState {
         mem: &GuestMemoryMmap,
     ) {
         let len = match status_addr {
-            Some(a) if mem.write_obj(status, GuestAddress(a)).is_ok() => used_len,
+            Some(a) if mem.write_obj(status, GuestAddress(a)).is_ok() => {
+                if let Some(log) = &self.log {
+                    log.mark(a, 1);
+                }
+                used_len
+            }
             _ => 0,
         };
         if let Some(t) = &self.inflight {

@@ -172,6 +172,11 @@ impl QueueState {
                     ok &= mem.write_slice(src, GuestAddress(s.addr)).is_ok();
                     written += s.len;
                 }
+                if let Some(log) = &self.log {
+                    for s in &self.segs {
+                        log.mark(s.addr, u64::from(s.len));
+                    }
+                }
                 let (status, used) = if ok {
                     (STATUS_OK, written + 1)
                 } else {

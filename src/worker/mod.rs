@@ -27,6 +27,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::SERIAL_LEN;
+use crate::dirty_log::DirtyLog;
 use crate::guest_map::{FixedBufferMap, Piece};
 use crate::inflight::QueueInflight;
 use crate::request::{Desc, Limits, Segment, ZeroRange};
@@ -178,6 +179,9 @@ struct Slot {
     orphaned: bool,
     /// iovecs of a vectored request, alive until it completes.
     iov: Vec<[u64; 2]>,
+    /// Guest-physical ranges a read lands in, logged when it completes (the kernel writes
+    /// them; nothing else sees those writes).
+    landed: Vec<[u64; 2]>,
 }
 
 const _: () = assert!(
@@ -224,6 +228,11 @@ pub struct QueueState {
     inflight: Option<QueueInflight>,
     /// Heads a previous backend left in flight, oldest first: taken before the avail ring.
     resubmit: std::collections::VecDeque<u16>,
+    /// The migration's dirty log while the VMM asks for logging (`crate::dirty_log`).
+    log: Option<Arc<DirtyLog>>,
+    /// Where the VMM wants used-ring writes logged besides the ring itself
+    /// (SET_VRING_ADDR's `log_guest_addr` with VHOST_VRING_F_LOG).
+    used_log_addr: Option<u64>,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
     segs: Vec<Segment>,
@@ -261,6 +270,8 @@ impl QueueState {
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
             inflight: None,
             resubmit: std::collections::VecDeque::new(),
+            log: None,
+            used_log_addr: None,
             descs: Vec::new(),
             segs: Vec::new(),
             ranges: Vec::new(),
@@ -291,6 +302,15 @@ impl QueueState {
     /// Requests in flight that will still complete to the guest.
     pub fn inflight_requests(&self) -> usize {
         self.inflight_reqs - self.orphaned_reqs
+    }
+
+    /// SQEs submitted on any ring of this queue and not yet completed.
+    pub fn sqes_in_flight(&self) -> usize {
+        self.engine
+            .iter()
+            .chain(self.retiring.iter())
+            .map(|e| e.inflight)
+            .sum()
     }
 
     /// Give up on the requests still in flight (a queue stop whose wait timed out): their
@@ -382,6 +402,17 @@ impl QueueState {
             }
         }
         self.wake_self();
+    }
+
+    /// Log every write to guest RAM in `log` from now on (None: stop logging). Requests in
+    /// flight are logged when they complete, whenever they started.
+    pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) {
+        self.log = log;
+    }
+
+    /// Log used-ring writes at `addr` too (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+    pub fn set_used_log_addr(&mut self, addr: Option<u64>) {
+        self.used_log_addr = addr;
     }
 
     /// Make `engine` the ring for new requests; the previous one retires once idle.
@@ -557,6 +588,9 @@ impl QueueState {
 
     /// Tell the guest about new used entries, if it wants to hear.
     fn notify(&mut self, vs: &mut VringState<'_>) {
+        if self.log.is_some() {
+            self.log_used_ring(vs);
+        }
         if std::mem::take(&mut self.used_added) {
             match vs.needs_notification() {
                 Ok(true) => {
@@ -568,6 +602,23 @@ impl QueueState {
                 Ok(false) => {}
                 Err(e) => debug!("queue {}: cannot read used_event: {e}", self.index),
             }
+        }
+    }
+}
+
+impl QueueState {
+    /// Log the whole used ring: its elements and index (written by `add_used`) and
+    /// `avail_event` (written when notifications are re-enabled with EVENT_IDX). A few pages
+    /// at most, once per pass, before the guest is signalled.
+    #[cold]
+    fn log_used_ring(&self, vs: &VringState<'_>) {
+        let Some(log) = &self.log else { return };
+        let q = vs.get_queue();
+        // flags, idx, ring[size], avail_event
+        let len = 6 + 8 * u64::from(q.size());
+        log.mark(q.used_ring(), len);
+        if let Some(a) = self.used_log_addr.filter(|&a| a != q.used_ring()) {
+            log.mark(a, len);
         }
     }
 }

@@ -82,6 +82,9 @@ impl QueueState {
                 .count();
             self.occupy(head, status, groups as u32, used_len, Vec::new());
             self.tag(head, op, len);
+            if !write {
+                self.record_landing(head);
+            }
             let iov = &mut self.slots[hi].iov;
             iov.clear();
             iov.extend(self.pieces.iter().map(|p| [p.host, u64::from(p.len)]));
@@ -118,6 +121,9 @@ impl QueueState {
         }
         self.occupy(head, status, self.pieces.len() as u32, used_len, Vec::new());
         self.tag(head, op, len);
+        if !write {
+            self.record_landing(head);
+        }
         let mut off = offset;
         for i in 0..self.pieces.len() {
             let p = self.pieces[i];
@@ -135,6 +141,14 @@ impl QueueState {
             self.push(e.user_data(ud), vs, mem);
             off += u64::from(p.len);
         }
+    }
+
+    /// Remember where the current read lands in guest RAM, to log it when it completes
+    /// (logging may be switched on while it is in flight).
+    fn record_landing(&mut self, head: u16) {
+        let slot = &mut self.slots[usize::from(head)];
+        slot.landed
+            .extend(self.segs.iter().map(|s| [s.addr, u64::from(s.len)]));
     }
 
     /// Whether every piece of the current request meets the O_DIRECT alignment.
@@ -166,6 +180,7 @@ impl QueueState {
         slot.ranges = ranges;
         slot.sync_after = false;
         slot.orphaned = false;
+        slot.landed.clear();
         self.inflight_reqs += 1;
         self.counters.inflight.set(self.inflight_requests() as u64);
     }
