@@ -734,6 +734,139 @@ mod tests {
         drop(buf);
     }
 
+    /// A sealed memfd of `len` bytes and the dirty log over all of it.
+    fn log_of(len: u64) -> (std::fs::File, Arc<DirtyLog>) {
+        use std::os::fd::FromRawFd;
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        // SAFETY: memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"log".as_ptr(), flags) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd we own.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        // SAFETY: fcntl F_ADD_SEALS on our own fd.
+        assert_eq!(
+            unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+            0
+        );
+        let log = Arc::new(DirtyLog::adopt(&f, 0, len).unwrap());
+        (f, log)
+    }
+
+    /// Dirty logging through the real data path: a read submitted on a real restricted ring
+    /// before logging is switched on, completed by the kernel after, lands in guest RAM across
+    /// three pages. Its pages, its status byte and the used ring must be logged; the pages the
+    /// device only reads (descriptor table, avail ring) must not be, nor a write's data.
+    #[test]
+    fn completed_requests_log_their_data_status_and_used_ring() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestAddress};
+        const PAGE: u64 = crate::dirty_log::LOG_PAGE;
+        let image = tempfile::tempfile().unwrap();
+        image.write_all_at(&[0xab; 1 << 16], 0).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let map = FixedBufferMap::from_guest_memory(&mem).unwrap();
+        let files = [(image.as_raw_fd(), "test image".to_string())];
+        let policy = RingPolicy::for_device(true, false, false);
+        // SAFETY: `mem` (whose RAM the buffers describe) is kept alive by the Engine.
+        let ring = unsafe {
+            build_ring(&RingSetup {
+                label: "test",
+                entries: 8,
+                files: &files,
+                buffers: &map,
+                eventfd: None,
+                policy: &policy,
+            })
+        }
+        .expect("build a restricted ring (is io_uring enabled?)");
+        let counters = Arc::new(QueueCounters::default());
+        let tuning = Tuning {
+            max_poll: Duration::ZERO,
+            submit_batch: 8,
+        };
+        let mut st = QueueState::new(0, 8, tuning, counters).unwrap();
+        let limits = Limits {
+            capacity_sectors: 128,
+            seg_max: 6,
+            size_max: 1 << 20,
+            max_discard_seg: 1,
+            max_discard_sectors: 1,
+            read_only: false,
+            flush: false,
+            discard: false,
+            write_zeroes: false,
+        };
+        st.install(Engine::new(ring, map, Arc::new(mem.clone())), limits);
+        let shared = Shared {
+            serial: [0; SERIAL_LEN],
+            direct: false,
+            dio_mem_align: 512,
+            dio_offset_align: 512,
+            vectored: false,
+            writeback: AtomicBool::new(true),
+        };
+        // Descriptor table on page 1, avail ring on page 2, used ring on page 3.
+        let vring = Vring::new(GuestMemoryAtomic::new(mem.clone()), 8).unwrap();
+        vring.set_queue_size(8);
+        vring.set_queue_info(PAGE, 2 * PAGE, 3 * PAGE).unwrap();
+        vring.set_queue_ready(true);
+        let mut vs = vring.get_mut();
+        let (_f, log) = log_of(64);
+
+        // Read 8 KiB into [0x5800, 0x7800): pages 5, 6 and 7; status on page 9.
+        st.segs = vec![Segment {
+            addr: 0x5800,
+            len: 0x2000,
+        }];
+        st.start_rw(0, Some(9 * PAGE), 0, 0x2000, false, &mut vs, &mem, &shared);
+        // Write 4 KiB from page 12; status on page 13.
+        st.segs = vec![Segment {
+            addr: 12 * PAGE,
+            len: 0x1000,
+        }];
+        st.start_rw(
+            1,
+            Some(13 * PAGE),
+            0x4000,
+            0x1000,
+            true,
+            &mut vs,
+            &mem,
+            &shared,
+        );
+        st.submit(&mut vs, &mem);
+        // Logging goes on while both are in flight.
+        st.set_dirty_log(Some(log.clone()));
+        while st.inflight_requests() > 0 {
+            st.engine
+                .as_ref()
+                .unwrap()
+                .ring
+                .submitter()
+                .submit_and_wait(1)
+                .unwrap();
+            st.reap(&mut vs, &mem);
+        }
+        st.notify(&mut vs);
+
+        let mut data = [0u8; 0x2000];
+        mem.read_slice(&mut data, GuestAddress(0x5800)).unwrap();
+        assert!(data.iter().all(|&b| b == 0xab), "the read landed");
+        let marked: Vec<u64> = (0..16).filter(|&p| log.is_marked(p * PAGE)).collect();
+        assert_eq!(
+            marked,
+            [3, 5, 6, 7, 9, 13],
+            "used ring, read data, both status bytes"
+        );
+
+        // Logging off: nothing more is marked, and the queue no longer holds the log.
+        st.set_dirty_log(None);
+        assert_eq!(Arc::strong_count(&log), 1, "the worker dropped the log");
+        drop(vs);
+        drop(st);
+    }
+
     #[test]
     fn guest_triggered_warnings_are_rate_limited_and_counted() {
         let mut l = WarnLimit::new();
