@@ -111,6 +111,17 @@ pub struct Options {
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub lock_wait: u64,
 
+    /// Largest guest RAM served, in all regions of a memory table (bytes, or with a K/M/G/T
+    /// suffix). Guest RAM is pinned, so fully populated on the host, while it is served: a
+    /// larger memory table is refused. Default: the host's RAM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_guest_ram: Option<u64>,
+
+    /// Permission bits of the sockets ringfence creates (--socket-path, --stats-socket), in
+    /// octal (default 600: only the daemon's user may connect; 660 lets the socket's group in).
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
     /// Print the backend's capabilities as JSON (vhost-user backend program conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -162,6 +173,15 @@ pub struct ResizeOptions {
     /// The daemon's --stats-socket.
     #[arg(long, value_name = "PATH")]
     pub stats_socket: PathBuf,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim(), 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "'{s}' is not a permission mode in octal (000 to 777)"
+        )),
+    }
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
