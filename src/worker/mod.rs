@@ -755,7 +755,7 @@ mod tests {
 
     /// Dirty logging through the real data path: a read submitted on a real restricted ring
     /// before logging is switched on, completed by the kernel after, lands in guest RAM across
-    /// three pages. Its pages, its status byte and the used ring must be logged; the pages the
+    /// three pages and two memory regions. Its pages, its status byte and the used ring must be logged; the pages the
     /// device only reads (descriptor table, avail ring) must not be, nor a write's data.
     #[test]
     fn completed_requests_log_their_data_status_and_used_ring() {
@@ -764,7 +764,12 @@ mod tests {
         const PAGE: u64 = crate::dirty_log::LOG_PAGE;
         let image = tempfile::tempfile().unwrap();
         image.write_all_at(&[0xab; 1 << 16], 0).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        // Two regions: the read below lands across the boundary between them.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x6000),
+            (GuestAddress(0x6000), 0xf_a000),
+        ])
+        .unwrap();
         let map = FixedBufferMap::from_guest_memory(&mem).unwrap();
         let files = [(image.as_raw_fd(), "test image".to_string())];
         let policy = RingPolicy::for_device(true, false, false);
@@ -814,7 +819,7 @@ mod tests {
         let mut vs = vring.get_mut();
         let (_f, log) = log_of(64);
 
-        // Read 8 KiB into [0x5800, 0x7800): pages 5, 6 and 7; status on page 9.
+        // Read 8 KiB into [0x5800, 0x7800): pages 5, 6 and 7, in both regions; status on page 9.
         st.segs = vec![Segment {
             addr: 0x5800,
             len: 0x2000,
