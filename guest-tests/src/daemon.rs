@@ -290,3 +290,308 @@ fn all_threads_stopped(pid: i32) -> bool {
     }
     any
 }
+
+impl Daemon {
+    /// How many bytes of stderr the daemon wrote so far (ringfence only): a position for
+    /// [`Daemon::wait_for_log_after`].
+    pub fn log_len(&self) -> usize {
+        self.stderr.0.lock().unwrap().len()
+    }
+
+    /// Wait until a line written after byte `from` of the daemon's stderr satisfies `pred`;
+    /// returns it, or `None` after `timeout` (ringfence only). Waits on the reader thread's
+    /// signal, not on a clock.
+    pub fn wait_for_log_after(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let (log, cv) = &*self.stderr;
+        let find = |l: &str| -> Option<String> {
+            l.get(from..)
+                .unwrap_or("")
+                .lines()
+                .find(|line| pred(line))
+                .map(str::to_string)
+        };
+        let guard = log.lock().unwrap();
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |l| find(l).is_none())
+            .unwrap();
+        find(&guard)
+    }
+}
+
+/// Start ringfence (`$RINGFENCE_BIN` or the workspace's build) on `socket` with `args`, when
+/// it is expected to refuse to start: waits (at most `timeout`) for it to exit, and returns
+/// its exit code and stderr. Panics if it becomes ready instead, or does not exit in time.
+pub fn ringfence_refused(socket: &Path, args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(ringfence_bin())
+        .arg("--socket-path")
+        .arg(socket)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringfence");
+    let pipe = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    // The reader ends at EOF, when the process (and every copy of its stderr) is gone.
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        let _ = tx.send(all);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(all) => {
+            let status = child.wait().expect("wait for ringfence");
+            if all.contains(READY_MARKER) {
+                panic!("ringfence started although it should have refused to:\n{all}");
+            }
+            (status.code(), all)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringfence neither refused to start nor exited within {timeout:?}");
+        }
+    }
+}
+
+fn run_cmd(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An ext4 filesystem in a file, on a loop device, mounted in a temporary directory: a disk
+/// the test controls. [`LoopFs::freeze`] holds every write to it inside the kernel (FIFREEZE;
+/// reads pass) until [`LoopFs::thaw`]; [`ReadThrottle`] holds reads and writes of chosen
+/// processes. Needs root, `losetup`, `mkfs.ext4`, `fsfreeze`.
+///
+/// (`tests/drain.rs`, `tests/inflight.rs` and `tests/qemu_guest.rs` have copies of the freeze
+/// part of their own; new tests use this one.)
+pub struct LoopFs {
+    mnt: tempfile::TempDir,
+    loopdev: String,
+    _backing: tempfile::TempDir,
+    frozen: std::cell::Cell<bool>,
+}
+
+impl LoopFs {
+    /// A fresh filesystem of `size` bytes.
+    pub fn new(size: u64) -> LoopFs {
+        let backing = tempfile::tempdir().expect("tempdir");
+        let file = backing.path().join("fs.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("backing file");
+        run_cmd(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
+        let loopdev = run_cmd(Command::new("losetup").args(["-f", "--show"]).arg(&file));
+        let mnt = tempfile::tempdir().expect("mount point");
+        run_cmd(Command::new("mount").arg(&loopdev).arg(mnt.path()));
+        LoopFs {
+            mnt,
+            loopdev,
+            _backing: backing,
+            frozen: std::cell::Cell::new(false),
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> PathBuf {
+        self.mnt.path().to_path_buf()
+    }
+
+    /// The loop device's `major:minor`.
+    pub fn devnum(&self) -> String {
+        let md = std::fs::metadata(&self.loopdev).expect("stat the loop device");
+        use std::os::unix::fs::MetadataExt;
+        let rdev = md.rdev();
+        format!("{}:{}", libc::major(rdev), libc::minor(rdev))
+    }
+
+    /// Hold every write to the filesystem until [`LoopFs::thaw`].
+    pub fn freeze(&self) {
+        run_cmd(Command::new("fsfreeze").arg("-f").arg(self.mnt.path()));
+        self.frozen.set(true);
+    }
+
+    pub fn thaw(&self) {
+        run_cmd(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
+        self.frozen.set(false);
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.get()
+    }
+
+    /// A guard that thaws the filesystem when dropped. Make it after the daemons that write
+    /// to the filesystem, so that it is dropped before them: a failing test must not leave a
+    /// daemon's held writes (and so its exit, and the test's cleanup) stuck.
+    pub fn thaw_guard(&self) -> ThawOnDrop<'_> {
+        ThawOnDrop(self)
+    }
+}
+
+/// See [`LoopFs::thaw_guard`].
+pub struct ThawOnDrop<'a>(&'a LoopFs);
+
+impl Drop for ThawOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.0.frozen.get() {
+            self.0.thaw();
+        }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.frozen.get() {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(self.mnt.path())
+                .status();
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.mnt.path())
+            .status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+/// A blkio cgroup (cgroup v1 `blkio.throttle.*`, or cgroup v2 `io.max`) that holds the I/O
+/// of the processes put in it on one block device: limited to 1 byte/s, a request of a few KiB
+/// waits inside the kernel (the block layer's throttle queue) until [`ReadThrottle::release`]
+/// lifts the limit, and then goes at once. Unlike a frozen filesystem this holds reads, which
+/// a test needs to keep a device's read in flight while it changes something. Dropping it
+/// releases the limit, moves the processes back to the root group and removes the group.
+pub struct ReadThrottle {
+    dir: PathBuf,
+    root: PathBuf,
+    v2: bool,
+    dev: String,
+    pids: Vec<i32>,
+}
+
+impl ReadThrottle {
+    /// A new group for device `dev` (`major:minor`), no limit yet: [`ReadThrottle::add`]
+    /// puts processes in it, [`ReadThrottle::hold`] starts holding their I/O. Panics with the
+    /// reason if the machine has no blkio controller.
+    pub fn new(dev: &str) -> ReadThrottle {
+        let name = format!("ringfence-test-{}-{}", std::process::id(), unique());
+        let v1 = Path::new("/sys/fs/cgroup/blkio");
+        let (root, v2) = if v1.join("blkio.throttle.read_bps_device").exists() {
+            (v1.to_path_buf(), false)
+        } else {
+            let candidates = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+            let found = candidates.iter().map(Path::new).find(|p| {
+                std::fs::read_to_string(p.join("cgroup.controllers"))
+                    .map(|c| c.split_whitespace().any(|x| x == "io"))
+                    .unwrap_or(false)
+            });
+            let Some(p) = found else {
+                panic!(
+                    "this test holds reads in flight with the block layer's throttle and needs a \
+                     blkio (cgroup v1) or io (cgroup v2) controller: none is mounted"
+                );
+            };
+            let _ = std::fs::write(p.join("cgroup.subtree_control"), "+io");
+            (p.to_path_buf(), true)
+        };
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let t = ReadThrottle {
+            dir,
+            root,
+            v2,
+            dev: dev.to_string(),
+            pids: Vec::new(),
+        };
+        t.limit(false, false);
+        t
+    }
+
+    /// Hold the group's reads (and writes, with `writes`) on the device from now on.
+    pub fn hold(&self, writes: bool) {
+        self.limit(true, writes);
+    }
+
+    fn limit(&self, on: bool, writes: bool) {
+        if self.v2 {
+            let v = if on { "1" } else { "max" };
+            let w = if on && writes { "1" } else { "max" };
+            let line = format!("{} rbps={v} wbps={w}", self.dev);
+            std::fs::write(self.dir.join("io.max"), line).expect("write io.max");
+        } else {
+            let v = if on { "1" } else { "0" };
+            let w = if on && writes { "1" } else { "0" };
+            std::fs::write(
+                self.dir.join("blkio.throttle.read_bps_device"),
+                format!("{} {v}", self.dev),
+            )
+            .expect("write blkio.throttle.read_bps_device");
+            std::fs::write(
+                self.dir.join("blkio.throttle.write_bps_device"),
+                format!("{} {w}", self.dev),
+            )
+            .expect("write blkio.throttle.write_bps_device");
+        }
+    }
+
+    /// Put process `pid` (all its threads) in the group.
+    pub fn add(&mut self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", self.dir.display()));
+        self.pids.push(pid);
+    }
+
+    /// Lift the limit: everything held goes to the disk now.
+    pub fn release(&self) {
+        self.limit(false, false);
+    }
+}
+
+impl Drop for ReadThrottle {
+    fn drop(&mut self) {
+        self.limit(false, false);
+        for p in &self.pids {
+            let _ = std::fs::write(self.root.join("cgroup.procs"), p.to_string());
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Daemon {
+    /// Whether the process maps a memfd named `name` (a line `/memfd:NAME (deleted)` in
+    /// /proc/PID/maps).
+    pub fn maps_memfd(&self, name: &str) -> bool {
+        let needle = format!("/memfd:{name} ");
+        let needle_end = format!("/memfd:{name}");
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .map(|m| {
+                m.lines()
+                    .any(|l| l.contains(&needle) || l.ends_with(&needle_end))
+            })
+            .unwrap_or(false)
+    }
+}

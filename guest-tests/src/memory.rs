@@ -34,9 +34,27 @@ pub struct MemFd {
 impl MemFd {
     /// Create a memfd of `len` bytes (zero-filled) and map it.
     pub fn new(name: &str, len: usize) -> io::Result<MemFd> {
+        MemFd::with_flags(name, len, libc::MFD_CLOEXEC)
+    }
+
+    /// Like [`MemFd::new`], created with `MFD_ALLOW_SEALING` (see [`MemFd::seal`]).
+    pub fn new_sealable(name: &str, len: usize) -> io::Result<MemFd> {
+        MemFd::with_flags(name, len, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    }
+
+    /// Add `seals` (`F_SEAL_*`) to a memfd made with [`MemFd::new_sealable`].
+    pub fn seal(&self, seals: libc::c_int) -> io::Result<()> {
+        // SAFETY: F_ADD_SEALS on our own memfd.
+        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn with_flags(name: &str, len: usize, flags: libc::c_uint) -> io::Result<MemFd> {
         let cname = std::ffi::CString::new(name).expect("memfd name without NUL");
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -344,6 +362,40 @@ impl GuestMemory {
         self.stray_writes(&self.creation_snapshot(), allowed)
     }
 
+    /// Every 4 KiB guest page (GPA / 4096) holding a byte that differs from `snap`, our own
+    /// writes since the snapshot replayed onto it first: the pages the device wrote (with a
+    /// value other than the one there before).
+    pub fn changed_pages(&self, snap: &Snapshot) -> std::collections::BTreeSet<u64> {
+        for r in &self.regions {
+            r.mem.compared.set(true);
+        }
+        let mut expected = Snapshot {
+            regions: snap.regions.clone(),
+            mark: snap.mark,
+        };
+        for (gpa, data) in &self.log.borrow()[snap.mark..] {
+            expected.note_write(*gpa, data);
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for (base, old) in &expected.regions {
+            let Some(region) = self.regions.iter().find(|r| r.gpa == *base) else {
+                continue;
+            };
+            let len = old.len().min(region.mem.len());
+            let now = self.read(*base, len);
+            let mut i = 0;
+            while i < len {
+                let page_end = ((base + i as u64) / LOG_PAGE + 1) * LOG_PAGE;
+                let j = ((page_end - base) as usize).min(len);
+                if now[i..j] != old[i..j] {
+                    out.insert((base + i as u64) / LOG_PAGE);
+                }
+                i = j;
+            }
+        }
+        out
+    }
+
     /// Describe every run of bytes that differs from `snap` outside the `allowed`
     /// `(gpa, len)` ranges. Empty if nothing strayed.
     pub fn stray_writes(&self, snap: &Snapshot, allowed: &[(u64, u64)]) -> Vec<String> {
@@ -404,6 +456,155 @@ impl GuestMemory {
     }
 }
 
+/// Size of a page of the dirty log (vhost-user.rst, "Migration": `VHOST_LOG_PAGE`).
+pub const LOG_PAGE: u64 = 4096;
+
+/// Bytes of log a frontend needs for guest RAM ending at `gpa_end` (one bit per 4 KiB page).
+pub fn log_bytes_for(gpa_end: u64) -> u64 {
+    gpa_end.div_ceil(LOG_PAGE).div_ceil(8)
+}
+
+/// The seals QEMU puts on its "vhost-log" memfd.
+pub const QEMU_LOG_SEALS: libc::c_int = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+
+/// A dirty log as a frontend hands it over with SET_LOG_BASE (protocol feature LOG_SHMFD): a
+/// memfd of `file_len` bytes whose log is the `size` bytes at `offset`. Every byte outside the
+/// log is a guard, filled with a position-dependent pattern at creation: a backend may write
+/// log bits and nothing else, so [`DirtyLog::guard_changes`] lists every stray write.
+/// Bit `p % 8` of log byte `p / 8` says page `p` (guest-physical address `p * 4096`) is dirty.
+pub struct DirtyLog {
+    pub mem: MemFd,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// The guard byte at position `i` of a log's file.
+fn guard_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9).rotate_right(13) as u8) | 0x81
+}
+
+impl DirtyLog {
+    /// A log of `size` bytes at `offset` in a memfd of `file_len` bytes, guards around it,
+    /// sealed with `seals` (0: unsealed).
+    pub fn new(name: &str, file_len: u64, offset: u64, size: u64, seals: libc::c_int) -> DirtyLog {
+        let mem = MemFd::new_sealable(name, file_len as usize).expect("memfd for a dirty log");
+        for i in 0..file_len {
+            let v = if i >= offset && i < offset.saturating_add(size) {
+                0
+            } else {
+                guard_byte(i)
+            };
+            // SAFETY: `i` is inside our mapping of `file_len` bytes.
+            unsafe { mem.ptr.add(i as usize).write(v) };
+        }
+        if seals != 0 {
+            mem.seal(seals).expect("seal the log memfd");
+        }
+        DirtyLog { mem, offset, size }
+    }
+
+    /// A log as QEMU makes it, with guard pages: one page of guards, `size` bytes of log
+    /// (covering guest RAM up to `gpa_end` if `size` is `None`), then a page of guards.
+    pub fn guarded(name: &str, gpa_end: u64, size: Option<u64>) -> DirtyLog {
+        let size = size.unwrap_or_else(|| log_bytes_for(gpa_end));
+        DirtyLog::new(name, 4096 + size + 4096, 4096, size, QEMU_LOG_SEALS)
+    }
+
+    /// The fd, to hand to a backend (its contents must then be checked before it is
+    /// dropped: [`DirtyLog::guard_changes`] does).
+    pub fn fd(&self) -> RawFd {
+        self.mem.fd()
+    }
+
+    fn byte(&self, i: u64) -> u8 {
+        assert!(i < self.mem.map_len as u64, "test bug: past the log's file");
+        // SAFETY: inside our live mapping; an atomic load because the backend sets bits
+        // concurrently (with atomic read-modify-writes).
+        let a = unsafe { &*(self.mem.ptr.add(i as usize) as *const std::sync::atomic::AtomicU8) };
+        a.load(Ordering::Acquire)
+    }
+
+    /// Whether page `page`'s bit is set (false for pages past the log).
+    pub fn is_set(&self, page: u64) -> bool {
+        page / 8 < self.size && self.byte(self.offset + page / 8) & (1 << (page % 8)) != 0
+    }
+
+    /// Every page whose bit is set, in order.
+    pub fn pages(&self) -> std::collections::BTreeSet<u64> {
+        let mut out = std::collections::BTreeSet::new();
+        for b in 0..self.size {
+            let v = self.byte(self.offset + b);
+            for bit in 0..8 {
+                if v & (1 << bit) != 0 {
+                    out.insert(b * 8 + bit);
+                }
+            }
+        }
+        out
+    }
+
+    /// Take every set bit and clear it, byte by byte with atomic exchanges (what QEMU's log
+    /// sync does while the backend keeps marking): no bit set concurrently is lost.
+    pub fn take(&self) -> std::collections::BTreeSet<u64> {
+        let mut out = std::collections::BTreeSet::new();
+        for b in 0..self.size {
+            // SAFETY: inside our live mapping (the log lies inside the file); atomic because
+            // the backend sets bits concurrently.
+            let a = unsafe {
+                &*(self.mem.ptr.add((self.offset + b) as usize)
+                    as *const std::sync::atomic::AtomicU8)
+            };
+            let v = a.swap(0, Ordering::AcqRel);
+            for bit in 0..8 {
+                if v & (1 << bit) != 0 {
+                    out.insert(b * 8 + bit);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every run of guard bytes (outside `[offset, offset + size)`) that changed; empty if
+    /// the backend wrote nothing outside the log. Counts as the memfd's comparison.
+    pub fn guard_changes(&self) -> Vec<String> {
+        self.mem.compared.set(true);
+        let mut runs = RunBuilder::default();
+        let end = self.offset.saturating_add(self.size);
+        for i in 0..self.mem.map_len as u64 {
+            if (i < self.offset || i >= end) && self.byte(i) != guard_byte(i) {
+                runs.add(i);
+            }
+        }
+        runs.finish()
+            .into_iter()
+            .map(|(a, b)| {
+                format!(
+                    "log memfd bytes {a:#x}..{b:#x} changed, outside the log at {:#x}+{:#x} \
+                     (was {:02x?}, now {:02x?})",
+                    self.offset,
+                    self.size,
+                    (a..b.min(a + 8)).map(guard_byte).collect::<Vec<_>>(),
+                    (a..b.min(a + 8)).map(|i| self.byte(i)).collect::<Vec<_>>()
+                )
+            })
+            .collect()
+    }
+
+    /// Whether any byte of the whole file differs from what it was created with (a log the
+    /// backend refused or must not use).
+    pub fn untouched(&self) -> bool {
+        self.guard_changes().is_empty() && self.pages().is_empty()
+    }
+}
+
+/// The 4 KiB pages `[gpa, gpa + len)` touches (none for `len` 0).
+pub fn pages_of(gpa: u64, len: u64) -> std::ops::Range<u64> {
+    if len == 0 {
+        return 0..0;
+    }
+    gpa / LOG_PAGE..(gpa + len - 1) / LOG_PAGE + 1
+}
+
 /// Sorted, disjoint `[start, end)` ranges, for "is this address allowed" in O(log n).
 pub struct Ranges(Vec<(u64, u64)>);
 
@@ -456,6 +657,50 @@ impl RunBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_log_bits_guards_and_take() {
+        assert_eq!(log_bytes_for(8 << 20), 256);
+        assert_eq!(log_bytes_for(4097), 1);
+        assert_eq!(pages_of(4095, 2), 0..2);
+        assert_eq!(pages_of(4096, 4096), 1..2);
+        assert_eq!(pages_of(5, 0), 0..0);
+        let log = DirtyLog::new("test-log", 4096 + 100, 4000, 10, QEMU_LOG_SEALS);
+        assert!(log.untouched());
+        // The "backend": bit 3 of byte 2 (page 19), through the fd.
+        // SAFETY: pwrite from a valid buffer into our own memfd, inside its size.
+        unsafe { libc::pwrite(log.fd(), [1u8 << 3].as_ptr().cast(), 1, 4002) };
+        assert!(log.is_set(19) && !log.is_set(18) && !log.is_set(80));
+        assert_eq!(log.pages().into_iter().collect::<Vec<_>>(), vec![19]);
+        assert!(log.guard_changes().is_empty());
+        assert_eq!(log.take().into_iter().collect::<Vec<_>>(), vec![19]);
+        assert!(log.pages().is_empty());
+        // A byte just past the log and one just before it are guards.
+        let g = [0u8];
+        // SAFETY: as above.
+        unsafe { libc::pwrite(log.fd(), g.as_ptr().cast(), 1, 4010) };
+        // SAFETY: as above.
+        unsafe { libc::pwrite(log.fd(), g.as_ptr().cast(), 1, 3999) };
+        let c = log.guard_changes();
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(c[0].contains("0xf9f..0xfab"), "{c:?}");
+        // Sealed against shrinking, as QEMU's log.
+        // SAFETY: ftruncate on our own memfd.
+        assert_ne!(unsafe { libc::ftruncate(log.fd(), 10) }, 0);
+    }
+
+    #[test]
+    fn changed_pages_are_the_devices_only() {
+        let m = GuestMemory::new(&[(0x10000, 0x4000)]);
+        let snap = m.snapshot();
+        m.write(0x10010, &[1, 2]);
+        // SAFETY: pwrite from a valid buffer into our own memfd, inside its size.
+        unsafe { libc::pwrite(m.fd(0), [9u8].as_ptr().cast(), 1, 0x2fff) };
+        assert_eq!(
+            m.changed_pages(&snap).into_iter().collect::<Vec<_>>(),
+            vec![0x12]
+        );
+    }
 
     #[test]
     fn ranges_and_runs() {

@@ -1542,3 +1542,356 @@ mod tests {
         assert_eq!(image_ranges_allowed(false, &subs, &statuses).len(), 4);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Dirty logging (live migration): a guest laid out so that a dirty log can tell every part
+// apart, and the frontend's side of switching logging on and off as QEMU does.
+// ------------------------------------------------------------------------------------------
+
+/// Guest RAM of a dirty-log session: region A (4 MiB at 1 MiB) holds the rings (each part
+/// of each queue on a page of its own, queue `q` from `A + q * 32 KiB`; the used ring's
+/// elements end at a page boundary, so `avail_event` has a page of its own), the device-readable
+/// zone (headers, write data, indirect tables: from `A + 256 KiB`) and writable buffers (from
+/// `A + 1 MiB`); region B (1 MiB at 6 MiB) and region C (1 MiB at 4 GiB: page numbers above
+/// 2^20) hold writable buffers too.
+pub const LOG_RAM: [(u64, u64); 3] = [
+    (0x10_0000, 0x40_0000),
+    (0x60_0000, 0x10_0000),
+    (0x1_0000_0000, 0x10_0000),
+];
+/// Where guest RAM ends (what the log must cover).
+pub const LOG_RAM_END: u64 = LOG_RAM[2].0 + LOG_RAM[2].1;
+const LOG_RING_STRIDE: u64 = 0x8000;
+const LOG_RO_ZONE: (u64, u64) = (LOG_RAM[0].0 + 0x4_0000, LOG_RAM[0].0 + 0x10_0000);
+
+/// The virtio features a dirty-log session acks (with [`vfeat::LOG_ALL`] added while logging).
+pub const LOG_SESSION_FEATURES: u64 = vfeat::VERSION_1
+    | vfeat::PROTOCOL_FEATURES
+    | vfeat::RING_INDIRECT_DESC
+    | vfeat::BLK_SIZE_MAX
+    | vfeat::BLK_SEG_MAX
+    | vfeat::BLK_BLK_SIZE
+    | vfeat::BLK_FLUSH
+    | vfeat::BLK_MQ;
+
+/// The protocol features a dirty-log session asks for.
+pub const LOG_SESSION_PROTOCOL: u64 =
+    pfeat::MQ | pfeat::REPLY_ACK | pfeat::CONFIG | pfeat::LOG_SHMFD;
+
+/// One request of a dirty-log session.
+#[derive(Clone, Debug)]
+pub struct LogReq {
+    pub q: usize,
+    pub head: u16,
+    pub what: String,
+    /// The status byte.
+    pub status: u64,
+    /// The device-writable data buffers (read data, the GET_ID string).
+    pub bufs: Vec<(u64, u64)>,
+    /// For a read: the image offset it reads.
+    pub read_off: Option<u64>,
+}
+
+impl LogReq {
+    /// Every page the device writes when it serves the request: its buffers and status.
+    pub fn pages(&self) -> std::collections::BTreeSet<u64> {
+        self.bufs
+            .iter()
+            .chain(std::iter::once(&(self.status, 1)))
+            .flat_map(|&(a, l)| crate::memory::pages_of(a, l))
+            .collect()
+    }
+}
+
+/// A connection and guest RAM for dirty-log tests (layout: [`LOG_RAM`]).
+pub struct LogGuest {
+    pub fe: Frontend,
+    pub mem: GuestMemory,
+    pub queues: Vec<SplitQueue>,
+    /// Virtio features acked (without LOG_ALL) and protocol features.
+    pub features: u64,
+    pub protocol: u64,
+    /// What GET_FEATURES / GET_PROTOCOL_FEATURES offered.
+    pub offered: u64,
+    pub offered_protocol: u64,
+    /// Whether LOG_ALL was in the last SET_FEATURES.
+    pub log_all: bool,
+    /// The `log_guest_addr` SET_VRING_ADDR gives each queue while logging (default: the
+    /// used ring's guest address, as QEMU does).
+    pub vring_log_addr: Vec<u64>,
+    ro: u64,
+    rw: [u64; 3],
+    /// Pages that hold only things the device reads (rings' descriptor tables and avail
+    /// rings, headers, write data, indirect tables): no log bit may be set for them.
+    pub ro_pages: std::collections::BTreeSet<u64>,
+}
+
+impl LogGuest {
+    /// Guest RAM with `num_queues` queues of `queue_size` laid out (nothing sent yet).
+    pub fn new(fe: Frontend, num_queues: u16, queue_size: u16) -> LogGuest {
+        assert!(queue_size <= 256, "test bug: rings must fit their pages");
+        let mem = GuestMemory::named("log-guest-ram", &LOG_RAM);
+        let mut ro_pages = std::collections::BTreeSet::new();
+        let queues: Vec<SplitQueue> = (0..num_queues)
+            .map(|i| {
+                let base = LOG_RAM[0].0 + LOG_RING_STRIDE * u64::from(i);
+                // The used ring ends exactly where a page starts, so that `avail_event` (the
+                // 2 bytes after its elements) lies alone on the next page.
+                let used = (base + 0x5000 - (4 + 8 * u64::from(queue_size))) & !3;
+                let q = SplitQueue::at(&mem, u32::from(i), queue_size, base, base + 0x2000, used);
+                ro_pages.insert(q.desc / 4096);
+                ro_pages.insert(q.avail / 4096);
+                q
+            })
+            .collect();
+        let vring_log_addr = queues.iter().map(|q| q.used).collect();
+        LogGuest {
+            fe,
+            mem,
+            queues,
+            features: 0,
+            protocol: 0,
+            offered: 0,
+            offered_protocol: 0,
+            log_all: false,
+            vring_log_addr,
+            ro: LOG_RO_ZONE.0,
+            rw: [LOG_RAM[0].0 + 0x10_0000, LOG_RAM[1].0, LOG_RAM[2].0],
+            ro_pages,
+        }
+    }
+
+    /// GET_FEATURES, GET/SET_PROTOCOL_FEATURES (`protocol` among those offered), GET_QUEUE_NUM,
+    /// SET_OWNER, SET_FEATURES (`features` among those offered, LOG_ALL added if `log_all`
+    /// and offered).
+    pub fn negotiate(&mut self, features: u64, protocol: u64, log_all: bool) -> FeResult<()> {
+        self.offered = self.fe.get_features()?;
+        self.offered_protocol = self.fe.get_protocol_features()?;
+        self.protocol = self.offered_protocol & protocol;
+        self.fe.set_protocol_features(self.protocol)?;
+        if self.protocol & pfeat::MQ != 0 {
+            self.fe.get_queue_num()?;
+        }
+        self.fe.set_owner()?;
+        self.features = self.offered & features & !vfeat::LOG_ALL;
+        self.set_features(log_all)
+    }
+
+    /// SET_FEATURES with the acked features, LOG_ALL added if `log_all` (and offered).
+    pub fn set_features(&mut self, log_all: bool) -> FeResult<()> {
+        let la = if log_all {
+            self.offered & vfeat::LOG_ALL
+        } else {
+            0
+        };
+        self.fe.set_features(self.features | la)?;
+        self.log_all = la != 0;
+        Ok(())
+    }
+
+    /// SET_MEM_TABLE with the honest table.
+    pub fn share_memory(&self) -> FeResult<()> {
+        let (table, fds) = self.mem.table();
+        self.fe.set_mem_table(&table, &fds)
+    }
+
+    /// SET_VRING_ADDR for queue `i`, with VHOST_VRING_F_LOG and the queue's log address if
+    /// `log`.
+    pub fn set_vring_addr(&self, i: usize, log: bool) -> FeResult<()> {
+        let q = &self.queues[i];
+        let (flags, la) = if log {
+            (crate::frontend::VRING_F_LOG, self.vring_log_addr[i])
+        } else {
+            (0, 0)
+        };
+        self.fe.set_vring_addr_log(
+            q.index,
+            flags,
+            self.mem.uaddr(q.desc),
+            self.mem.uaddr(q.used),
+            self.mem.uaddr(q.avail),
+            la,
+        )
+    }
+
+    /// Start every queue (NUM, BASE, ADDR, KICK, CALL, ENABLE), SET_VRING_ADDR with the log
+    /// flag if `log`.
+    pub fn start_queues(&self, log: bool) -> FeResult<()> {
+        for (i, q) in self.queues.iter().enumerate() {
+            self.fe.set_vring_num(q.index, u32::from(q.size))?;
+            self.fe.set_vring_base(q.index, u32::from(q.avail_idx))?;
+            self.set_vring_addr(i, log)?;
+            self.fe
+                .set_vring_fd(code::SET_VRING_KICK, q.index, Some(q.kick.as_raw_fd()))?;
+            self.fe
+                .set_vring_fd(code::SET_VRING_CALL, q.index, Some(q.call.as_raw_fd()))?;
+            self.fe.set_vring_enable(q.index, true)?;
+        }
+        Ok(())
+    }
+
+    /// The whole honest setup in QEMU's order, logging off.
+    pub fn setup(&mut self, features: u64, protocol: u64) -> FeResult<()> {
+        self.negotiate(features, protocol, false)?;
+        self.share_memory()?;
+        self.start_queues(false)
+    }
+
+    /// What QEMU does when migration starts on a running device: SET_LOG_BASE (waiting for
+    /// the backend's reply), SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log flag for
+    /// every queue. Returns the SET_LOG_BASE reply.
+    pub fn start_logging(
+        &mut self,
+        log: &crate::memory::DirtyLog,
+    ) -> FeResult<crate::frontend::Msg> {
+        let reply = self.fe.set_log_base(log.size, log.offset, &[log.fd()])?;
+        self.set_features(true)?;
+        for i in 0..self.queues.len() {
+            self.set_vring_addr(i, true)?;
+        }
+        Ok(reply)
+    }
+
+    /// What QEMU does when migration ends or is cancelled: SET_FEATURES without LOG_ALL,
+    /// SET_VRING_ADDR without the log flag for every queue.
+    pub fn stop_logging(&mut self) -> FeResult<()> {
+        self.set_features(false)?;
+        for i in 0..self.queues.len() {
+            self.set_vring_addr(i, false)?;
+        }
+        Ok(())
+    }
+
+    /// `data` as device-readable bytes in the read-only zone: 16-byte aligned, page aligned
+    /// from 512 bytes on (write data a backend can send to the disk with O_DIRECT).
+    pub fn ro_put(&mut self, data: &[u8]) -> u64 {
+        let align = if data.len() >= 512 { 4096 } else { 16 };
+        let a = self.ro.next_multiple_of(align);
+        assert!(
+            a + data.len() as u64 <= LOG_RO_ZONE.1,
+            "test bug: read-only zone exhausted"
+        );
+        self.ro = a + data.len() as u64;
+        self.mem.write(a, data);
+        for p in crate::memory::pages_of(a, data.len() as u64) {
+            self.ro_pages.insert(p);
+        }
+        a
+    }
+
+    /// A device-writable buffer of `len` bytes in region `region` (0..3), `in_page` bytes
+    /// into pages of its own (no other buffer shares them), filled with 0x5a.
+    pub fn rw_buf(&mut self, region: usize, len: u64, in_page: u64) -> u64 {
+        let start = self.rw[region].next_multiple_of(4096);
+        let a = start + in_page;
+        let end = (a + len).next_multiple_of(4096);
+        assert!(
+            end <= LOG_RAM[region].0 + LOG_RAM[region].1,
+            "test bug: writable zone of region {region} exhausted"
+        );
+        self.rw[region] = end;
+        self.mem.fill(a, len as usize, 0x5a);
+        a
+    }
+
+    /// Start handing out writable buffers from the beginning of each region again (once
+    /// every request using the earlier ones was answered).
+    pub fn rw_reset(&mut self) {
+        self.rw = [LOG_RAM[0].0 + 0x10_0000, LOG_RAM[1].0, LOG_RAM[2].0];
+    }
+
+    /// Lay out a request on queue `q` (header, `out` data, writable `bufs`, status) as a
+    /// chain or an indirect table, and push it (not yet published).
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        &mut self,
+        q: usize,
+        t: u32,
+        sector: u64,
+        out: &[u8],
+        bufs: &[(u64, u64)],
+        indirect: bool,
+        what: &str,
+    ) -> LogReq {
+        let hdr = self.ro_put(&blk::header(t, sector));
+        let mut segs = vec![Desc::r(hdr, 16)];
+        if !out.is_empty() {
+            let d = self.ro_put(out);
+            segs.push(Desc::r(d, out.len() as u32));
+        }
+        for &(a, l) in bufs {
+            segs.push(Desc::w(a, l as u32));
+        }
+        let status = self.rw_buf(0, 1, 0x7ff);
+        self.mem.write(status, &[0xff]);
+        segs.push(Desc::w(status, 1));
+        let head = if indirect {
+            let table = self.ro_put(&vec![0u8; 16 * segs.len()]);
+            self.queues[q].indirect(&self.mem, table, &segs)
+        } else {
+            self.queues[q].chain(&self.mem, &segs)
+        };
+        self.queues[q].push(&self.mem, head);
+        LogReq {
+            q,
+            head,
+            what: format!("queue {q}: {what}"),
+            status,
+            bufs: bufs.to_vec(),
+            read_off: (t == blk::T_IN).then_some(sector * blk::SECTOR),
+        }
+    }
+
+    /// Publish and kick queue `q`.
+    pub fn kick(&self, q: usize) {
+        self.queues[q].publish(&self.mem);
+        self.queues[q].kick();
+    }
+
+    /// Wait for every request of `reqs` to be answered (in any order, on their queues),
+    /// calling `each` as soon as each one's used element is seen. Err with a description if
+    /// one is not answered within `timeout`, or a used element answers none of them.
+    pub fn complete(
+        &mut self,
+        reqs: &[LogReq],
+        timeout: Duration,
+        mut each: impl FnMut(&GuestMemory, &LogReq, Used),
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut done = vec![false; reqs.len()];
+        while let Some(q) = reqs.iter().zip(&done).find(|(_, d)| !**d).map(|(r, _)| r.q) {
+            let sock = self.fe.as_raw_fd();
+            let Some(u) = self.queues[q].wait_used(&self.mem, deadline, Some(sock)) else {
+                let left: Vec<&str> = reqs
+                    .iter()
+                    .zip(&done)
+                    .filter(|(_, d)| !**d)
+                    .map(|(r, _)| r.what.as_str())
+                    .collect();
+                return Err(format!("not answered within {timeout:?}: {left:?}"));
+            };
+            let Some(i) = reqs
+                .iter()
+                .enumerate()
+                .position(|(i, r)| !done[i] && r.q == q && u32::from(r.head) == u.id)
+            else {
+                return Err(format!(
+                    "queue {q}: used element {{id {}, len {}}} answers no request pending",
+                    u.id, u.len
+                ));
+            };
+            done[i] = true;
+            each(&self.mem, &reqs[i], u);
+        }
+        Ok(())
+    }
+
+    /// Turn into a [`Session`] (to hand to [`Rig::keep_session`]).
+    pub fn into_session(self) -> Session {
+        let heap = LOG_RAM[1].0;
+        let mut s = Session::from_parts(self.fe, self.mem, self.queues, heap);
+        s.features = self.features;
+        s.protocol = self.protocol;
+        s
+    }
+}

@@ -124,6 +124,47 @@ impl SplitQueue {
         }
     }
 
+    /// A queue whose three parts lie where the caller says (each part zeroed): e.g. each on a
+    /// page of its own, so that a dirty log can tell them apart.
+    pub fn at(
+        mem: &GuestMemory,
+        index: u32,
+        size: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    ) -> SplitQueue {
+        assert!(desc.is_multiple_of(16) && avail.is_multiple_of(2) && used.is_multiple_of(4));
+        let (d, a, u) = ring_sizes(size);
+        mem.fill(desc, d as usize, 0);
+        mem.fill(avail, a as usize, 0);
+        mem.fill(used, u as usize, 0);
+        SplitQueue {
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            kick: eventfd(),
+            call: eventfd(),
+            free: 0,
+            avail_idx: 0,
+            last_used: 0,
+            writable: Vec::new(),
+            heads: Vec::new(),
+        }
+    }
+
+    /// Address of the used ring's `avail_event` field (VIRTIO_F_EVENT_IDX), after its ring.
+    pub fn avail_event_gpa(&self) -> u64 {
+        self.used + 4 + 8 * u64::from(self.size)
+    }
+
+    /// Address of the avail ring's `used_event` field (VIRTIO_F_EVENT_IDX), after its ring.
+    pub fn used_event_gpa(&self) -> u64 {
+        self.avail + 4 + 2 * u64::from(self.size)
+    }
+
     pub fn desc_range(&self) -> (u64, u64) {
         (self.desc, ring_sizes(self.size).0)
     }
