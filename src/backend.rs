@@ -31,8 +31,9 @@ use crate::stats::DeviceStats;
 use crate::vmm_channel::BackendChannel;
 use crate::worker::{Engine, QueueState, Shared, Tuning, Vring, FILE_BUFFERED, FILE_PRIMARY};
 
-/// How long GET_VRING_BASE waits for in-flight requests before giving up on them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A queue stop (GET_VRING_BASE, RESET_DEVICE) waits for its requests in flight for as long as
+/// they take; it warns when they have taken this long, and again every time as long after.
+pub const DRAIN_WARN_AFTER: Duration = Duration::from_secs(5);
 
 /// Called once on each worker thread, before it handles its first event (the sandbox).
 pub type ThreadInit = Arc<dyn Fn(usize) + Send + Sync>;
@@ -139,10 +140,7 @@ impl BlkBackend {
             let _serial = lock(&self.rebuild);
             let sectors = self.image.size() / config::SECTOR_SIZE;
             for q in &self.queues {
-                q.stop.store(true, Ordering::Relaxed);
-                let mut st = lock(&q.state);
-                q.stop.store(false, Ordering::Relaxed);
-                st.set_capacity(sectors);
+                q.with_state(|st| st.set_capacity(sectors));
             }
         }
         match lock(&self.channel).as_ref() {
@@ -342,6 +340,91 @@ impl BlkBackend {
         left
     }
 
+    /// Serve guest RAM `mem` from now on, through `atomic` (the table every vring and worker
+    /// reads). Its mappings are made known to the SIGBUS handler and checked against their
+    /// files before any worker can see them; a table that fails the check is refused and the
+    /// current one stays. At most two tables are alive at once (see `wait_for_older_tables`),
+    /// so that the SIGBUS handler's tracking holds every mapping a worker can touch.
+    pub fn set_memory(
+        &self,
+        atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryMmap,
+    ) -> io::Result<()> {
+        self.wait_for_older_tables();
+        // Known to the SIGBUS handler before anything can touch it. vm-memory publishes a new
+        // Arc of its own, sharing the mappings: the staged table's entries cover them until the
+        // published table's replace them (in one update, so the handler never tracks both).
+        let staged = Arc::new(mem.clone());
+        crate::sandbox::track_guest_ram(&staged);
+        if let Err(e) = check_regions(&staged) {
+            error!("refusing the VMM's memory table: {e}");
+            drop(staged);
+            // Forget the refused table's mappings (gone with it); the current table stays.
+            crate::sandbox::track_guest_ram(&atomic.memory().into_inner());
+            return Err(io::Error::other(e.to_string()));
+        }
+        atomic
+            .lock()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))?
+            .replace(mem);
+        drop(staged);
+        let published = atomic.memory().into_inner();
+        crate::sandbox::track_guest_ram(&published);
+        info!(
+            "memory table: {} region(s), {} MiB",
+            published.num_regions(),
+            published.iter().map(|r| r.len()).sum::<u64>() >> 20
+        );
+        drop(published);
+        match self.rebuild_rings(true) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                error!("refusing the VMM's memory table: {e}");
+                // No ring serves it: nothing may touch it.
+                if let Ok(guard) = atomic.lock() {
+                    guard.replace(GuestMemoryMmap::new());
+                }
+                for q in &self.queues {
+                    lock(&q.state).uninstall();
+                }
+                *lock(&self.built) = None;
+                Err(io::Error::other(e.to_string()))
+            }
+        }
+    }
+
+    /// Wait until no ring of a memory table older than the current one has requests in
+    /// flight, and no worker holds such a table: the tables alive are then the current one and
+    /// the one about to be published. (Each can have up to `MAX_MEM_SLOTS` mappings; without
+    /// this wait a VMM could pile up tables behind requests a stuck disk holds.)
+    fn wait_for_older_tables(&self) {
+        let start = Instant::now();
+        let mut next_warn = start + DRAIN_WARN_AFTER;
+        for (i, q) in self.queues.iter().enumerate() {
+            q.stop.store(true, Ordering::Relaxed);
+            let mut st = lock(&q.state);
+            while st.retiring_rings() > 0 {
+                let now = Instant::now();
+                if now >= next_warn {
+                    next_warn = now + DRAIN_WARN_AFTER;
+                    warn!(
+                        "queue {i}: a new memory table waits for the requests of an older one \
+                         still in flight since {}s",
+                        now.duration_since(start).as_secs()
+                    );
+                }
+                // The worker signals `drained` when the queue is idle; an older ring can
+                // retire before that, so look again every few milliseconds.
+                st = q
+                    .drained
+                    .wait_timeout(st, Duration::from_millis(5))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            q.stop.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Run once on each worker thread before it serves its queue (installs its sandbox).
     pub fn init_worker_thread(&self, thread_id: usize) {
         if !INITED.get() {
@@ -357,11 +440,13 @@ impl BlkBackend {
         let Some(q) = self.queues.get(index) else {
             return;
         };
-        let mem = self.mem.memory();
         let mut st = lock(&q.state);
         if exiting.load(Ordering::Acquire) {
             return;
         }
+        // Loaded under the queue lock: a worker waiting for the lock holds no table, so that
+        // `wait_for_older_tables` bounds the tables alive.
+        let mem = self.mem.memory();
         st.run(vring, &mem, &self.shared, completion, &q.stop);
         st.report_memory_faults();
         if st.inflight_requests() == 0 {
@@ -378,20 +463,14 @@ impl BlkBackend {
     /// returns, no worker writes to a log it replaced.
     pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
         for q in &self.queues {
-            q.stop.store(true, Ordering::Relaxed);
-            let mut st = lock(&q.state);
-            q.stop.store(false, Ordering::Relaxed);
-            st.set_dirty_log(log.clone());
+            q.with_state(|st| st.set_dirty_log(log.clone()));
         }
     }
 
     /// Log queue `index`'s used-ring writes at `addr` too (VHOST_VRING_F_LOG).
     pub fn set_used_log_addr(&self, index: usize, addr: Option<u64>) {
         if let Some(q) = self.queues.get(index) {
-            q.stop.store(true, Ordering::Relaxed);
-            let mut st = lock(&q.state);
-            q.stop.store(false, Ordering::Relaxed);
-            st.set_used_log_addr(addr);
+            q.with_state(|st| st.set_used_log_addr(addr));
         }
     }
 
@@ -400,12 +479,7 @@ impl BlkBackend {
     pub fn sqes_in_flight(&self) -> usize {
         self.queues
             .iter()
-            .map(|q| {
-                q.stop.store(true, Ordering::Relaxed);
-                let n = lock(&q.state).sqes_in_flight();
-                q.stop.store(false, Ordering::Relaxed);
-                n
-            })
+            .map(|q| q.with_state(|st| st.sqes_in_flight()))
             .sum()
     }
 
@@ -419,6 +493,20 @@ impl BlkBackend {
         let mut st = lock(&q.state);
         q.stop.store(false, Ordering::Relaxed);
         st.set_inflight(tracking);
+    }
+}
+
+impl QueueSlot {
+    /// Run `f` on the queue's state, taken from its worker (which stops polling and taking
+    /// requests when asked, leaving the rest in the avail ring), then wake the worker: a kick
+    /// it already consumed must not wait for the next one.
+    fn with_state<R>(&self, f: impl FnOnce(&mut QueueState) -> R) -> R {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut st = lock(&self.state);
+        self.stop.store(false, Ordering::Relaxed);
+        let r = f(&mut st);
+        let _ = st.completion_fd().write(1);
+        r
     }
 }
 
@@ -543,31 +631,12 @@ impl VhostUserBackend for Backend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // Before anything reads it: the SIGBUS handler absorbs faults only in known guest RAM.
+        // Not how the control plane installs a table (`BlkBackend::set_memory` checks and
+        // tracks it before publishing it); here the table is published already.
         crate::sandbox::track_guest_ram(&mem.memory().into_inner());
-        let snapshot = mem.memory();
-        info!(
-            "memory table: {} region(s), {} MiB",
-            snapshot.num_regions(),
-            snapshot.iter().map(|r| r.len()).sum::<u64>() >> 20
-        );
-        drop(snapshot);
-        match self.0.rebuild_rings(true) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                error!("refusing the VMM's memory table: {e}");
-                // Nothing may touch the refused memory (a region past the end of its file would
-                // raise SIGBUS): replace it with an empty map and stop the queues.
-                if let Ok(guard) = mem.lock() {
-                    guard.replace(GuestMemoryMmap::new());
-                }
-                for q in &self.0.queues {
-                    lock(&q.state).uninstall();
-                }
-                *lock(&self.0.built) = None;
-                Err(io::Error::other(e.to_string()))
-            }
-        }
+        self.0
+            .rebuild_rings(true)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -578,26 +647,39 @@ impl VhostUserBackend for Backend {
         let Some(q) = self.0.queues.get(queue_index as usize) else {
             return Ok(());
         };
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        // The VMM is told the queue stopped only once nothing of it can land any more (as
+        // QEMU's own drain does): a read answered later would write guest RAM behind its back,
+        // and its inflight mark would outlive it. However long the disk takes: warn meanwhile.
+        let start = Instant::now();
+        let mut warned = false;
+        let mut next_warn = start + DRAIN_WARN_AFTER;
         q.stop.store(true, Ordering::Relaxed);
         let mut st = lock(&q.state);
         while st.inflight_requests() > 0 {
             let now = Instant::now();
-            if now >= deadline {
-                let n = st.orphan_inflight();
+            if now >= next_warn {
+                warned = true;
+                next_warn = now + DRAIN_WARN_AFTER;
                 warn!(
-                    "queue {queue_index}: {n} request(s) still in flight after {DRAIN_TIMEOUT:?}: \
-                     given up on; their completions will not reach the used ring"
+                    "queue {queue_index}: stopping it waits for {} request(s) still in flight \
+                     since {}s: the disk does not answer; the stop is answered once they land",
+                    st.inflight_requests(),
+                    now.duration_since(start).as_secs()
                 );
-                break;
             }
             st = q
                 .drained
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, next_warn.saturating_duration_since(now))
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         q.stop.store(false, Ordering::Relaxed);
+        if warned {
+            warn!(
+                "queue {queue_index}: stopped after waiting {:.1}s for its requests in flight",
+                start.elapsed().as_secs_f64()
+            );
+        }
         debug!("queue {queue_index} stopped");
         Ok(())
     }

@@ -22,7 +22,10 @@ use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use super::queue_loop::QueueLoop;
 use crate::backend::Backend;
@@ -62,9 +65,16 @@ pub struct Device {
     log: Option<Arc<DirtyLog>>,
     /// The device stopped with I/O still in flight: the image is given up once it drains.
     give_up_pending: bool,
-    /// The last request was refused and its answer (a nack, where the VMM asked for one)
-    /// went out: the connection goes on.
+    /// The request being handled was refused and its answer (a nack, where the VMM asked for
+    /// one) went out: the connection goes on. Cleared before every request
+    /// ([`Device::begin_request`]), so that it never outlives its request.
     refused: bool,
+    /// Per queue: its ring addresses were accepted (SET_VRING_ADDR). A queue without valid
+    /// rings is never started: nothing may read or write its default addresses (0).
+    rings_valid: Vec<bool>,
+    /// Most guest RAM a memory table may add up to (`--max-guest-ram`): it is pinned, so
+    /// fully populated on the host.
+    max_guest_ram: u64,
     refusal_log: WarnLimit,
 }
 
@@ -74,6 +84,22 @@ fn refused<T>(flag: &mut bool, r: VhostUserResult<T>) -> VhostUserResult<T> {
         *flag = true;
     }
     r
+}
+
+/// The host's RAM (MemTotal), the default `--max-guest-ram`. From sysinfo(2), which needs no
+/// open: the process filter forbids opening /proc/meminfo once the daemon runs.
+fn host_ram() -> u64 {
+    // SAFETY: an all-zero sysinfo is a valid value of this plain C struct; sysinfo fills it.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: sysinfo writes into `si`, which we own.
+    if unsafe { libc::sysinfo(&mut si) } != 0 {
+        warn!(
+            "cannot read the host's RAM size ({}): guest RAM is not capped",
+            io::Error::last_os_error()
+        );
+        return u64::MAX;
+    }
+    (si.totalram as u64).saturating_mul(u64::from(si.mem_unit.max(1)))
 }
 
 fn invalid(what: impl Into<String>) -> VhostUserError {
@@ -111,8 +137,18 @@ impl Device {
             log: None,
             give_up_pending: false,
             refused: false,
+            rings_valid: vec![false; n],
+            max_guest_ram: host_ram(),
             refusal_log: WarnLimit::new(),
         })
+    }
+
+    /// Cap guest RAM at `max` bytes (`--max-guest-ram`; None: the host's RAM, the default).
+    pub fn with_max_guest_ram(mut self, max: Option<u64>) -> Device {
+        if let Some(m) = max {
+            self.max_guest_ram = m;
+        }
+        self
     }
 
     /// Start one worker thread per queue. They run until [`Device::stop_workers`].
@@ -136,10 +172,27 @@ impl Device {
         }
     }
 
-    /// Whether the last request was refused with its answer sent (clears it): the connection
-    /// continues. Logs the refusal (rate-limited).
+    /// A new request is about to be read: no refusal of an earlier one may be taken for this one's.
+    pub fn begin_request(&mut self) {
+        self.refused = false;
+    }
+
+    /// Whether the request that ended in `e` was refused with its answer sent (clears it): the
+    /// connection continues. Logs the refusal (rate-limited). Only errors a handler returns
+    /// qualify: a message that could not be framed or decoded, or an answer that could not be
+    /// sent, always ends the connection.
     pub fn take_refused(&mut self, e: &VhostUserError) -> bool {
         if !std::mem::take(&mut self.refused) {
+            return false;
+        }
+        if !matches!(
+            e,
+            VhostUserError::ReqHandlerError(_)
+                | VhostUserError::InvalidOperation(_)
+                | VhostUserError::InvalidParam
+                | VhostUserError::InactiveFeature(_)
+                | VhostUserError::BackendInternalError
+        ) {
             return false;
         }
         if let Some(n) = self.refusal_log.allow(Instant::now()) {
@@ -184,6 +237,20 @@ impl Device {
     /// Start queue `index` (its kick fd arrived): pick up its inflight region (resubmitting
     /// what a previous backend left in flight), then serve it.
     fn start_queue(&mut self, index: usize) -> VhostUserResult<()> {
+        if !self.rings_valid.get(index).copied().unwrap_or(false) {
+            // Started once its addresses are accepted (SET_VRING_ADDR then calls here).
+            if let Some(n) = self.refusal_log.allow(Instant::now()) {
+                warn!(
+                    "queue {index}: not started: it has no valid ring addresses{}",
+                    if n > 0 {
+                        format!(" ({n} similar warning(s) not logged)")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            return self.update_registration(index);
+        }
         let image = self.backend.0.image();
         match image.take_over() {
             Ok(true) => info!("image {}: taken over; serving it", image.path.display()),
@@ -246,13 +313,42 @@ impl Device {
         }
     }
 
+    /// Serve `mem` from now on: its mappings are known to the SIGBUS handler and checked
+    /// against their files before any worker can see them (`BlkBackend::set_memory`).
     fn install_memory(&mut self, mem: GuestMemoryMmap) -> VhostUserResult<()> {
-        self.mem
-            .lock()
-            .map_err(|_| VhostUserError::BackendInternalError)?
-            .replace(mem);
         self.backend
-            .update_memory(self.mem.clone())
+            .0
+            .set_memory(&self.mem, mem)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
+    /// Refuse guest RAM of `total` bytes above `--max-guest-ram`, before anything is mapped.
+    fn check_guest_ram(&self, total: Option<u64>) -> VhostUserResult<()> {
+        match total {
+            Some(t) if t <= self.max_guest_ram => Ok(()),
+            _ => {
+                let t = total.map_or_else(|| "more than 2^64".into(), |t| t.to_string());
+                error!(
+                    "refusing a memory table of {t} bytes of guest RAM: more than \
+                     --max-guest-ram ({} bytes); guest RAM is pinned, so fully populated on \
+                     this host",
+                    self.max_guest_ram
+                );
+                Err(invalid(format!(
+                    "guest RAM of {t} bytes exceeds --max-guest-ram ({} bytes)",
+                    self.max_guest_ram
+                )))
+            }
+        }
+    }
+
+    /// Stop queue `index` and wait for its requests in flight (GET_VRING_BASE, RESET_DEVICE).
+    fn stop_queue(&mut self, index: usize) -> VhostUserResult<()> {
+        let vring = self.vring(index as u32)?.clone();
+        vring.set_queue_ready(false);
+        self.update_registration(index)?;
+        self.backend
+            .stop_vring(index as u32)
             .map_err(VhostUserError::ReqHandlerError)
     }
 
@@ -383,6 +479,16 @@ impl Device {
         ctx: &[VhostUserMemoryRegion],
         files: Vec<File>,
     ) -> VhostUserResult<()> {
+        if ctx.len() as u64 > MAX_MEM_SLOTS {
+            return Err(invalid(format!(
+                "{} memory regions: more than the {MAX_MEM_SLOTS} slots offered",
+                ctx.len()
+            )));
+        }
+        self.check_guest_ram(
+            ctx.iter()
+                .try_fold(0u64, |sum, r| sum.checked_add(r.memory_size)),
+        )?;
         // Any order is valid vhost-user; vm-memory wants the regions sorted by guest address.
         let mut table: Vec<(&VhostUserMemoryRegion, File)> = ctx.iter().zip(files).collect();
         table.sort_by_key(|(r, _)| r.guest_phys_addr);
@@ -405,6 +511,21 @@ impl Device {
         self.mappings = mappings;
         self.check_log_covers();
         Ok(())
+    }
+
+    /// Queue `index`'s rings were refused: it must never be served (nor its rings written)
+    /// until valid addresses arrive.
+    fn invalidate_rings(&mut self, index: usize) {
+        let Some(v) = self.rings_valid.get_mut(index) else {
+            return;
+        };
+        *v = false;
+        let vring = self.vrings[index].clone();
+        if vring.get_ref().get_queue().ready() {
+            warn!("queue {index}: its new ring addresses were refused: the queue stops");
+            vring.set_queue_ready(false);
+            let _ = self.update_registration(index);
+        }
     }
 
     fn check_log_covers(&self) {
@@ -548,10 +669,16 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn reset_device(&mut self) -> VhostUserResult<()> {
+        // Back to the initial state: every queue stopped, disabled and drained (its requests in
+        // flight land first, as for GET_VRING_BASE), its fds dropped.
         for i in 0..self.vrings.len() {
-            self.vrings[i].set_enabled(false);
-            let r = self.update_registration(i);
+            let r = self.stop_queue(i);
             refused(&mut self.refused, r)?;
+            let v = &self.vrings[i];
+            v.set_enabled(false);
+            v.set_kick(None);
+            v.set_call(None);
+            self.rings_valid[i] = false;
         }
         self.acked_features = 0;
         self.backend.reset_device();
@@ -607,6 +734,19 @@ impl VhostUserBackendReqHandlerMut for Device {
         log: u64,
     ) -> VhostUserResult<()> {
         let r = self.do_set_vring_addr(index, flags, descriptor, used, available, log);
+        let r = match r {
+            Ok(()) => {
+                if let Some(v) = self.rings_valid.get_mut(index as usize) {
+                    *v = true;
+                }
+                // A kick fd that came first: the queue starts now.
+                self.maybe_start(index as usize)
+            }
+            Err(e) => {
+                self.invalidate_rings(index as usize);
+                Err(e)
+            }
+        };
         refused(&mut self.refused, r)
     }
 
@@ -620,11 +760,7 @@ impl VhostUserBackendReqHandlerMut for Device {
     fn get_vring_base(&mut self, index: u32) -> VhostUserResult<VhostUserVringState> {
         let vring = self.vring(index)?.clone();
         // Stop the ring (vhost-user spec): no new requests, and wait for those in flight.
-        vring.set_queue_ready(false);
-        self.update_registration(index as usize)?;
-        self.backend
-            .stop_vring(index)
-            .map_err(VhostUserError::ReqHandlerError)?;
+        self.stop_queue(index as usize)?;
         let next_avail = vring.queue_next_avail();
         vring.set_kick(None);
         vring.set_call(None);
@@ -653,8 +789,17 @@ impl VhostUserBackendReqHandlerMut for Device {
 
     fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
         // Valid before SET_FEATURES too (vhost-user spec).
-        self.acked_protocol_features = features;
-        Ok(())
+        let offered = self.backend.protocol_features().bits();
+        let r = if features & !offered != 0 {
+            Err(invalid(format!(
+                "protocol features {features:#x} include bits that were not offered ({:#x})",
+                features & !offered
+            )))
+        } else {
+            self.acked_protocol_features = features;
+            Ok(())
+        };
+        refused(&mut self.refused, r)
     }
 
     fn get_queue_num(&mut self) -> VhostUserResult<u64> {
@@ -744,6 +889,19 @@ impl VhostUserBackendReqHandlerMut for Device {
                     "postcopy is not supported",
                 ));
             }
+            let current = self.mem.memory();
+            if current.num_regions() as u64 >= MAX_MEM_SLOTS {
+                return Err(invalid(format!(
+                    "a memory region past the {MAX_MEM_SLOTS} slots offered"
+                )));
+            }
+            self.check_guest_ram(
+                current
+                    .iter()
+                    .map(|r| r.len())
+                    .try_fold(region.memory_size, |sum, l| sum.checked_add(l)),
+            )?;
+            drop(current);
             let guest_region = Arc::new(
                 GuestRegionMmap::new(
                     region.mmap_region(fd)?,
@@ -794,12 +952,10 @@ impl VhostUserBackendReqHandlerMut for Device {
     }
 
     fn check_device_state(&mut self) -> VhostUserResult<()> {
-        refused(
-            &mut self.refused,
-            Err(VhostUserError::InvalidOperation(
-                "device state transfer is not supported",
-            )),
-        )
+        // The vhost crate answers with a value (1: failed) and goes on: not a refusal.
+        Err(VhostUserError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
     }
 
     fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {

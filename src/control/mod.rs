@@ -32,6 +32,10 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 pub fn serve(stream: UnixStream, device: Arc<Mutex<Device>>) -> Result<(), VhostUserError> {
     let mut handler = BackendReqHandler::from_stream(stream, device.clone());
     loop {
+        device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin_request();
         match handler.handle_request() {
             Ok(()) => {}
             Err(e) => {

@@ -107,20 +107,11 @@ impl QueueState {
             return;
         }
         // The kernel put a read's data in guest RAM: logged before anything makes it visible
-        // (also when it failed part-way, or was given up on: the bytes may have landed).
+        // (also when it failed part-way: the bytes may have landed).
         if let Some(log) = &self.log {
             for r in &slot.landed {
                 log.mark(r[0], r[1]);
             }
-        }
-        if slot.orphaned {
-            // Given up on when its queue was stopped: free the slot, tell nobody.
-            slot.busy = false;
-            slot.orphaned = false;
-            self.inflight_reqs -= 1;
-            self.orphaned_reqs -= 1;
-            debug!("queue {q}: request {head} completed after its queue was stopped; dropped");
-            return;
         }
         if std::mem::take(&mut slot.sync_after) && slot.error.is_none() {
             // Durable before it completes (writethrough): one fdatasync, then complete.

@@ -6,6 +6,7 @@
 //! `intake` pops and starts requests, `sqe` builds and submits their SQEs, `complete` reaps
 //! completions into used-ring entries, `poll` is the adaptive polling window.
 
+mod call;
 mod complete;
 mod intake;
 mod poll;
@@ -173,10 +174,6 @@ struct Slot {
     /// Make the request's effect durable (fdatasync) before it completes: discard and
     /// write-zeroes under a writethrough cache.
     sync_after: bool,
-    /// In flight when the queue was stopped and the wait for it timed out: the VMM has been
-    /// told where the queue stands, so its completion must not reach the used ring (the head
-    /// may have been made available again for another request). Freed when its SQEs complete.
-    orphaned: bool,
     /// iovecs of a vectored request, alive until it completes.
     iov: Vec<[u64; 2]>,
     /// Guest-physical ranges a read lands in, logged when it completes (the kernel writes
@@ -198,8 +195,6 @@ pub struct QueueState {
     retiring: Vec<Engine>,
     slots: Vec<Slot>,
     inflight_reqs: usize,
-    /// Of those, the ones given up on (see `orphan_inflight`).
-    orphaned_reqs: usize,
     limits: Option<Limits>,
     /// The filesystem refused FALLOC_FL_ZERO_RANGE (tmpfs): zero in place by punching a hole
     /// and allocating it again.
@@ -224,6 +219,10 @@ pub struct QueueState {
     /// so that guest-triggered noise never hides one.
     security_limit: WarnLimit,
     completion_fd: EventFd,
+    /// The watchdog's view of this queue's call-fd writes (see `call`).
+    call_watch: Arc<call::CallWatch>,
+    /// A call-fd write failed in this pass (the VMM filled the counter): no more in this pass.
+    call_wedged: bool,
     /// This queue's part of the VMM's inflight region (INFLIGHT_SHMFD), if it gave one.
     inflight: Option<QueueInflight>,
     /// Heads a previous backend left in flight, oldest first: taken before the avail ring.
@@ -254,7 +253,6 @@ impl QueueState {
             retiring: Vec::new(),
             slots: vec![Slot::default(); usize::from(max_queue_size)],
             inflight_reqs: 0,
-            orphaned_reqs: 0,
             limits: None,
             zero_range_unsupported: false,
             punch_unsupported: false,
@@ -268,6 +266,8 @@ impl QueueState {
             warn_limit: WarnLimit::new(),
             security_limit: WarnLimit::new(),
             completion_fd: EventFd::new(EFD_NONBLOCK)?,
+            call_watch: call::CallWatch::new(),
+            call_wedged: false,
             inflight: None,
             resubmit: std::collections::VecDeque::new(),
             log: None,
@@ -299,9 +299,14 @@ impl QueueState {
         self.counters.complete(op, bytes, ns, error);
     }
 
-    /// Requests in flight that will still complete to the guest.
+    /// Requests in flight (each completes to the guest: a stopped queue waits for them).
     pub fn inflight_requests(&self) -> usize {
-        self.inflight_reqs - self.orphaned_reqs
+        self.inflight_reqs
+    }
+
+    /// Rings of an older memory table still waiting for their last requests.
+    pub fn retiring_rings(&self) -> usize {
+        self.retiring.len()
     }
 
     /// SQEs submitted on any ring of this queue and not yet completed.
@@ -311,21 +316,6 @@ impl QueueState {
             .chain(self.retiring.iter())
             .map(|e| e.inflight)
             .sum()
-    }
-
-    /// Give up on the requests still in flight (a queue stop whose wait timed out): their
-    /// completions free their slots but never reach the used ring. Returns how many.
-    pub fn orphan_inflight(&mut self) -> usize {
-        let mut n = 0;
-        for s in self.slots.iter_mut().filter(|s| s.busy && !s.orphaned) {
-            s.orphaned = true;
-            n += 1;
-        }
-        self.orphaned_reqs += n;
-        // They will never be answered.
-        self.counters.error(ErrorKind::Dropped, n as u64);
-        self.counters.inflight.set(self.inflight_requests() as u64);
-        n
     }
 
     /// Wait until every SQE of every ring of this queue has completed, or `deadline`; the
@@ -454,6 +444,7 @@ impl QueueState {
             let _ = self.completion_fd.read();
         }
         let mut vs = vring.get_mut();
+        self.call_wedged = false;
         self.guard_call_fd(&vs);
         let serving = self.engine.is_some()
             && self.limits.is_some()
@@ -561,6 +552,22 @@ impl QueueState {
         }
     }
 
+    /// Signal the guest's call fd, never blocking for longer than the watchdog allows (see
+    /// `call`). A write that fails is the VMM's doing (it filled the counter): the
+    /// notification is dropped, and the call fd is left alone for the rest of this pass.
+    fn signal_call(&mut self, vs: &VringState<'_>) {
+        if self.call_wedged {
+            return;
+        }
+        let Some(call) = vs.get_call() else { return };
+        if let Err(e) = self.call_watch.signal(call.as_raw_fd()) {
+            self.call_wedged = true;
+            if let Some(n) = self.warn_limit.allow(Instant::now()) {
+                call::warn_dropped(self.index, &e, &suppressed_note(n));
+            }
+        }
+    }
+
     fn set_completion_signals(&mut self, on: bool) {
         for e in self.engine.iter_mut().chain(self.retiring.iter_mut()) {
             let cq = e.ring.completion();
@@ -595,9 +602,7 @@ impl QueueState {
             match vs.needs_notification() {
                 Ok(true) => {
                     self.counters.notifications.add(1);
-                    if let Err(e) = vs.signal_used_queue() {
-                        debug!("queue {}: cannot signal the guest: {e}", self.index);
-                    }
+                    self.signal_call(vs);
                 }
                 Ok(false) => {}
                 Err(e) => debug!("queue {}: cannot read used_event: {e}", self.index),

@@ -179,7 +179,6 @@ impl QueueState {
         slot.used_len = used_len;
         slot.ranges = ranges;
         slot.sync_after = false;
-        slot.orphaned = false;
         slot.landed.clear();
         self.inflight_reqs += 1;
         self.counters.inflight.set(self.inflight_requests() as u64);
