@@ -62,7 +62,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let (listener, socket_path) = listen(opts)?;
     // Before the sandbox: binding a socket is denied afterwards.
     let stats_listener = match &opts.stats_socket {
-        Some(p) => Some(crate::ops::bind_stats_socket(p)?),
+        Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
         None => None,
     };
     sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
@@ -90,7 +90,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     sandbox::block_signals();
     let mut remove_on_exit: Vec<PathBuf> = socket_path.iter().cloned().collect();
     remove_on_exit.extend(opts.stats_socket.iter().cloned());
-    spawn_signal_thread(remove_on_exit, image.clone(), ops.clone());
+    spawn_signal_thread(remove_on_exit, image.clone(), ops.clone(), stats.clone());
 
     let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
     let sandboxed = mode == SandboxMode::Seccomp;
@@ -142,6 +142,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         // The vrings of this connection can drop it (a kick or call fd that is no eventfd).
         let conn = crate::vring::Connection::new();
         let device = Device::new(Backend(backend.clone()), mem, &conn)
+            .map(|d| d.with_max_guest_ram(opts.max_guest_ram))
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?;
         let threads = device
             .spawn_workers()
@@ -184,9 +185,9 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         lock_device(&device).stop_workers();
         // Nothing of this connection may land after the next one starts: wait for its I/O
         // (the kernel also holds each worker thread's exit for the requests it punted to
-        // io-wq, but not for requests in flight in the block layer). Before the threads are
-        // joined, so that the wait is bounded and logged.
-        quiesce(&backend, false);
+        // io-wq, but not for requests in flight in the block layer), however long the disk
+        // takes. Before the threads are joined, so that the wait is logged and counted.
+        drain_connection(&backend, &stats.drain);
         for t in threads {
             let _ = t.join();
         }
@@ -195,6 +196,11 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         *lock_serving() = None;
         drop(backend);
         if opts.once {
+            // As the listener did when it bound the path itself (under the sandbox only the
+            // signal thread may unlink: the file then stays, as before).
+            if let Some(p) = &socket_path {
+                let _ = std::fs::remove_file(p);
+            }
             return Ok(());
         }
     }
@@ -218,11 +224,13 @@ fn listen(opts: &Options) -> Result<(Listener, Option<PathBuf>), StartupError> {
     match (&opts.socket_path, opts.fd) {
         (Some(path), _) => {
             claim_socket_path(path)?;
-            let l = Listener::new(path, false).map_err(|e| StartupError::SocketBind {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            Ok((l, Some(path.clone())))
+            let l =
+                bind_with_mode(path, opts.socket_mode).map_err(|e| StartupError::SocketBind {
+                    path: path.clone(),
+                    source: e,
+                })?;
+            // The signal thread removes the socket file on exit.
+            Ok((Listener::from(l), Some(path.clone())))
         }
         (None, Some(fd)) => {
             check_listening_fd(fd)?;
@@ -235,6 +243,25 @@ fn listen(opts: &Options) -> Result<(Listener, Option<PathBuf>), StartupError> {
         }
         (None, None) => Err(StartupError::NoSocket),
     }
+}
+
+/// Bind a listening unix socket at `path` whose file has exactly the permission bits `mode`
+/// (`--socket-mode`), whatever the umask: the file is created with them, so there is no
+/// moment at which it is more open (a chmod after bind would leave one). The umask is the
+/// process's: call while no other thread creates files (startup, before the daemon's threads).
+pub(crate) fn bind_with_mode(
+    path: &Path,
+    mode: u32,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    // bind(2) creates the socket file with 0777 & ~umask.
+    let mask = !(mode & 0o777) & 0o777;
+    // SAFETY: umask takes a plain mask and only changes the process's file-creation mask,
+    // which is restored right after the bind.
+    let old = unsafe { libc::umask(mask as libc::mode_t) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
 }
 
 /// Remove a stale socket file; refuse a path a live process listens on, or a non-socket.
@@ -322,24 +349,69 @@ pub(crate) fn vmm_connected() -> bool {
     VMM_CONNECTED.load(Ordering::Relaxed)
 }
 
-/// How long the end of a connection, or the exit, waits for the I/O in flight.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// While the daemon waits for I/O in flight (a disk that does not answer), it warns this
+/// often, and a wait longer than this counts as slow (`ringfence_slow_drains_total`).
+pub const DRAIN_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Wait for every SQE of `backend`'s rings (see `BlkBackend::quiesce`); say so if some are
-/// still in flight at the deadline.
-fn quiesce(backend: &BlkBackend, hold: bool) {
-    let left = backend.quiesce(QUIESCE_TIMEOUT, hold);
-    if left > 0 {
-        error!(
-            "{left} I/O operation(s) still in flight after {QUIESCE_TIMEOUT:?}: the disk does not \
-             answer; they may still complete later"
+/// How long SIGTERM waits for I/O in flight before the process exits without releasing the
+/// image: the rings keep the image's lock until their last I/O has landed, so nothing of this
+/// process lands after a restarted daemon took the lock.
+pub const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait for every SQE of the ended connection's rings (see `BlkBackend::quiesce`), without a
+/// deadline: the next connection is served, and the image released, only once nothing of this
+/// one can land. Warns every [`DRAIN_WARN_INTERVAL`] while the disk holds some, and counts
+/// them (`ringfence_io_awaited`). The workers are stopped: nothing new is submitted meanwhile.
+fn drain_connection(backend: &BlkBackend, drain: &crate::stats::DrainCounters) {
+    let started = std::time::Instant::now();
+    let mut next_warning = started + DRAIN_WARN_INTERVAL;
+    let mut slow = false;
+    // A first look soon (the gauge shows the wait), then one per warning.
+    let mut slice = Duration::from_secs(1).min(DRAIN_WARN_INTERVAL);
+    loop {
+        let left = backend.quiesce(slice, false);
+        drain.set_awaited(left as u64);
+        if left == 0 {
+            break;
+        }
+        let now = std::time::Instant::now();
+        if now >= next_warning {
+            if !slow {
+                slow = true;
+                drain.count_slow();
+            }
+            warn!(
+                "the connection ended {:.0?} ago: still waiting for {left} I/O operation(s) in \
+                 flight (the disk does not answer); the next VMM is served, and the image \
+                 released, only once they have landed",
+                started.elapsed()
+            );
+            while next_warning <= now {
+                next_warning += DRAIN_WARN_INTERVAL;
+            }
+        }
+        slice = next_warning
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(10));
+    }
+    if slow {
+        info!(
+            "the last I/O of the ended connection landed after {:.1?}",
+            started.elapsed()
         );
     }
 }
 
-/// SIGHUP: re-read the image size (live resize). SIGTERM/SIGINT: remove our sockets, make
-/// the image durable, exit 0.
-fn spawn_signal_thread(sockets: Vec<PathBuf>, image: Arc<Image>, ops: Arc<Ops>) {
+/// SIGHUP: re-read the image size (live resize). SIGTERM/SIGINT: remove our sockets, wait
+/// up to [`EXIT_WAIT`] for I/O in flight, make the image durable, release it, exit 0. With I/O
+/// still in flight then, exit 0 without syncing or releasing the image: the rings hold its
+/// lock until their last I/O has landed.
+fn spawn_signal_thread(
+    sockets: Vec<PathBuf>,
+    image: Arc<Image>,
+    ops: Arc<Ops>,
+    stats: Arc<DeviceStats>,
+) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -356,7 +428,19 @@ fn spawn_signal_thread(sockets: Vec<PathBuf>, image: Arc<Image>, ops: Arc<Ops>) 
             // Every write in flight lands before the data is synced and the lock released.
             let serving = lock_serving().clone();
             if let Some(b) = serving {
-                quiesce(&b, true);
+                // The queues stay locked: no worker starts another request.
+                let left = b.quiesce(EXIT_WAIT, true);
+                if left > 0 {
+                    stats.drain.set_awaited(left as u64);
+                    stats.drain.count_slow();
+                    error!(
+                        "exiting with {left} I/O operation(s) still in flight after {EXIT_WAIT:?} \
+                         (the disk does not answer): the image is neither synced nor released; \
+                         the kernel releases its lock with the rings once their last I/O has \
+                         landed, and a restarted daemon waits for it (--lock-wait)"
+                    );
+                    std::process::exit(0);
+                }
             }
             if !image.read_only {
                 let _ = image.buffered.sync_data();

@@ -41,6 +41,13 @@ pub enum StartupError {
     Sandbox(String),
     #[error("vhost-user: {0}")]
     VhostUser(String),
+    #[error(
+        "image {path}: the path named another file when it was opened again for O_DIRECT \
+         (renamed or replaced during startup); start again"
+    )]
+    ImageReplaced { path: PathBuf },
+    #[error("{0}")]
+    Kernel(#[from] KernelError),
 }
 
 /// Errors while building a restricted ring. They reach the log and refuse the VMM's
@@ -114,4 +121,21 @@ pub enum DirtyLogError {
     Map(io::Error),
     #[error("the log has {len} bytes, too few for guest RAM up to {end:#x} ({need} bytes)")]
     TooSmall { len: u64, end: u64, need: u64 },
+}
+
+/// What the kernel answered that the daemon cannot start on (issue 21, item 7).
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(
+        "probing task-level io_uring restrictions (Linux 7.0+) got an unexpected answer \
+         ({source}): ringfence cannot tell whether the kernel has them, and does not start \
+         without the wall it may have; report this with the kernel version"
+    )]
+    TaskProbeUnexpected { source: io::Error },
+    #[error(
+        "this kernel ({release}) has task-level io_uring restrictions, but io_uring_register \
+         is refused (a seccomp profile or LSM policy), so the process allowlist cannot be \
+         installed; allow io_uring_register"
+    )]
+    TaskRestrictionsBlocked { release: String },
 }

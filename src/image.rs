@@ -135,7 +135,18 @@ impl Image {
         };
         let direct = direct_file.is_some();
         let primary = match direct_file {
-            Some(f) => f,
+            // Opened by path again, after the checks and the lock: the path must still name the
+            // file that was checked and locked, else the rings would serve another file.
+            Some(f) => {
+                same_file(&buffered, &f).map_err(|e| match e {
+                    SameFile::Differs => StartupError::ImageReplaced { path: p.clone() },
+                    SameFile::Stat(source) => StartupError::ImageOpen {
+                        path: p.clone(),
+                        source,
+                    },
+                })?;
+                f
+            }
             None => buffered.try_clone().map_err(|e| StartupError::ImageOpen {
                 path: p.clone(),
                 source: e,
@@ -231,6 +242,30 @@ impl Image {
     pub fn physical_block_exp(&self) -> u8 {
         let sectors = (self.dio_offset_align / 512).max(1);
         sectors.trailing_zeros() as u8
+    }
+}
+
+/// Why two descriptors are not known to be one file.
+#[derive(Debug)]
+pub enum SameFile {
+    /// They name different files (device and inode differ).
+    Differs,
+    /// One of them cannot be examined.
+    Stat(io::Error),
+}
+
+/// Whether `a` and `b` are open on the same file (same device and inode): a path opened twice
+/// may name another file the second time, if someone renamed or replaced it in between.
+pub fn same_file(a: &File, b: &File) -> Result<(), SameFile> {
+    use std::os::unix::fs::MetadataExt;
+    let (ma, mb) = (
+        a.metadata().map_err(SameFile::Stat)?,
+        b.metadata().map_err(SameFile::Stat)?,
+    );
+    if (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()) {
+        Ok(())
+    } else {
+        Err(SameFile::Differs)
     }
 }
 
@@ -348,5 +383,43 @@ fn dio_alignment(f: &File) -> (u32, u32) {
         )
     } else {
         (512, 512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_opens_of_one_file_are_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.img");
+        std::fs::write(&path, [0u8; 512]).expect("write");
+        let a = File::open(&path).expect("open a");
+        let b = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open b");
+        assert!(same_file(&a, &b).is_ok());
+        assert!(same_file(&a, &a.try_clone().expect("dup")).is_ok());
+    }
+
+    /// The path swapped between the two opens: the second open finds another file, even one
+    /// with the same name, size and contents.
+    #[test]
+    fn a_path_replaced_between_the_opens_is_another_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.img");
+        std::fs::write(&path, [7u8; 512]).expect("write");
+        let locked = File::open(&path).expect("open");
+        let other = dir.path().join("b.img");
+        std::fs::write(&other, [7u8; 512]).expect("write");
+        std::fs::rename(&other, &path).expect("replace");
+        let reopened = File::open(&path).expect("reopen");
+        assert!(matches!(
+            same_file(&locked, &reopened),
+            Err(SameFile::Differs)
+        ));
     }
 }

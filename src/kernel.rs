@@ -36,6 +36,10 @@ pub enum TaskRestrictions {
     Inherited,
     /// `io_uring_register` itself is refused (EPERM for any opcode: a seccomp or LSM policy).
     Blocked,
+    /// The probe got an answer that none of the above explains (the errno, or 0 if the probe
+    /// thread died): nothing is known, so the daemon does not start (see
+    /// `sandbox::restrict_process_rings`). Never read as "absent".
+    Unknown(i32),
 }
 
 /// What the running kernel offers the fence.
@@ -68,7 +72,7 @@ impl Kernel {
         let (task_restrictions, bpf_filters) =
             std::thread::spawn(|| (probe_task_restrictions(), probe_bpf_filters()))
                 .join()
-                .unwrap_or((TaskRestrictions::Absent, false));
+                .unwrap_or((TaskRestrictions::Unknown(0), false));
         Kernel {
             release,
             version,
@@ -91,6 +95,7 @@ impl fmt::Display for Kernel {
             TaskRestrictions::Available => "available",
             TaskRestrictions::Inherited => "already set on this process by its parent",
             TaskRestrictions::Blocked => "unknown (io_uring_register is refused)",
+            TaskRestrictions::Unknown(_) => "unknown (the probe got an unexpected answer)",
         };
         write!(
             f,
@@ -183,22 +188,42 @@ fn errno(r: io::Result<()>) -> i32 {
 /// An EPERM is only believed when an opcode no kernel knows is not refused with EPERM too:
 /// a seccomp profile that denies io_uring_register says EPERM to everything.
 pub fn probe_task_restrictions() -> TaskRestrictions {
-    match errno(register_blind(
-        IORING_REGISTER_RESTRICTIONS,
-        std::ptr::null_mut(),
-        1,
-    )) {
+    classify_task_probe(
+        errno(register_blind(
+            IORING_REGISTER_RESTRICTIONS,
+            std::ptr::null_mut(),
+            1,
+        )),
+        // Opcode 0x7fff_ffff: past every kernel's last opcode (EINVAL), or EBADF for the fd
+        // on kernels without blind opcodes. Never EPERM from the kernel itself. Asked only
+        // when the first answer is EPERM.
+        || errno(register_blind(0x7fff_ffff, std::ptr::null_mut(), 0)),
+    )
+}
+
+/// What the task-restriction probe's errno means (0: the call succeeded, which it cannot with
+/// a null argument). Only the answers of a kernel without the feature read as
+/// [`TaskRestrictions::Absent`]: EBADF (no blind fd -1, before 6.13) and EINVAL (a blind fd,
+/// an opcode it does not know). Anything else (ENOMEM, EINTR, a success, an errno some
+/// policy invented...) is [`TaskRestrictions::Unknown`]: the daemon then refuses to start
+/// rather than drop a wall the kernel may have. `unknown_opcode_errno` is the answer to an
+/// opcode no kernel knows, asked only to tell a refused `io_uring_register` from inherited
+/// restrictions.
+pub fn classify_task_probe(
+    errno: i32,
+    unknown_opcode_errno: impl FnOnce() -> i32,
+) -> TaskRestrictions {
+    match errno {
         libc::EFAULT | libc::EACCES => TaskRestrictions::Available,
         libc::EPERM => {
-            // Opcode 0x7fff_ffff: past every kernel's last opcode (EINVAL), or EBADF for the
-            // fd on kernels without blind opcodes. Never EPERM from the kernel itself.
-            if errno(register_blind(0x7fff_ffff, std::ptr::null_mut(), 0)) == libc::EPERM {
+            if unknown_opcode_errno() == libc::EPERM {
                 TaskRestrictions::Blocked
             } else {
                 TaskRestrictions::Inherited
             }
         }
-        _ => TaskRestrictions::Absent,
+        libc::EBADF | libc::EINVAL => TaskRestrictions::Absent,
+        other => TaskRestrictions::Unknown(other),
     }
 }
 
@@ -280,6 +305,56 @@ mod tests {
             assert!(!k.bpf_filters, "{k}");
         }
         assert_eq!(&k, Kernel::get(), "the cached probe is the same");
+    }
+
+    /// Issue 21, item 7: only the answers of a kernel without task restrictions read as
+    /// absent; an unexpected errno is unknown, never absent (the daemon then refuses to start).
+    #[test]
+    fn only_not_supported_errnos_read_as_absent() {
+        let never = || -> i32 { panic!("asked only after EPERM") };
+        assert_eq!(
+            classify_task_probe(libc::EBADF, never),
+            TaskRestrictions::Absent
+        );
+        assert_eq!(
+            classify_task_probe(libc::EINVAL, never),
+            TaskRestrictions::Absent
+        );
+        assert_eq!(
+            classify_task_probe(libc::EFAULT, never),
+            TaskRestrictions::Available
+        );
+        assert_eq!(
+            classify_task_probe(libc::EACCES, never),
+            TaskRestrictions::Available
+        );
+        assert_eq!(
+            classify_task_probe(libc::EPERM, || libc::EINVAL),
+            TaskRestrictions::Inherited
+        );
+        assert_eq!(
+            classify_task_probe(libc::EPERM, || libc::EBADF),
+            TaskRestrictions::Inherited
+        );
+        assert_eq!(
+            classify_task_probe(libc::EPERM, || libc::EPERM),
+            TaskRestrictions::Blocked
+        );
+        for e in [
+            libc::ENOMEM,
+            libc::EINTR,
+            libc::ENOSYS,
+            libc::EOPNOTSUPP,
+            libc::EBUSY,
+            libc::E2BIG,
+            0,
+        ] {
+            assert_eq!(
+                classify_task_probe(e, never),
+                TaskRestrictions::Unknown(e),
+                "errno {e}"
+            );
+        }
     }
 
     /// A seccomp profile that refuses io_uring_register must not be read as "this task

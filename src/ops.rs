@@ -8,7 +8,8 @@
 //! - nothing (the client only reads, or shuts down its side) or `metrics\n`: a snapshot in the
 //!   Prometheus text format (version 0.0.4), then the connection is closed;
 //! - `resize\n`: re-read the image's size and apply it (see [`Ops::resize`]); the answer is one
-//!   line starting with `resize: ` (or `error: `);
+//!   line starting with `resize: ` (or `error: `). Only a client of the daemon's own uid or
+//!   root may (its SO_PEERCRED); anyone who can connect may read the statistics;
 //! - an HTTP request line (`GET /metrics`, `GET /`, `POST /resize`): the same answers with an
 //!   HTTP/1.0 status line and headers, so that `curl --unix-socket PATH http://x/metrics` or a
 //!   TCP-to-unix proxy in front of Prometheus can scrape it.
@@ -74,6 +75,8 @@ impl Ops {
             start_time_seconds: self.start_time,
             vmm_connected: crate::daemon::vmm_connected(),
             resizes: self.resizes.load(Ordering::Relaxed),
+            io_awaited: self.stats.drain.awaited(),
+            slow_drains: self.stats.drain.slow(),
         };
         crate::stats::encode(&self.stats.snapshot(), &info)
     }
@@ -136,13 +139,44 @@ impl Ops {
 }
 
 /// Bind the stats socket (replacing a stale socket file; refusing one a live process listens
-/// on). Call before the sandbox closes: binding is denied afterwards.
-pub fn bind_stats_socket(path: &Path) -> Result<UnixListener, StartupError> {
+/// on), its file created with the permission bits `mode` (`--socket-mode`). Call before the
+/// sandbox closes (binding is denied afterwards) and before the daemon's threads start.
+pub fn bind_stats_socket(path: &Path, mode: u32) -> Result<UnixListener, StartupError> {
     crate::daemon::claim_socket_path(path)?;
-    UnixListener::bind(path).map_err(|e| StartupError::SocketBind {
+    crate::daemon::bind_with_mode(path, mode).map_err(|e| StartupError::SocketBind {
         path: path.to_path_buf(),
         source: e,
     })
+}
+
+/// The uid of the process at the other end of `conn` (SO_PEERCRED: fixed when it connected).
+fn peer_uid(conn: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether a client of uid `peer` may resize: the daemon's own uid (`daemon`) or root. Anyone
+/// who can connect may read the statistics; changing what the guest sees is the operator's.
+pub fn may_resize(peer: u32, daemon: u32) -> bool {
+    peer == 0 || peer == daemon
 }
 
 /// Serve the stats socket on a thread of its own.
@@ -199,16 +233,39 @@ fn serve(ops: &Ops, mut conn: UnixStream) {
     let head_only = http && line.starts_with("HEAD ");
     let (status, body) = match req {
         Request::Metrics => ("200 OK", ops.metrics()),
-        Request::Resize => match ops.resize() {
-            Ok(m) => {
-                info!("resize (stats socket): {m}");
-                ("200 OK", format!("resize: {m}\n"))
+        Request::Resize => {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            match peer_uid(&conn) {
+                Ok(uid) if may_resize(uid, me) => match ops.resize() {
+                    Ok(m) => {
+                        info!("resize (stats socket): {m}");
+                        ("200 OK", format!("resize: {m}\n"))
+                    }
+                    Err(e) => {
+                        error!("resize (stats socket): {e}");
+                        ("500 Internal Server Error", format!("error: {e}\n"))
+                    }
+                },
+                Ok(uid) => {
+                    warn!("resize (stats socket): refused to uid {uid} (only uid {me} and root)");
+                    (
+                        "403 Forbidden",
+                        format!(
+                            "error: resize refused: uid {uid} may read the statistics, but only \
+                             the daemon's uid ({me}) and root may resize\n"
+                        ),
+                    )
+                }
+                Err(e) => {
+                    warn!("resize (stats socket): refused: the client's uid is unknown: {e}");
+                    (
+                        "403 Forbidden",
+                        format!("error: resize refused: cannot tell who asked ({e})\n"),
+                    )
+                }
             }
-            Err(e) => {
-                error!("resize (stats socket): {e}");
-                ("500 Internal Server Error", format!("error: {e}\n"))
-            }
-        },
+        }
         Request::Unknown(what) => (
             "404 Not Found",
             format!(
@@ -289,6 +346,25 @@ fn wait_readable(fd: i32, deadline: Instant) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_daemons_uid_and_root_may_resize() {
+        assert!(may_resize(0, 1000));
+        assert!(may_resize(1000, 1000));
+        assert!(may_resize(0, 0));
+        assert!(!may_resize(65534, 1000));
+        assert!(!may_resize(65534, 0));
+        assert!(!may_resize(1001, 1000));
+    }
+
+    #[test]
+    fn a_socket_pairs_peer_is_this_process_uid() {
+        let (a, _b) = UnixStream::pair().expect("socketpair");
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(peer_uid(&a).expect("SO_PEERCRED"), unsafe {
+            libc::geteuid()
+        });
+    }
 
     #[test]
     fn requests_parse_raw_and_http() {

@@ -9,7 +9,10 @@
 //!   `SHM_EXEC`), no ptrace or `process_vm_*`, no pidfds (`pidfd_open`/`pidfd_getfd` would
 //!   take fds from a VMM of the same user), no signals to other processes (`kill`, `tgkill`,
 //!   `rt_sigqueueinfo`... are allowed only with our own pid), no mounts (old and new mount
-//!   API), no kernel module or BPF loading, no keyrings, `perf_event_open` or `userfaultfd`;
+//!   API), no kernel module or BPF loading, no keyrings, `perf_event_open` or `userfaultfd`,
+//!   no extended attributes (set or removed by path or fd, read by path), no file timestamps
+//!   (`utimensat`, `utimes`...), no `prlimit64` on another process (pid 0 only: what
+//!   `getrlimit`/`setrlimit` make), no `migrate_pages`, `move_pages` or `kcmp`;
 //! - every thread but the signal thread also may not remove anything (`unlink`, `unlinkat`,
 //!   `rmdir`): the signal thread removes the socket file on SIGTERM, so it is started before
 //!   that filter, which goes on the main thread alone and is inherited by every thread the
@@ -44,7 +47,7 @@ use seccompiler::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::cli::SandboxMode;
-use crate::error::RingError;
+use crate::error::{KernelError, RingError, StartupError};
 use crate::kernel::{Kernel, TaskRestrictions};
 use crate::ring::task::restrict_current_task;
 use crate::ring::RingPolicy;
@@ -115,9 +118,34 @@ fn process_denied() -> Vec<i64> {
         libc::SYS_move_mount,
         libc::SYS_mount_setattr,
         SYS_FCHMODAT2,
+        // Extended attributes: by path (any file the process can reach), and written through
+        // an fd (the image). Nothing in the daemon reads or writes them.
+        libc::SYS_setxattr,
+        libc::SYS_lsetxattr,
+        libc::SYS_fsetxattr,
+        libc::SYS_removexattr,
+        libc::SYS_lremovexattr,
+        libc::SYS_fremovexattr,
+        libc::SYS_getxattr,
+        libc::SYS_lgetxattr,
+        libc::SYS_listxattr,
+        libc::SYS_llistxattr,
+        SYS_SETXATTRAT,
+        SYS_GETXATTRAT,
+        SYS_LISTXATTRAT,
+        SYS_REMOVEXATTRAT,
+        // Timestamps of any file (by path), or of the image (by fd).
+        libc::SYS_utimensat,
+        // Other processes' memory placement, and comparing their kernel objects with ours.
+        libc::SYS_migrate_pages,
+        libc::SYS_move_pages,
+        libc::SYS_kcmp,
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([
+        libc::SYS_utime,
+        libc::SYS_utimes,
+        libc::SYS_futimesat,
         libc::SYS_fork,
         libc::SYS_open,
         libc::SYS_creat,
@@ -136,6 +164,10 @@ fn process_denied() -> Vec<i64> {
 /// Syscall numbers the libc crate may not name on every architecture (numbers from 424 on are
 /// the same everywhere).
 const SYS_FCHMODAT2: i64 = 452;
+const SYS_SETXATTRAT: i64 = 463;
+const SYS_GETXATTRAT: i64 = 464;
+const SYS_LISTXATTRAT: i64 = 465;
+const SYS_REMOVEXATTRAT: i64 = 466;
 const SYS_OPEN_TREE_ATTR: i64 = 467;
 
 /// Syscalls that remove directory entries: denied to every thread but the signal thread, which
@@ -266,6 +298,14 @@ fn process_filters() -> Result<Vec<BpfProgram>, String> {
         libc::SYS_memfd_create,
         vec![SeccompRule::new(vec![inflight_memfd]).map_err(|e| e.to_string())?],
     );
+    // Resource limits only of this process: prlimit64 with pid 0 (what getrlimit and
+    // setrlimit make), never another process's.
+    let other_pid = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, 0)
+        .map_err(|e| e.to_string())?;
+    deny.insert(
+        libc::SYS_prlimit64,
+        vec![SeccompRule::new(vec![other_pid]).map_err(|e| e.to_string())?],
+    );
     // Signals only to ourselves: the pid argument must be our own (known now: no fork later).
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() } as u32 as u64;
@@ -347,16 +387,44 @@ pub fn apply_worker_filter() -> Result<(), String> {
 /// Install the process-wide io_uring allowlist where the kernel has task-level restrictions
 /// (Linux 7.0+). Call on the main thread before it spawns any thread: every thread and every
 /// ring created afterwards inherits it. Returns the allowlist installed, if any.
-pub fn restrict_process_rings(read_only: bool) -> Result<Option<RingPolicy>, RingError> {
+///
+/// Fails closed: on a kernel that has task restrictions, or where the probe cannot tell,
+/// anything but installing the allowlist refuses startup with the reason. Only a kernel
+/// without the feature (the probe's "not supported" answers) goes on without it.
+pub fn restrict_process_rings(read_only: bool) -> Result<Option<RingPolicy>, StartupError> {
     let kernel = Kernel::get();
+    process_rings_decision(kernel)?;
     match kernel.task_restrictions {
         TaskRestrictions::Available => {
             let policy = RingPolicy::for_process(!read_only, kernel.vectored_fixed);
             restrict_current_task(&policy).map_err(RingError::RestrictProcess)?;
             Ok(Some(policy))
         }
-        TaskRestrictions::Inherited => Err(RingError::InheritedRestrictions),
-        TaskRestrictions::Absent | TaskRestrictions::Blocked => Ok(None),
+        _ => Ok(None),
+    }
+}
+
+/// Whether startup may go on given what the kernel probe found: `Ok(true)` to install the
+/// process allowlist, `Ok(false)` where the kernel has none, else why not to start. Pure.
+pub fn process_rings_decision(kernel: &Kernel) -> Result<bool, StartupError> {
+    match kernel.task_restrictions {
+        TaskRestrictions::Available => Ok(true),
+        TaskRestrictions::Absent => Ok(false),
+        TaskRestrictions::Inherited => Err(RingError::InheritedRestrictions.into()),
+        // io_uring_register refused for every opcode: on a kernel that has task restrictions
+        // the allowlist cannot go on. Before 7.0 there is nothing to install (and the rings
+        // could not be built either: `kernel::check_io_uring` reports that first).
+        TaskRestrictions::Blocked if kernel.at_least(7, 0) || kernel.version.is_none() => {
+            Err(KernelError::TaskRestrictionsBlocked {
+                release: kernel.release.clone(),
+            }
+            .into())
+        }
+        TaskRestrictions::Blocked => Ok(false),
+        TaskRestrictions::Unknown(errno) => Err(KernelError::TaskProbeUnexpected {
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+        .into()),
     }
 }
 
@@ -379,7 +447,8 @@ pub fn log_status(mode: SandboxMode, process_rings: Option<&RingPolicy>) {
     match mode {
         SandboxMode::Seccomp => info!(
             "sandbox: seccomp active: process deny list (exec, fork, socket/connect, open*, \
-             PROT_EXEC, ptrace, pidfds, signals to other processes, mounts, bpf, modules...) on \
+             PROT_EXEC, ptrace, pidfds, signals to other processes, mounts, bpf, modules, \
+             xattrs, timestamps, other processes' limits and pages, kcmp...) on \
              all threads, no unlink/rmdir but on the signal thread, strict allowlist on worker \
              threads (no io_uring_setup/register, no open*, no socket); {rings}"
         ),
@@ -656,6 +725,41 @@ pub fn wait_for_signal() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kernel(release: &str, task: TaskRestrictions) -> Kernel {
+        Kernel {
+            release: release.into(),
+            version: release
+                .split('.')
+                .take(2)
+                .map(|v| v.parse().ok())
+                .collect::<Option<Vec<u32>>>()
+                .map(|v| (v[0], v[1])),
+            vectored_fixed: true,
+            task_restrictions: task,
+            bpf_filters: true,
+        }
+    }
+
+    /// Issue 21, item 7: the process allowlist fails closed. Only a kernel without task
+    /// restrictions starts without it; an unexpected probe answer, inherited restrictions, or
+    /// a refused io_uring_register on a 7.x kernel refuse startup, each with its reason.
+    #[test]
+    fn the_process_allowlist_fails_closed() {
+        use TaskRestrictions::*;
+        assert!(process_rings_decision(&kernel("7.2.13", Available)).unwrap());
+        assert!(!process_rings_decision(&kernel("6.12.1", Absent)).unwrap());
+        assert!(!process_rings_decision(&kernel("6.1.0", Blocked)).unwrap());
+        let refused = |k: Kernel| {
+            process_rings_decision(&k)
+                .expect_err("must refuse")
+                .to_string()
+        };
+        assert!(refused(kernel("7.2.13", Unknown(libc::ENOMEM))).contains("unexpected answer"));
+        assert!(refused(kernel("6.12.1", Unknown(libc::EINTR))).contains("unexpected answer"));
+        assert!(refused(kernel("7.2.13", Blocked)).contains("allow io_uring_register"));
+        assert!(refused(kernel("7.2.13", Inherited)).contains("task-level io_uring restrictions"));
+    }
 
     /// Run `f` on a fresh thread that first installs the worker filter.
     fn in_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

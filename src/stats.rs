@@ -335,12 +335,46 @@ impl QueueSnapshot {
 #[derive(Debug)]
 pub struct DeviceStats {
     pub queues: Vec<std::sync::Arc<QueueCounters>>,
+    /// The daemon's waits for I/O in flight at a connection's end or at exit.
+    pub drain: DrainCounters,
+}
+
+/// What the daemon waits for before it serves the next VMM or exits: nothing of the old
+/// connection may land after that, so a disk that does not answer holds it (issue 21, item 4).
+/// Written by one thread at a time (the connection loop, or the signal thread at exit).
+#[derive(Debug, Default)]
+pub struct DrainCounters {
+    /// I/O operations in flight the daemon waits for now.
+    awaited: AtomicU64,
+    /// Waits that outlasted the warning interval (each counted once).
+    slow: AtomicU64,
+}
+
+impl DrainCounters {
+    /// `n` I/O operations are awaited now (0: none).
+    pub fn set_awaited(&self, n: u64) {
+        self.awaited.store(n, Relaxed);
+    }
+
+    /// A wait outlasted the warning interval.
+    pub fn count_slow(&self) {
+        self.slow.fetch_add(1, Relaxed);
+    }
+
+    pub fn awaited(&self) -> u64 {
+        self.awaited.load(Relaxed)
+    }
+
+    pub fn slow(&self) -> u64 {
+        self.slow.load(Relaxed)
+    }
 }
 
 impl DeviceStats {
     pub fn new(num_queues: u16) -> DeviceStats {
         DeviceStats {
             queues: (0..num_queues).map(|_| Default::default()).collect(),
+            drain: DrainCounters::default(),
         }
     }
 
@@ -360,6 +394,10 @@ pub struct DeviceInfo {
     pub vmm_connected: bool,
     /// Capacity changes applied (SIGHUP or the stats socket's `resize`).
     pub resizes: u64,
+    /// I/O operations in flight the daemon waits for before it serves the next VMM or exits.
+    pub io_awaited: u64,
+    /// Such waits that lasted longer than the warning interval.
+    pub slow_drains: u64,
 }
 
 /// Encode `queues` (one snapshot per queue) and `info` in the Prometheus text format
@@ -547,6 +585,22 @@ impl Collector for Metrics {
             "Capacity changes applied (SIGHUP, or `resize` on the stats socket).",
             None,
             [(vec![], counter(info.resizes))],
+        )?;
+        family(
+            &mut enc,
+            "io_awaited",
+            "I/O operations in flight that the daemon waits for before it serves the next VMM \
+             connection or exits (a disk that does not answer holds it).",
+            None,
+            [(vec![], gauge(info.io_awaited as i64))],
+        )?;
+        family(
+            &mut enc,
+            "slow_drains",
+            "Waits for I/O in flight, at a connection's end or at exit, that lasted longer than \
+             the warning interval (10 s).",
+            None,
+            [(vec![], counter(info.slow_drains))],
         )?;
 
         // Device totals.
@@ -751,6 +805,8 @@ mod tests {
             capacity_bytes: 1 << 30,
             start_time_seconds: 1.5e9,
             vmm_connected: true,
+            io_awaited: 3,
+            slow_drains: 1,
             ..DeviceInfo::default()
         };
         let text = encode(&[a.snapshot(), b.snapshot()], &info);
@@ -770,6 +826,8 @@ mod tests {
         assert_eq!(get("ringfence_capacity_bytes"), "1073741824");
         assert_eq!(get("ringfence_vmm_connected"), "1");
         assert_eq!(get("ringfence_queues"), "2");
+        assert_eq!(get("ringfence_io_awaited"), "3");
+        assert_eq!(get("ringfence_slow_drains_total"), "1");
         // Histograms: cumulative buckets in seconds, +Inf equal to the count.
         assert_eq!(
             get("ringfence_request_duration_seconds_bucket{op=\"read\",le=\"1e-06\"}"),

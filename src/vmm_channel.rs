@@ -6,19 +6,21 @@
 //!
 //! The `vhost` crate (0.18) receives the channel and wraps it in `vhost_user::Backend`, whose
 //! public API can send shared-object and shmem requests but not a config change, and which does
-//! not expose its socket. Rather than carry a patched copy of the crate, ringfence keeps the
-//! crate's `Backend` (which owns the socket and keeps it open) and writes the 12 bytes of the
-//! message itself, on that same socket. It finds the socket by what only it can be: the one
-//! unix stream socket in the process without a local address. ringfence creates no such
-//! socket (and once the process sandbox is on, no thread can: `socket` and `socketpair` are
-//! denied), and every socket it accepts (the VMM's connection, stats clients) carries the
-//! address of the listener it came from; sockets a VMM passes in any other message are
-//! closed once refused. If there is not exactly one, ringfence does not guess: a resize then
-//! reaches the guest on its next connection only, and the log says so. The socket's inode is
-//! kept and checked again before every write.
+//! not expose its socket. Rather than carry a patched copy of the crate, ringfence finds the
+//! socket by what only it can be: **the socket that closes when the crate's `Backend` is
+//! dropped**. The handler gets the `Backend` by value, and the crate keeps no other copy, so it
+//! holds the only descriptor of that socket in the process. [`BackendChannel::adopt`] takes a
+//! duplicate of every unix stream socket descriptor of the process (noting each one's socket
+//! inode), drops the `Backend`, and keeps the duplicate of the one descriptor that was closed.
+//! No other socket can be taken for it: neither stdout/stderr on journald's stream sockets
+//! (systemd), nor anything a parent left open, nor a socket a VMM passed with another message,
+//! nor a channel that has a name of its own. If not exactly one descriptor closed (another
+//! thread closed a socket in the same instant, or something else still holds the channel),
+//! ringfence does not guess: a resize then reaches the guest when the VMM next reads the config
+//! space, and the log says so.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use vhost::vhost_user::Backend;
 
@@ -37,60 +39,52 @@ pub fn config_change_message() -> [u8; 12] {
     m
 }
 
-/// The channel of one VMM connection.
+/// The channel of one VMM connection: our own descriptor of its socket.
 pub struct BackendChannel {
-    /// Owns the socket (the crate's wrapper around it): the fd stays open while this lives.
-    _owner: Option<Backend>,
-    fd: RawFd,
-    /// (st_dev, st_ino) of the socket when it was adopted.
-    id: (u64, u64),
+    sock: OwnedFd,
 }
 
 impl BackendChannel {
-    /// Adopt the channel the crate just received, finding its fd (see the module comment).
+    /// Adopt the channel the crate just received (see the module comment). `owner` must be the
+    /// only holder of the channel's descriptor: it is dropped here.
     pub fn adopt(owner: Backend) -> Result<BackendChannel, String> {
-        let found = unnamed_stream_sockets();
-        match found.as_slice() {
-            [fd] => {
-                let id = socket_id(*fd).map_err(|e| format!("fstat of fd {fd}: {e}"))?;
-                Ok(BackendChannel {
-                    _owner: Some(owner),
-                    fd: *fd,
-                    id,
-                })
-            }
-            [] => Err("no unnamed unix stream socket in the process".into()),
-            many => Err(format!(
-                "{} unnamed unix stream sockets in the process (fds {many:?}); cannot tell \
-                 which is the channel",
-                many.len()
+        let before: Vec<Candidate> = stream_sockets()
+            .into_iter()
+            .filter_map(|fd| {
+                let id = socket_id(fd).ok()?;
+                let dup = dup_cloexec(fd).ok()?;
+                Some(Candidate { fd, id, dup })
+            })
+            .collect();
+        drop(owner);
+        let mut closed = closed_candidates(before, |fd| socket_id(fd).ok());
+        match closed.len() {
+            1 => Ok(BackendChannel {
+                sock: closed.remove(0).dup,
+            }),
+            0 => Err(NOTHING_CLOSED.to_string()),
+            n => Err(format!(
+                "{n} socket descriptors closed at once (fds {:?}); cannot tell which was the \
+                 channel",
+                closed.iter().map(|c| c.fd).collect::<Vec<_>>()
             )),
         }
     }
 
-    /// A channel on `fd`, which the caller keeps open as long as the channel is used (tests).
-    pub fn on_fd(fd: RawFd) -> io::Result<BackendChannel> {
-        Ok(BackendChannel {
-            _owner: None,
-            fd,
-            id: socket_id(fd)?,
-        })
+    /// A channel on our own descriptor `sock` of the channel's socket (tests).
+    pub fn from_owned(sock: OwnedFd) -> BackendChannel {
+        BackendChannel { sock }
     }
 
     /// Send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`. Never blocks: a VMM that does not read its
     /// channel gets an error here, not a stuck daemon thread.
     pub fn notify_config_change(&self) -> io::Result<()> {
-        if socket_id(self.fd)? != self.id {
-            return Err(io::Error::other(
-                "the channel's fd no longer refers to the channel's socket",
-            ));
-        }
         let m = config_change_message();
-        // SAFETY: send(2) reads `m.len()` bytes from `m`, which lives across the call; the fd is
-        // the channel socket, kept open by `_owner` (checked by inode above).
+        // SAFETY: send(2) reads `m.len()` bytes from `m`, which lives across the call; the fd
+        // is our own descriptor of the channel, open as long as `self`.
         let n = unsafe {
             libc::send(
-                self.fd,
+                self.sock.as_raw_fd(),
                 m.as_ptr().cast(),
                 m.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
@@ -109,6 +103,39 @@ impl BackendChannel {
     }
 }
 
+const NOTHING_CLOSED: &str = "no socket descriptor closed with the crate's channel: it is \
+                              held elsewhere, or was not a socket";
+
+/// A socket descriptor seen before the crate's `Backend` was dropped, with our duplicate.
+struct Candidate {
+    fd: RawFd,
+    /// (st_dev, st_ino) of its socket.
+    id: (u64, u64),
+    dup: OwnedFd,
+}
+
+/// The candidates whose descriptor no longer refers to the same socket (`now` gives the
+/// socket at a descriptor now, None if it is closed or no socket). Pure but for `now`.
+fn closed_candidates(
+    before: Vec<Candidate>,
+    now: impl Fn(RawFd) -> Option<(u64, u64)>,
+) -> Vec<Candidate> {
+    before
+        .into_iter()
+        .filter(|c| now(c.fd) != Some(c.id))
+        .collect()
+}
+
+fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of an open fd and reads no memory.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 fn socket_id(fd: RawFd) -> io::Result<(u64, u64)> {
     // SAFETY: an all-zero stat is a valid value of this plain C struct; fstat writes into it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -123,10 +150,10 @@ fn socket_id(fd: RawFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// Fds of the process that are AF_UNIX SOCK_STREAM sockets, not listening, with no local
-/// address (one end of a socketpair).
-fn unnamed_stream_sockets() -> Vec<RawFd> {
-    // The fd was the lowest free number when it arrived, so it is below the open-file limit.
+/// Fds of the process that are AF_UNIX SOCK_STREAM sockets and not listening.
+fn stream_sockets() -> Vec<RawFd> {
+    // The channel's fd was the lowest free number when it arrived, so it is below the
+    // open-file limit.
     // SAFETY: an all-zero rlimit is a valid value; getrlimit writes into it.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: getrlimit writes into the struct we own.
@@ -135,10 +162,10 @@ fn unnamed_stream_sockets() -> Vec<RawFd> {
     } else {
         4096
     };
-    (0..limit).filter(|&fd| is_unnamed_stream(fd)).collect()
+    (0..limit).filter(|&fd| is_stream_socket(fd)).collect()
 }
 
-fn is_unnamed_stream(fd: RawFd) -> bool {
+fn is_stream_socket(fd: RawFd) -> bool {
     let opt = |name: libc::c_int| -> Option<libc::c_int> {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -155,27 +182,15 @@ fn is_unnamed_stream(fd: RawFd) -> bool {
         };
         (rc == 0).then_some(v)
     };
-    if opt(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
-        || opt(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-        || opt(libc::SO_ACCEPTCONN) != Some(0)
-    {
-        return false;
-    }
-    // SAFETY: an all-zero sockaddr_un is a valid value; getsockname writes at most `len` bytes.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: as above: the pointer and length describe `addr`.
-    let rc =
-        unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) };
-    // An unnamed socket's address is the family alone.
-    rc == 0 && len as usize <= std::mem::size_of::<libc::sa_family_t>()
+    opt(libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && opt(libc::SO_ACCEPTCONN) == Some(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
-    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -187,11 +202,11 @@ mod tests {
     }
 
     #[test]
-    fn a_socketpair_end_is_found_and_carries_the_message() {
+    fn a_channel_carries_the_message() {
         let (ours, mut vmm) = UnixStream::pair().unwrap();
-        assert!(is_unnamed_stream(ours.as_raw_fd()));
-        assert!(unnamed_stream_sockets().contains(&ours.as_raw_fd()));
-        let ch = BackendChannel::on_fd(ours.as_raw_fd()).unwrap();
+        assert!(is_stream_socket(ours.as_raw_fd()));
+        assert!(stream_sockets().contains(&ours.as_raw_fd()));
+        let ch = BackendChannel::from_owned(ours.into());
         ch.notify_config_change().unwrap();
         let mut got = [0u8; 12];
         vmm.read_exact(&mut got).unwrap();
@@ -199,35 +214,85 @@ mod tests {
     }
 
     #[test]
-    fn bound_and_listening_sockets_are_not_candidates() {
+    fn listening_sockets_and_files_are_not_candidates() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(!is_unnamed_stream(l.as_raw_fd()));
-        let c = UnixStream::connect(&path).unwrap();
-        let (accepted, _) = l.accept().unwrap();
-        // The accepted end carries the listener's address.
-        assert!(!is_unnamed_stream(accepted.as_raw_fd()));
-        // The connecting end is unnamed, but it is the VMM's side, never in our process.
-        assert!(is_unnamed_stream(c.as_raw_fd()));
+        let l = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        assert!(!is_stream_socket(l.as_raw_fd()));
         let f = tempfile::tempfile().unwrap();
-        assert!(!is_unnamed_stream(f.as_raw_fd()));
-        assert!(!is_unnamed_stream(-1));
+        assert!(!is_stream_socket(f.as_raw_fd()));
+        assert!(!is_stream_socket(-1));
     }
 
-    #[test]
-    fn a_channel_whose_fd_was_reused_refuses_to_send() {
-        let (ours, _vmm) = UnixStream::pair().unwrap();
-        let ch = BackendChannel::on_fd(ours.as_raw_fd()).unwrap();
-        let fd = ours.as_raw_fd();
-        drop(ours);
-        // Something else takes the number.
-        let f = tempfile::tempfile().unwrap();
-        if f.as_raw_fd() == fd {
-            assert!(ch.notify_config_change().is_err());
+    fn candidate(fd: RawFd, id: (u64, u64)) -> Candidate {
+        Candidate {
+            fd,
+            id,
+            dup: std::fs::File::open("/dev/null").unwrap().into(),
         }
-        let (_other, _peer) = UnixStream::pair().unwrap();
-        // Whatever now holds `fd` (or nothing), it is not the adopted socket.
-        assert!(ch.notify_config_change().is_err());
+    }
+
+    /// Only the descriptor that closed (or now names another socket) is the channel; the
+    /// others (stdout and stderr on journald's sockets, a socket a VMM passed) stay as they
+    /// were.
+    #[test]
+    fn the_channel_is_the_descriptor_that_closed() {
+        let before = || {
+            vec![
+                candidate(1, (9, 100)),
+                candidate(2, (9, 101)),
+                candidate(7, (9, 102)),
+            ]
+        };
+        let closed = closed_candidates(before(), |fd| match fd {
+            1 => Some((9, 100)),
+            2 => Some((9, 101)),
+            _ => None,
+        });
+        assert_eq!(closed.iter().map(|c| c.fd).collect::<Vec<_>>(), [7]);
+        // Its number taken at once by another socket: still the one that changed.
+        let closed = closed_candidates(before(), |fd| match fd {
+            7 => Some((9, 555)),
+            1 => Some((9, 100)),
+            2 => Some((9, 101)),
+            _ => None,
+        });
+        assert_eq!(closed.iter().map(|c| c.fd).collect::<Vec<_>>(), [7]);
+        // Nothing closed (the channel is held elsewhere): no candidate.
+        let closed = closed_candidates(before(), |fd| {
+            Some(
+                [(9, 100), (9, 101), (9, 102)][match fd {
+                    1 => 0,
+                    2 => 1,
+                    _ => 2,
+                }],
+            )
+        });
+        assert!(closed.is_empty());
+    }
+
+    /// The real thing: the crate's `Backend` around one socket of a pair, among other
+    /// connected sockets of the process, named or not.
+    #[test]
+    fn adopt_finds_the_crates_socket_among_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let _client = UnixStream::connect(dir.path().join("s")).unwrap();
+        let (named, _) = l.accept().unwrap();
+        let (decoy, mut decoy_peer) = UnixStream::pair().unwrap();
+        // The channel itself is a named socket here: an accepted connection.
+        let vmm_client = UnixStream::connect(dir.path().join("s")).unwrap();
+        let (channel, _) = l.accept().unwrap();
+        let owner = Backend::from_stream(channel);
+        let ch = BackendChannel::adopt(owner).expect("adopt");
+        ch.notify_config_change().unwrap();
+        let mut got = [0u8; 12];
+        (&vmm_client).read_exact(&mut got).unwrap();
+        assert_eq!(got, config_change_message());
+        decoy_peer.set_nonblocking(true).unwrap();
+        assert!(
+            decoy_peer.read(&mut [0u8; 1]).is_err(),
+            "the decoy got bytes"
+        );
+        drop((named, decoy));
     }
 }

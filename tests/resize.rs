@@ -12,13 +12,17 @@ mod common;
 
 use std::fs::OpenOptions;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::*;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 
@@ -242,4 +246,198 @@ fn ringfence_metrics(stats: &Path) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// What a process wrote to one end of a socket pair (its stdout or stderr, as journald's
+/// stream sockets take them under systemd), collected by a thread.
+struct SocketLog {
+    text: Arc<(Mutex<Vec<u8>>, Condvar)>,
+}
+
+impl SocketLog {
+    fn new(ours: UnixStream) -> SocketLog {
+        let text = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let t = text.clone();
+        std::thread::spawn(move || {
+            let mut ours = ours;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = ours.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                t.0.lock().unwrap().extend_from_slice(&buf[..n]);
+                t.1.notify_all();
+            }
+        });
+        SocketLog { text }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.text.0.lock().unwrap().clone()
+    }
+
+    fn string(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+
+    /// Wait (bounded) until `needle` was written; true if it was.
+    fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut got = self.text.0.lock().unwrap();
+        loop {
+            if String::from_utf8_lossy(&got).contains(needle) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            got = self.text.1.wait_timeout(got, left).unwrap().0;
+        }
+    }
+}
+
+/// Issue 21, item 5: under systemd, stdout and stderr are unnamed unix stream sockets
+/// (journald's), so the channel cannot be found as "the one unnamed socket". Here the daemon's
+/// stdout and stderr are socket pairs (as journald's), the VMM's channel is a socket with a name (an accepted
+/// connection, which the old lookup skipped: it then took stderr for the channel), and the VMM
+/// passes another socket in another message (as an inflight region, refused). The config
+/// change reaches the channel, and nothing else.
+#[test]
+fn the_channel_is_found_with_stdout_and_stderr_on_sockets() {
+    channel_among_other_sockets(true);
+}
+
+/// The same with stderr alone on a socket: the old lookup found exactly one unnamed socket,
+/// stderr, and sent the message there.
+#[test]
+fn the_channel_is_found_with_stderr_on_a_socket() {
+    channel_among_other_sockets(false);
+}
+
+fn channel_among_other_sockets(stdout_on_socket: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    create_image(&image, START, None);
+    let socket = dir.path().join("vhost.sock");
+    let (out_ours, out_theirs) = UnixStream::pair().unwrap();
+    let (err_ours, err_theirs) = UnixStream::pair().unwrap();
+    let out = if stdout_on_socket {
+        std::process::Stdio::from(std::os::fd::OwnedFd::from(out_theirs))
+    } else {
+        drop(out_theirs);
+        std::process::Stdio::null()
+    };
+    let child = Command::new(ringfence_bin())
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--blk-file")
+        .arg(&image)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            err_theirs,
+        )))
+        .spawn()
+        .expect("spawn ringfence");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id() as i32;
+    let _kill = Kill(child);
+    let stdout = SocketLog::new(out_ours);
+    let stderr = SocketLog::new(err_ours);
+    assert!(
+        stderr.wait_for("ringfence: ready", IO_TIMEOUT),
+        "not ready:\n{}",
+        stderr.string()
+    );
+
+    // The VMM's channel: the accepted end of a connection to a listener of the test's own.
+    let l = std::os::unix::net::UnixListener::bind(dir.path().join("vmm-side.sock")).unwrap();
+    let vmm_end = UnixStream::connect(dir.path().join("vmm-side.sock")).unwrap();
+    let (backend_end, _) = l.accept().unwrap();
+    let (decoy, decoy_peer) = UnixStream::pair().unwrap();
+    let f = Frontend::connect(&socket, 1).expect("connect as a VMM");
+    let f = bounded(
+        "handshake, SET_BACKEND_REQ_FD, a socket as inflight fd",
+        move || {
+            f.set_owner().unwrap();
+            let features = f.get_features().unwrap();
+            f.set_features(features).unwrap();
+            let mut f = f;
+            f.get_protocol_features().unwrap();
+            f.set_protocol_features(
+                VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::BACKEND_REQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            )
+            .unwrap();
+            f.set_backend_request_fd(&backend_end).unwrap();
+            let inflight = VhostUserInflight {
+                // Large enough for one queue of 256: refused only for what the fd is.
+                mmap_size: 8192,
+                mmap_offset: 0,
+                num_queues: 1,
+                queue_size: 256,
+            };
+            // Refused (a socket is no sealed memfd: logged); the connection goes on.
+            f.set_inflight_fd(&inflight, decoy.as_raw_fd())
+                .expect("SET_INFLIGHT_FD sent");
+            let (_, buf) = f
+                .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+                .expect("GET_CONFIG after the refusal");
+            assert_eq!(
+                u64::from_le_bytes(buf[..8].try_into().unwrap()),
+                START / 512
+            );
+            drop(backend_end);
+            (f, decoy)
+        },
+    );
+
+    set_len(&image, 2 * START);
+    send_signal(pid, libc::SIGHUP);
+    let needle = format!("resize: capacity {START} -> {}", 2 * START);
+    assert!(
+        stderr.wait_for(&needle, IO_TIMEOUT),
+        "no '{needle}':\n{}",
+        stderr.string()
+    );
+    let log = stderr.string();
+    assert!(
+        log.contains("inflight region") && !log.contains("inflight region in use"),
+        "the socket passed as an inflight region was refused:\n{log}"
+    );
+    let line = log.lines().find(|l| l.contains(&needle)).unwrap();
+    assert!(
+        line.contains("the VMM was told (config change)"),
+        "{line}\n{log}"
+    );
+    let mut msg = [0u8; 12];
+    vmm_end.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    (&vmm_end)
+        .read_exact(&mut msg)
+        .expect("the config-change message on the channel");
+    assert_eq!(msg, [2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    // Nothing of it on stdout, stderr or the socket passed as an inflight region.
+    let raw = [2u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    for (what, bytes) in [("stdout", stdout.bytes()), ("stderr", stderr.bytes())] {
+        assert!(
+            !bytes.windows(raw.len()).any(|w| w == raw),
+            "the message went to {what}"
+        );
+    }
+    decoy_peer.set_nonblocking(true).unwrap();
+    assert!(
+        (&decoy_peer).read(&mut [0u8; 1]).is_err(),
+        "the message went to the socket passed as an inflight fd"
+    );
+    drop(f);
 }

@@ -324,6 +324,31 @@ fn denied_probes() -> Vec<Probe> {
         probe("fspick", SYS_fspick, [NEG1, 0, 0, 0, 0, 0]),
         probe("move_mount", SYS_move_mount, [NEG1, 0, NEG1, 0, 0, 0]),
         probe("mount_setattr", SYS_mount_setattr, [NEG1, 0, 0, 0, 0, 0]),
+        // Issue 21, item 11: extended attributes (a null path or a bad fd: EFAULT or EBADF if
+        // let through), timestamps, other processes' limits and pages, kcmp.
+        probe("setxattr", SYS_setxattr, z),
+        probe("lsetxattr", SYS_lsetxattr, z),
+        probe("fsetxattr", SYS_fsetxattr, [NEG1, 0, 0, 0, 0, 0]),
+        probe("removexattr", SYS_removexattr, z),
+        probe("lremovexattr", SYS_lremovexattr, z),
+        probe("fremovexattr", SYS_fremovexattr, [NEG1, 0, 0, 0, 0, 0]),
+        probe("getxattr", SYS_getxattr, z),
+        probe("lgetxattr", SYS_lgetxattr, z),
+        probe("listxattr", SYS_listxattr, z),
+        probe("llistxattr", SYS_llistxattr, z),
+        probe("setxattrat", 463, [fdcwd, 0, 0, 0, 0, 0]),
+        probe("getxattrat", 464, [fdcwd, 0, 0, 0, 0, 0]),
+        probe("listxattrat", 465, [fdcwd, 0, 0, 0, 0, 0]),
+        probe("removexattrat", 466, [fdcwd, 0, 0, 0, 0, 0]),
+        probe("utimensat", SYS_utimensat, [fdcwd, 0, 0, 0, 0, 0]),
+        probe(
+            "prlimit64(parent, RLIMIT_NOFILE): another process's limits",
+            SYS_prlimit64,
+            [parent, RLIMIT_NOFILE as usize, 0, 0, 0, 0],
+        ),
+        probe("migrate_pages", SYS_migrate_pages, [NEG1, 0, 0, 0, 0, 0]),
+        probe("move_pages", SYS_move_pages, [NEG1, 0, 0, 0, 0, 0]),
+        probe("kcmp", SYS_kcmp, [parent, parent, NEG1, 0, 0, 0]),
         probe(
             "unlinkat (removal filter)",
             SYS_unlinkat,
@@ -416,6 +441,9 @@ fn denied_probes() -> Vec<Probe> {
         probe("chmod", SYS_chmod, z),
         probe("chown", SYS_chown, z),
         probe("lchown", SYS_lchown, z),
+        probe("utime", SYS_utime, z),
+        probe("utimes", SYS_utimes, z),
+        probe("futimesat", SYS_futimesat, [fdcwd, 0, 0, 0, 0, 0]),
         probe("unlink (removal filter)", SYS_unlink, z),
         probe("rmdir (removal filter)", SYS_rmdir, z),
     ]);
@@ -458,6 +486,30 @@ fn allowed_checks() -> Vec<(&'static str, Result<(), String>)> {
         (
             "the kick/call fd checks (fstat, readlinkat of /proc/self/fd)",
             ringfence::vring::check_fd_inspection(),
+        ),
+        (
+            "getrlimit (prlimit64 on pid 0)",
+            // SAFETY: getrlimit writes into the struct we own.
+            (unsafe {
+                let mut rl: rlimit = std::mem::zeroed();
+                getrlimit(RLIMIT_NOFILE, &mut rl)
+            } == 0)
+                .then_some(())
+                .ok_or_else(|| format!("{}", std::io::Error::last_os_error())),
+        ),
+        (
+            "prlimit64(0, RLIMIT_NOFILE, NULL, &old)",
+            ok(sys(
+                SYS_prlimit64,
+                [
+                    0,
+                    RLIMIT_NOFILE as usize,
+                    0,
+                    Box::leak(Box::new([0u64; 2])).as_mut_ptr() as usize,
+                    0,
+                    0,
+                ],
+            )),
         ),
     ];
     // Memory without PROT_EXEC.
