@@ -32,8 +32,9 @@
 //! fixed-buffer I/O on registered files.
 //!
 //! The SIGBUS handler absorbs faults on guest RAM whose file the VMM shrank, and only there:
-//! the mappings are registered with [`track_guest_ram`] when a memory table arrives; any other
-//! SIGBUS ends the process with a message.
+//! the mappings are registered with [`track_guest_ram`] when a memory table arrives, each with
+//! the size of its pages (huge pages for hugetlbfs guest RAM), and the handler replaces the
+//! whole faulting page; any other SIGBUS ends the process with a message.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
@@ -44,7 +45,7 @@ use seccompiler::{
     apply_filter, apply_filter_all_threads, BpfProgram, SeccompAction, SeccompCmpArgLen,
     SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::cli::SandboxMode;
 use crate::error::{KernelError, RingError, StartupError};
@@ -460,7 +461,10 @@ pub fn log_status(mode: SandboxMode, process_rings: Option<&RingPolicy>) {
 
 /// Faults on guest RAM that the SIGBUS handler absorbed.
 pub static GUEST_MEMORY_FAULTS: AtomicU64 = AtomicU64::new(0);
-static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
+
+/// `f_type` of a hugetlbfs file (`HUGETLBFS_MAGIC` in linux/magic.h): a hugetlb memfd, or a
+/// file under a hugetlbfs mount (QEMU's `-mem-path`).
+const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
 
 /// Most guest-RAM mappings the SIGBUS handler knows at once: a memory table has at most 509
 /// regions (the slots vhost-user-backend offers), and the mappings of an older table stay
@@ -468,7 +472,8 @@ static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 /// on a fault there, as on any other unknown address), and the log says so.
 const GUEST_RAM_SLOTS: usize = 1024;
 
-/// The guest-RAM mappings, for the SIGBUS handler: `[start, end)` host addresses, published
+/// The guest-RAM mappings, for the SIGBUS handler: `[start, end)` host addresses and the size
+/// of the pages backing each (4 KiB, or the huge-page size of a hugetlbfs file), published
 /// with a sequence lock (odd while being rewritten) so that the handler reads them without
 /// taking any lock. Written only under `TRACKED`.
 struct GuestRam {
@@ -476,6 +481,7 @@ struct GuestRam {
     len: AtomicUsize,
     start: [AtomicUsize; GUEST_RAM_SLOTS],
     end: [AtomicUsize; GUEST_RAM_SLOTS],
+    page: [AtomicUsize; GUEST_RAM_SLOTS],
 }
 
 static GUEST_RAM: GuestRam = GuestRam {
@@ -483,20 +489,104 @@ static GUEST_RAM: GuestRam = GuestRam {
     len: AtomicUsize::new(0),
     start: [const { AtomicUsize::new(0) }; GUEST_RAM_SLOTS],
     end: [const { AtomicUsize::new(0) }; GUEST_RAM_SLOTS],
+    page: [const { AtomicUsize::new(0) }; GUEST_RAM_SLOTS],
 };
+
+/// One guest-RAM mapping as the SIGBUS handler sees it: `[start, end)`, both multiples of
+/// `page`, the size of the pages backing it (a power of two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestRamRange {
+    pub start: usize,
+    pub end: usize,
+    pub page: usize,
+}
 
 /// A memory table handed to [`track_guest_ram`]: its mappings last as long as the table.
 struct Tracked {
     mem: Weak<GuestMemoryMmap>,
-    ranges: Vec<(usize, usize)>,
+    ranges: Vec<GuestRamRange>,
 }
 
 static TRACKED: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
 
+/// The normal page size.
+fn base_page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 && (page as usize).is_power_of_two() {
+        page as usize
+    } else {
+        4096
+    }
+}
+
+/// The size of the pages backing a guest-RAM region: the huge-page size if its file is on
+/// hugetlbfs, else the normal page size (also for a region without a file). Not for signal
+/// context (fstatfs through the libc wrapper, and logging).
+fn region_page_size(r: &GuestRegionMmap) -> usize {
+    use std::os::fd::AsRawFd;
+    let base = base_page_size();
+    let Some(fo) = r.file_offset() else {
+        return base;
+    };
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct; fstatfs fills it in
+    // from an fd the region owns (open for as long as `r`).
+    let st = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fo.file().as_raw_fd(), &mut st) != 0 {
+            warn!(
+                "cannot fstatfs a guest RAM fd ({}): its mapping is tracked with {base}-byte \
+                 pages",
+                std::io::Error::last_os_error()
+            );
+            return base;
+        }
+        st
+    };
+    if st.f_type as u32 != HUGETLBFS_MAGIC {
+        return base;
+    }
+    match usize::try_from(st.f_bsize) {
+        Ok(huge) if huge.is_power_of_two() && huge >= base => huge,
+        _ => {
+            warn!(
+                "hugetlbfs guest RAM with an unusable block size {}: its mapping is tracked \
+                 with {base}-byte pages",
+                st.f_bsize
+            );
+            base
+        }
+    }
+}
+
+/// The range the SIGBUS handler may replace page by page in a mapping `[start, start + len)`
+/// backed by `page`-byte pages: the whole pages inside it. A hugetlb mapping starts and ends
+/// on huge-page boundaries, so nothing is lost; if one does not, the log says which part a
+/// fault there ends the process on.
+fn whole_pages(start: usize, len: usize, page: usize) -> Option<GuestRamRange> {
+    let end = start.checked_add(len)?;
+    let first = start.checked_add(page - 1)? & !(page - 1);
+    let last = end & !(page - 1);
+    if first != start || last != end {
+        warn!(
+            "guest RAM mapping {start:#x}..{end:#x} is not aligned to its {page}-byte pages: \
+             a fault outside {first:#x}..{last:#x} (the VMM shrinking its memory file) ends \
+             the process"
+        );
+    }
+    (first < last).then_some(GuestRamRange {
+        start: first,
+        end: last,
+        page,
+    })
+}
+
 /// Tell the SIGBUS handler about the guest-RAM mappings of a new memory table (call with the
-/// table the VMM just set, before anything reads it: `update_memory`). Tables no longer alive
-/// (their mappings are gone) are forgotten at the same time; tables still alive (requests of
-/// an older table in flight) stay known.
+/// table before anything reads it: `BlkBackend::set_memory` tracks the table the VMM sent
+/// before it checks and publishes it, then the published table). Each mapping is recorded
+/// with the size of the pages backing it (`fstatfs` of its file: huge pages on hugetlbfs).
+/// Tables no longer alive (their mappings are gone) are forgotten at the same time; tables
+/// still alive (requests of an older table in flight) stay known.
 pub fn track_guest_ram(mem: &Arc<GuestMemoryMmap>) {
     let mut tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());
     tracked.retain(|t| t.mem.strong_count() > 0);
@@ -508,11 +598,13 @@ pub fn track_guest_ram(mem: &Arc<GuestMemoryMmap>) {
             mem: Arc::downgrade(mem),
             ranges: mem
                 .iter()
-                .map(|r| (r.as_ptr() as usize, r.len() as usize))
+                .filter_map(|r| {
+                    whole_pages(r.as_ptr() as usize, r.len() as usize, region_page_size(r))
+                })
                 .collect(),
         });
     }
-    let ranges: Vec<(usize, usize)> = tracked
+    let ranges: Vec<GuestRamRange> = tracked
         .iter()
         .flat_map(|t| t.ranges.iter().copied())
         .collect();
@@ -527,18 +619,17 @@ pub fn track_guest_ram(mem: &Arc<GuestMemoryMmap>) {
     publish_guest_ram(&ranges);
 }
 
-/// The `[start, end)` ranges the SIGBUS handler absorbs faults in (for tests and the log).
-pub fn guest_ram_ranges() -> Vec<(usize, usize)> {
+/// The ranges the SIGBUS handler absorbs faults in (for tests and the log).
+pub fn guest_ram_ranges() -> Vec<GuestRamRange> {
     let g = &GUEST_RAM;
     loop {
         let s1 = g.seq.load(Ordering::Acquire);
         let n = g.len.load(Ordering::Relaxed).min(GUEST_RAM_SLOTS);
-        let v: Vec<(usize, usize)> = (0..n)
-            .map(|i| {
-                (
-                    g.start[i].load(Ordering::Relaxed),
-                    g.end[i].load(Ordering::Relaxed),
-                )
+        let v: Vec<GuestRamRange> = (0..n)
+            .map(|i| GuestRamRange {
+                start: g.start[i].load(Ordering::Relaxed),
+                end: g.end[i].load(Ordering::Relaxed),
+                page: g.page[i].load(Ordering::Relaxed),
             })
             .collect();
         fence(Ordering::Acquire);
@@ -550,27 +641,26 @@ pub fn guest_ram_ranges() -> Vec<(usize, usize)> {
 }
 
 /// Rewrite the table (the caller holds `TRACKED`).
-fn publish_guest_ram(ranges: &[(usize, usize)]) {
+fn publish_guest_ram(ranges: &[GuestRamRange]) {
     let g = &GUEST_RAM;
     let s = g.seq.load(Ordering::Relaxed);
     g.seq.store(s.wrapping_add(1), Ordering::Relaxed);
     fence(Ordering::Release);
     let n = ranges.len().min(GUEST_RAM_SLOTS);
-    for (i, &(start, len)) in ranges.iter().take(n).enumerate() {
-        g.start[i].store(start, Ordering::Relaxed);
-        g.end[i].store(start.saturating_add(len), Ordering::Relaxed);
+    for (i, r) in ranges.iter().take(n).enumerate() {
+        g.start[i].store(r.start, Ordering::Relaxed);
+        g.end[i].store(r.end, Ordering::Relaxed);
+        g.page[i].store(r.page, Ordering::Relaxed);
     }
     g.len.store(n, Ordering::Relaxed);
     g.seq.store(s.wrapping_add(2), Ordering::Release);
 }
 
-/// Whether `[page, page + size)` lies inside one guest-RAM mapping. Async-signal-safe: atomic
-/// loads only, a bounded number of tries (a writer is never interrupted by this handler on its
-/// own thread: writers do not touch guest RAM).
-fn in_guest_ram(page: usize, size: usize) -> bool {
-    let Some(page_end) = page.checked_add(size) else {
-        return false;
-    };
+/// The size of the page holding `addr` if that page lies wholly inside one guest-RAM mapping
+/// (it is then `addr` rounded down to that size, plus that size), else `None`.
+/// Async-signal-safe: atomic loads only, a bounded number of tries (a writer is never
+/// interrupted by this handler on its own thread: writers do not touch guest RAM).
+fn guest_ram_page(addr: usize) -> Option<usize> {
     let g = &GUEST_RAM;
     for _ in 0..1_000_000 {
         let s1 = g.seq.load(Ordering::Acquire);
@@ -579,30 +669,35 @@ fn in_guest_ram(page: usize, size: usize) -> bool {
             continue;
         }
         let n = g.len.load(Ordering::Relaxed).min(GUEST_RAM_SLOTS);
-        let hit = (0..n).any(|i| {
-            g.start[i].load(Ordering::Relaxed) <= page
-                && page_end <= g.end[i].load(Ordering::Relaxed)
+        let hit = (0..n).find_map(|i| {
+            let (start, end) = (
+                g.start[i].load(Ordering::Relaxed),
+                g.end[i].load(Ordering::Relaxed),
+            );
+            let page = g.page[i].load(Ordering::Relaxed);
+            if !(start <= addr && addr < end && page.is_power_of_two()) {
+                return None;
+            }
+            let first = addr & !(page - 1);
+            let inside = start <= first && first.checked_add(page).is_some_and(|e| e <= end);
+            inside.then_some(page)
         });
         fence(Ordering::Acquire);
         if g.seq.load(Ordering::Relaxed) == s1 {
             return hit;
         }
     }
-    false
+    None
 }
 
-/// Guest RAM is a file the VMM shares with us (a memfd). If the VMM shrinks that file after
-/// handing it over, touching the vanished part raises SIGBUS. The handler replaces the faulting
-/// page with a private zero page and lets the access complete, but only if the page lies in a
-/// guest-RAM mapping the daemon made ([`track_guest_ram`]): the guest sees zeroes where its
-/// memory vanished, the daemon survives, and the worker logs what happened. Any other SIGBUS
-/// ends the process with a message naming the address.
+/// Guest RAM is a file the VMM shares with us (a memfd, or a file on hugetlbfs). If the VMM
+/// shrinks that file after handing it over, touching the vanished part raises SIGBUS. The
+/// handler replaces the faulting page (the whole huge page in hugetlbfs guest RAM) with a
+/// private zero-filled anonymous mapping and lets the access complete, but only if the page
+/// lies in a guest-RAM mapping the daemon made ([`track_guest_ram`]): the guest sees zeroes
+/// where its memory vanished, the daemon survives, and the worker logs what happened. Any
+/// other SIGBUS ends the process with a message naming the address.
 pub fn install_sigbus_handler() -> Result<(), String> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if page > 0 {
-        PAGE_SIZE.store(page as usize, Ordering::Relaxed);
-    }
     // SAFETY: an all-zero sigaction is a valid value of this plain C struct; we fill in the
     // handler and flags, and sigaction copies it.
     unsafe {
@@ -623,24 +718,29 @@ pub fn install_sigbus_handler() -> Result<(), String> {
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     const BUS_ADRERR: i32 = 2;
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; only
-    // async-signal-safe calls (atomic loads, mmap, write, _exit) follow.
+    // async-signal-safe calls (atomic loads, mmap, write, _exit) follow. The mmap replaces a
+    // page of a guest-RAM mapping the daemon made (nothing else lives there) with one of the
+    // same size: a hugetlb mapping can only be replaced a whole huge page at a time (MAP_FIXED
+    // over part of one fails with EINVAL). The replacement is a plain anonymous mapping, not
+    // MAP_HUGETLB: it needs no reserved huge page, so it cannot fail for the lack of one.
     unsafe {
         let code = (*info).si_code;
         let addr = (*info).si_addr() as usize;
-        let page = PAGE_SIZE.load(Ordering::Relaxed);
-        let start = addr & !(page - 1);
-        if code == BUS_ADRERR && in_guest_ram(start, page) {
-            let p = libc::mmap(
-                start as *mut libc::c_void,
-                page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p != libc::MAP_FAILED {
-                GUEST_MEMORY_FAULTS.fetch_add(1, Ordering::Relaxed);
-                return;
+        if code == BUS_ADRERR {
+            if let Some(page) = guest_ram_page(addr) {
+                let start = addr & !(page - 1);
+                let p = libc::mmap(
+                    start as *mut libc::c_void,
+                    page,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p != libc::MAP_FAILED {
+                    GUEST_MEMORY_FAULTS.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
         }
         let mut msg = [0u8; 128];
@@ -964,7 +1064,12 @@ mod tests {
                 );
                 track_guest_ram(&mem);
                 let host = mem.iter().next().unwrap().as_ptr() as usize;
-                assert_eq!(guest_ram_ranges(), vec![(host, host + len)]);
+                let whole = GuestRamRange {
+                    start: host,
+                    end: host + len,
+                    page: base_page_size(),
+                };
+                assert_eq!(guest_ram_ranges(), vec![whole]);
                 // An older table still alive stays known; a dead one is forgotten.
                 let (file_b, len_b) = memfd_pages(1);
                 let mem_b = Arc::new(
@@ -979,13 +1084,82 @@ mod tests {
                 assert_eq!(guest_ram_ranges().len(), 2);
                 drop(mem_b);
                 track_guest_ram(&mem);
-                assert_eq!(guest_ram_ranges(), vec![(host, host + len)]);
+                assert_eq!(guest_ram_ranges(), vec![whole]);
                 // The VMM shrinks its file: the vanished pages read as zeroes.
                 file.set_len(4096).expect("shrink");
                 assert_eq!(touch(host + 2 * 4096 + 17), 0);
                 assert_eq!(GUEST_MEMORY_FAULTS.load(Ordering::Relaxed), 1);
                 assert_eq!(touch(host + 2 * 4096), 0, "the zero page stays");
                 assert_eq!(GUEST_MEMORY_FAULTS.load(Ordering::Relaxed), 1);
+                drop(file);
+                println!("SIGBUS-CHILD-OK");
+            }
+            "hugetlb" => {
+                // Hugetlbfs guest RAM (QEMU's memory-backend-memfd,hugetlb=on): 4 huge pages.
+                let huge = huge_page_size();
+                // SAFETY: memfd_create with a NUL-terminated name; the fd is owned from here.
+                let file = unsafe {
+                    let fd = libc::memfd_create(
+                        c"guest-ram-huge".as_ptr(),
+                        libc::MFD_CLOEXEC | libc::MFD_HUGETLB,
+                    );
+                    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+                    <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                };
+                let len = 4 * huge;
+                file.set_len(len as u64).expect("ftruncate");
+                let mem = Arc::new(
+                    GuestMemoryMmap::from_ranges_with_files(&[(
+                        GuestAddress(0x4000_0000),
+                        len,
+                        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+                    )])
+                    .expect("guest memory"),
+                );
+                track_guest_ram(&mem);
+                let host = mem.iter().next().unwrap().as_ptr() as usize;
+                assert_eq!(
+                    guest_ram_ranges(),
+                    vec![GuestRamRange {
+                        start: host,
+                        end: host + len,
+                        page: huge,
+                    }],
+                    "tracked with its huge-page size"
+                );
+                // Fill every huge page. vm-memory maps with MAP_NORESERVE: a huge page that
+                // cannot be allocated would raise SIGBUS here, which the handler would absorb.
+                for i in 0..4 {
+                    // SAFETY: inside the live mapping.
+                    unsafe { std::ptr::write_volatile((host + i * huge) as *mut u8, 1) };
+                }
+                assert_eq!(
+                    GUEST_MEMORY_FAULTS.load(Ordering::Relaxed),
+                    0,
+                    "the huge pages could not be allocated"
+                );
+                // The VMM shrinks its file: the last huge page vanishes and reads as zeroes,
+                // all of it, from one fault; what is written there stays.
+                file.set_len((3 * huge) as u64).expect("shrink");
+                let gone = host + 3 * huge;
+                assert_eq!(touch(gone + 4096 + 17), 0);
+                assert_eq!(GUEST_MEMORY_FAULTS.load(Ordering::Relaxed), 1);
+                // SAFETY: inside the live mapping (now the private replacement).
+                unsafe { std::ptr::write_volatile((gone + 5) as *mut u8, 9) };
+                assert_eq!(touch(gone + 5), 9, "the replacement is writable and stays");
+                assert_eq!(touch(gone), 0);
+                assert_eq!(touch(gone + huge - 1), 0);
+                assert_eq!(
+                    GUEST_MEMORY_FAULTS.load(Ordering::Relaxed),
+                    1,
+                    "one fault replaced the whole huge page"
+                );
+                assert_eq!(
+                    touch(host + 2 * huge),
+                    1,
+                    "the pages that stay are untouched"
+                );
+                drop(mem);
                 drop(file);
                 println!("SIGBUS-CHILD-OK");
             }
@@ -1041,6 +1215,90 @@ mod tests {
             out.contains("SIGBUS-CHILD-OK"),
             "stdout:\n{out}\nstderr:\n{err}"
         );
+    }
+
+    /// The default huge-page size (`Hugepagesize` in /proc/meminfo), what MFD_HUGETLB uses.
+    fn huge_page_size() -> usize {
+        meminfo("Hugepagesize:").expect("Hugepagesize in /proc/meminfo") * 1024
+    }
+
+    /// A `/proc/meminfo` field, in its unit (kB, or pages for the HugePages_ counts).
+    fn meminfo(field: &str) -> Option<usize> {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Hugetlbfs guest RAM the VMM shrinks: the handler replaces the whole huge page (a 4 KiB
+    /// page cannot be mapped inside a huge-page mapping). Needs 4 free huge pages: reserves
+    /// them in /proc/sys/vm/nr_hugepages if they are not (and restores it), and skips, saying
+    /// so, only if they cannot be had.
+    #[test]
+    fn sigbus_on_hugetlb_guest_ram_is_absorbed() {
+        const NEED: usize = 4;
+        const NR: &str = "/proc/sys/vm/nr_hugepages";
+        struct Restore(Option<String>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(before) = &self.0 {
+                    let _ = std::fs::write(NR, before);
+                }
+            }
+        }
+        let mut restore = Restore(None);
+        let free = meminfo("HugePages_Free:").unwrap_or(0);
+        if free < NEED {
+            if let Ok(before) = std::fs::read_to_string(NR) {
+                let before = before.trim().to_string();
+                if let Ok(n) = before.parse::<usize>() {
+                    if std::fs::write(NR, (n + NEED - free).to_string()).is_ok() {
+                        restore.0 = Some(before);
+                    }
+                }
+            }
+        }
+        let free = meminfo("HugePages_Free:").unwrap_or(0);
+        if free < NEED {
+            eprintln!(
+                "SKIPPED sigbus_on_hugetlb_guest_ram_is_absorbed: {free} free huge page(s), \
+                 {NEED} needed, and {NR} could not provide them (not root?)"
+            );
+            return;
+        }
+        let (code, out, err) = run_sigbus_child("hugetlb");
+        drop(restore);
+        assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+        assert!(
+            out.contains("SIGBUS-CHILD-OK"),
+            "stdout:\n{out}\nstderr:\n{err}"
+        );
+    }
+
+    /// What the handler may replace in a mapping: whole pages of its size, and only those.
+    #[test]
+    fn tracked_ranges_hold_whole_pages() {
+        const H: usize = 2 << 20;
+        let r = |start, end, page| GuestRamRange { start, end, page };
+        assert_eq!(
+            whole_pages(0x4000_0000, 4 * H, H),
+            Some(r(0x4000_0000, 0x4000_0000 + 4 * H, H))
+        );
+        assert_eq!(
+            whole_pages(0x7000_1000, 0x3000, 4096),
+            Some(r(0x7000_1000, 0x7000_4000, 4096))
+        );
+        // Not aligned to its huge pages: only the whole ones inside.
+        assert_eq!(
+            whole_pages(0x4000_1000, 3 * H, H),
+            Some(r(0x4000_0000 + H, 0x4000_0000 + 3 * H, H))
+        );
+        assert_eq!(whole_pages(0x4000_1000, H, H), None);
+        assert_eq!(whole_pages(usize::MAX - 4095, 8192, 4096), None);
     }
 
     #[test]

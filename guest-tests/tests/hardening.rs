@@ -330,10 +330,10 @@ fn hugetlb_guest_ram_is_served() {
 }
 
 /// The VMM shrinks a hugetlb memfd it shared: the daemon absorbs the fault (as for ordinary
-/// memfds) rather than die. Needs a huge-page-aware SIGBUS handler (src/sandbox.rs: a 4 KiB
-/// zero page cannot be mapped inside a huge-page mapping).
+/// memfds) rather than die. Its SIGBUS handler replaces the whole huge page (src/sandbox.rs: a
+/// 4 KiB page cannot be mapped inside a huge-page mapping). Needs free 2 MiB huge pages, as
+/// above.
 #[test]
-#[ignore = "needs src/sandbox.rs to replace a whole huge page on SIGBUS (issue 21, item 3)"]
 fn hugetlb_guest_ram_shrink_is_absorbed() {
     hugetlb(true);
 }
