@@ -137,7 +137,8 @@ def parse_request_seeds():
 # ---------------------------------------------------------------------------------------------
 
 GET_FEATURES, SET_FEATURES, GET_CONFIG, SET_CONFIG, INFLIGHT, SET_MEM_TABLE, \
-    GET_VRING_BASE, LAYOUT = range(8)
+    GET_VRING_BASE, LAYOUT, SET_LOG_BASE = range(9)
+F_LOG_ALL = 26
 F_CONFIG_WCE = 11
 
 
@@ -174,6 +175,10 @@ def layout(regions, max_buffer, ranges):
     for gpa, length in (ranges + [(0, 0)] * 4)[:4]:
         out += u64(gpa) + u32(length)
     return out
+
+
+def log_base(sealed, file_pages, size, offset):
+    return u8(SET_LOG_BASE) + u8(1 if sealed else 0) + u16(file_pages) + u64(size) + u64(offset)
 
 
 def vhost_messages_seeds():
@@ -220,6 +225,14 @@ def vhost_messages_seeds():
         device(two_queues=True, qsize_log2=7) + u8(INFLIGHT) + u8(1 | (3 << 1))
         + u8(INFLIGHT) + u8(1 | (2 << 1) | (7 << 3)) + u8(INFLIGHT) + u8(2 << 1)
         + u8(INFLIGHT) + u8(1 | (1 << 1) | (15 << 3)) + u8(INFLIGHT) + u8(1))
+    # Dirty logs: a good one with LOG_ALL on and off, an unsealed one, one past its file, one
+    # too small for the memory table, one at an unaligned offset.
+    seeds["dirty_log"] = (
+        device(two_queues=True) + mem_table([(0, 8, None), (4, 2, (1, 8))])
+        + log_base(True, 1, 64, 0) + u8(SET_FEATURES) + u64(1 << F_LOG_ALL)
+        + log_base(True, 2, 4096, 100) + log_base(False, 1, 64, 0)
+        + log_base(True, 1, 4097, 0) + log_base(True, 1, 2**64 - 1, 2)
+        + u8(SET_FEATURES) + u64(0) + log_base(True, 3, 1, 4095))
     seeds["empty"] = b"\x00"
     return seeds
 

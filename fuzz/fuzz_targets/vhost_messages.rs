@@ -31,11 +31,14 @@
 //!     6 GET_VRING_BASE u8 queue index
 //!     7 LAYOUT         u8 count (b % 5), per region u8 mode + u64 gpa, u64 len, u64 host,
 //!                      then u64 max_buffer and 4 x (u64 gpa, u32 len) ranges to translate
+//!     8 SET_LOG_BASE   u8 flags (bit0: sealed against shrinking), u16 file pages, u64 size,
+//!                      u64 offset: accepted only for a sealed memfd whose range lies inside
+//!                      it; a refusal ends the connection (it cannot be nacked)
 
 #![no_main]
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -53,7 +56,9 @@ use ringfence::inflight::region_len;
 use ringfence::stats::DeviceStats;
 use ringfence::vring::Connection;
 use ringfence::worker::Tuning;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserMemoryRegion};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
+};
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Error as VhostUserError, Result as VhostUserResult};
 use vhost_user_backend::VhostUserBackend;
@@ -77,6 +82,9 @@ impl Input<'_> {
     }
     fn u8(&mut self) -> u8 {
         self.bytes::<1>()[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.bytes())
     }
     fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.bytes())
@@ -110,6 +118,7 @@ fn images() -> &'static (Arc<Image>, Arc<Image>) {
                 read_only,
                 Some(CacheMode::Writeback),
                 Duration::ZERO,
+                false,
             )
                 .expect("open the scratch image");
             std::fs::remove_file(&path).expect("unlink the scratch image");
@@ -199,7 +208,7 @@ fn run(data: &[u8]) {
         if inp.is_empty() {
             break;
         }
-        match inp.u8() % 8 {
+        match inp.u8() % 9 {
             0 => assert_eq!(device.get_features().expect("GET_FEATURES"), model.offered),
             1 => {
                 let raw = inp.u64();
@@ -236,7 +245,8 @@ fn run(data: &[u8]) {
                 let r = device.get_vring_base(q);
                 assert_eq!(r.is_ok(), q < u32::from(num_queues), "GET_VRING_BASE {q}");
             }
-            _ => layout(&mut inp),
+            7 => layout(&mut inp),
+            _ => set_log_base(&mut device, &mut inp),
         }
     }
 }
@@ -281,6 +291,38 @@ fn inflight(device: &mut Device, num_queues: u16, b: u8) {
             "SET_INFLIGHT_FD of an unsealed memfd was accepted"
         );
         goes_on(device, r);
+    }
+}
+
+fn set_log_base(device: &mut Device, inp: &mut Input) {
+    let sealed = inp.u8() & 1 != 0;
+    let file_len = u64::from(inp.u16()) * 4096;
+    let (size, offset) = (inp.u64(), inp.u64());
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd is ours alone.
+    let fd = unsafe { libc::memfd_create(c"ringfence-fuzz-log".as_ptr(), flags) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(file_len).expect("size the log memfd");
+    if sealed {
+        // SAFETY: fcntl F_ADD_SEALS on a memfd of ours (created with MFD_ALLOW_SEALING).
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(rc, 0, "seal the log");
+    }
+    let r = device.set_log_base(&VhostUserLog::new(size, offset), file);
+    if r.is_ok() {
+        assert!(sealed, "an unsealed log was accepted");
+        assert!(
+            size > 0 && offset.checked_add(size).is_some_and(|end| end <= file_len),
+            "a log of {size} bytes at offset {offset} of a {file_len}-byte file was accepted"
+        );
+    }
+    if let Err(e) = r {
+        assert!(
+            !device.take_refused(&e),
+            "a refused SET_LOG_BASE must end the connection (the VMM waits for its reply)"
+        );
     }
 }
 
