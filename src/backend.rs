@@ -658,6 +658,9 @@ impl VhostUserBackend for Backend {
         while st.inflight_requests() > 0 {
             let now = Instant::now();
             if now >= next_warn {
+                if !warned {
+                    st.counters().slow_stops.add(1);
+                }
                 warned = true;
                 next_warn = now + DRAIN_WARN_AFTER;
                 warn!(

@@ -220,6 +220,9 @@ pub struct QueueCounters {
     /// Requests that ended without completing an operation: refused by the parser, dropped,
     /// or given up on (also counted in `errors`).
     pub without_op: Counter,
+    /// Queue stops (GET_VRING_BASE, RESET_DEVICE) that waited longer than the warning interval
+    /// for requests in flight.
+    pub slow_stops: Counter,
 }
 
 impl QueueCounters {
@@ -268,6 +271,7 @@ impl QueueCounters {
         s.dsync_writes = self.dsync_writes.get();
         s.fdatasyncs = self.fdatasyncs.get();
         s.without_op = self.without_op.get();
+        s.slow_stops = self.slow_stops.get();
         s
     }
 }
@@ -296,6 +300,7 @@ pub struct QueueSnapshot {
     pub dsync_writes: u64,
     pub fdatasyncs: u64,
     pub without_op: u64,
+    pub slow_stops: u64,
 }
 
 impl QueueSnapshot {
@@ -322,6 +327,7 @@ impl QueueSnapshot {
         self.dsync_writes += o.dsync_writes;
         self.fdatasyncs += o.fdatasyncs;
         self.without_op += o.without_op;
+        self.slow_stops += o.slow_stops;
     }
 
     /// Requests taken off the virtqueue and finished with: completed operations, and those
@@ -517,6 +523,11 @@ const QUEUE_COUNTERS: &[Field] = &[
         "kernel_refusals",
         "Completions the kernel refused with -EACCES (the ring's allowlist stopped an SQE): a security incident.",
         |s| s.kernel_refusals,
+    ),
+    (
+        "slow_stops",
+        "Queue stops (GET_VRING_BASE, RESET_DEVICE) that waited longer than 5 s for requests in flight (the stop is answered only once they land).",
+        |s| s.slow_stops,
     ),
     (
         "dsync_writes",

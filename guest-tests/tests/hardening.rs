@@ -502,15 +502,34 @@ impl Held {
         let img = fs.path().join("disk.img");
         image::create(&img, 64 * MIB);
         let sock_dir = tempfile::tempdir().expect("tempdir");
+        let stats = sock_dir.path().join("stats.sock");
         let daemon = Daemon::ringfence(
             &sock_dir.path().join("vhost.sock"),
-            &["--blk-file", img.to_str().unwrap(), "--queue-size", "256"],
+            &[
+                "--blk-file",
+                img.to_str().unwrap(),
+                "--queue-size",
+                "256",
+                "--stats-socket",
+                stats.to_str().unwrap(),
+            ],
         );
         Held {
             fs,
             daemon,
             _sock_dir: sock_dir,
         }
+    }
+
+    /// The daemon's statistics (Prometheus text).
+    fn metrics(&self) -> String {
+        use std::io::Read;
+        let mut c =
+            std::os::unix::net::UnixStream::connect(self._sock_dir.path().join("stats.sock"))
+                .expect("connect to the stats socket");
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("read the statistics");
+        out
     }
 
     fn session(&self) -> Session {
@@ -571,6 +590,11 @@ fn get_vring_base_waits_for_a_held_write() {
         h.daemon.stderr()
     );
     assert_eq!(s.queues[0].used_idx(&s.mem), 1, "the held write completed?");
+    let m = h.metrics();
+    assert!(
+        m.contains("ringfence_queue_slow_stops_total{queue=\"0\"} 1"),
+        "the slow stop is not counted:\n{m}"
+    );
     h.fs.thaw();
     let base = s
         .fe
