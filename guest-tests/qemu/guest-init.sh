@@ -18,6 +18,13 @@
 #                rf_fio_mb MiB each, one per CPU and so per queue, beside rf_nq random readers
 #                of iodepth rf_reader_depth), from when the guest says
 #                `RINGFENCE-CRASHLOAD-STARTED` until it says `RINGFENCE-CRASHLOAD-FIO-DONE`
+#   migrate:     the host migrates the VM while fio runs (rounds of rf_nq jobs of rf_fio_mb MiB
+#                each, random writes 4k-128k verified with crc32c, until the host's word) and
+#                /usr/bin/holdbuf holds an O_DIRECT read of [rf_off, rf_off+rf_len) (seeded by
+#                the host with `pattern MIG:rf_seed`) in its memory; the host talks to holdbuf
+#                through the second serial port (/dev/ttyS1), see migrate() below;
+#                rf_sweep_mb: MiB holdbuf dirties until its read has landed (holds the
+#                migration back), rf_fio=0: no fio (an idle guest)
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -72,7 +79,8 @@ for kv in $cmdline; do
 done
 : "${rf_scenario:=identity}" "${rf_size:=0}" "${rf_lbs:=512}" "${rf_nq:=1}" "${rf_ro:=0}"
 : "${rf_serial:=}" "${rf_seed:=0}" "${rf_off:=0}" "${rf_len:=0}" "${rf_zoff:=0}" "${rf_zlen:=0}"
-: "${rf_fio_mb:=16}" "${rf_newsize:=0}" "${rf_reader_depth:=2}"
+: "${rf_fio_mb:=16}" "${rf_newsize:=0}" "${rf_reader_depth:=2}" "${rf_ctl:=/dev/ttyS1}"
+: "${rf_sweep_mb:=0}" "${rf_fio:=1}"
 
 echo "RINGFENCE-BOOTED kernel=$(uname -r) scenario=$rf_scenario cpus=$(nproc)"
 
@@ -485,6 +493,97 @@ crashload() {
     fi
 }
 
+# Live migration under load (tests/migration.rs). The host seeded [rf_off, rf_off+rf_len) with
+# `pattern MIG:rf_seed` and migrates the VM to another QEMU while:
+#  - fio rounds run without pause (each: rf_nq jobs, one per CPU and so per queue, random writes
+#    of 4k-128k over rf_fio_mb MiB each, then verified with crc32c; a new seed every round), so
+#    that a round is in flight at the switchover; they stop after the round that runs when the
+#    host's last word comes;
+#  - holdbuf (holdbuf.c) fills a buffer, reads the region into it with O_DIRECT when the host
+#    says `read` on /dev/ttyS1 (while the migration copies RAM), and hashes it when the host
+#    says `check` (on the destination, after the switchover, once the host has overwritten the
+#    region on disk with `pattern MIG2:rf_seed`).
+# Console lines for the host: RINGFENCE-MIGRATE-FIO-ROUND-START n, RINGFENCE-MIGRATE-FIO-ROUND-END
+# n PASS|FAIL, holdbuf's RINGFENCE-HOLDBUF-* lines.
+migrate() {
+    if [ $((rf_nq * rf_fio_mb)) -gt 56 ] || [ "$rf_off" -ge $((64 * MiB)) ] ||
+        [ $((rf_off + rf_len)) -gt $((64 * MiB)) ] || [ "$rf_len" -le 0 ]; then
+        check migrate_layout FAIL "needs rf_nq * rf_fio_mb <= 56 and the held region in [0, 64 MiB)"
+        return
+    fi
+    pattern "MIG:$rf_seed" "$rf_len" >/tmp/mig
+    pattern "MIG2:$rf_seed" "$rf_len" >/tmp/mig2
+    want=$(holdbuf hash /tmp/mig)
+    want2=$(holdbuf hash /tmp/mig2)
+    echo "info: held region $rf_len bytes at $rf_off: original hash=$want, overwritten hash=$want2"
+    cpus=0-$((rf_nq - 1))
+    rm -f /tmp/stop /tmp/fio_failed
+    [ "$rf_fio" = 1 ] || touch /tmp/stop
+    (
+        n=1
+        while [ ! -e /tmp/stop ]; do
+            echo "RINGFENCE-MIGRATE-FIO-ROUND-START $n"
+            if fio --output=/tmp/fio.out --filename=/dev/vda --direct=1 --ioengine=libaio \
+                --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 \
+                --randseed=$((rf_seed + n)) --name=mig --rw=randwrite --bsrange=4k-128k \
+                --iodepth=16 --numjobs="$rf_nq" --cpus_allowed="$cpus" \
+                --cpus_allowed_policy=split --offset=64M --offset_increment="${rf_fio_mb}M" \
+                --size="${rf_fio_mb}M" --group_reporting >/tmp/fio.err 2>&1 &&
+                ! grep -qiE 'verify: bad|crc32c: verify failed|err= *[1-9]' /tmp/fio.out; then
+                echo "RINGFENCE-MIGRATE-FIO-ROUND-END $n PASS"
+            else
+                echo "RINGFENCE-MIGRATE-FIO-ROUND-END $n FAIL"
+                echo "round $n: $(tr '\n' ' ' </tmp/fio.err | cut -c1-200)" \
+                    "$(grep -iE 'verify|err' /tmp/fio.out | head -n 5 | tr '\n' ';')" \
+                    >>/tmp/fio_failed
+            fi
+            n=$((n + 1))
+        done
+        echo $((n - 1)) >/tmp/fio_rounds
+    ) &
+    loop=$!
+    holdbuf hold /dev/vda "$rf_off" "$rf_len" "$rf_ctl" "$rf_sweep_mb" 2>/tmp/hold.err |
+        tee /tmp/hold.out
+    touch /tmp/stop
+    wait "$loop"
+    held=$(sed -n 's/.*RINGFENCE-HOLDBUF-HOLDING hash=//p' /tmp/hold.out)
+    got=$(sed -n 's/.*RINGFENCE-HOLDBUF-HASH hash=//p' /tmp/hold.out)
+    if [ -z "$got" ]; then
+        check held_buffer_intact FAIL "holdbuf did not finish: $(tr '\n' ' ' </tmp/hold.err)"
+    elif [ "$held" != "$want" ]; then
+        check held_buffer_intact FAIL "the O_DIRECT read got hash $held, want $want"
+    elif [ "$got" = "$want" ]; then
+        check held_buffer_intact PASS "the buffer read with O_DIRECT still hashes to $got"
+    else
+        check held_buffer_intact FAIL "the buffer read with O_DIRECT hashes to $got after the" \
+            "migration, want $want (the O_DIRECT read itself hashed to $held)"
+    fi
+    # The host overwrote the region before its `check`: the disk itself no longer holds what
+    # the buffer must hold, so only migrated RAM could give the right hash above.
+    rm -f /tmp/now
+    if dread "$rf_off" "$rf_len" /tmp/now && [ "$(holdbuf hash /tmp/now)" = "$want2" ]; then
+        check region_overwritten_by_host PASS "the disk now holds the host's new content"
+    else
+        check region_overwritten_by_host FAIL "the disk does not hold the host's new content: $(err)"
+    fi
+    rounds=$(cat /tmp/fio_rounds 2>/dev/null)
+    if [ -s /tmp/fio_failed ]; then
+        check migrate_fio_verify FAIL "$(head -c 400 /tmp/fio_failed)"
+    elif [ "$rf_fio" != 1 ]; then
+        check migrate_fio_verify INFO "no load (rf_fio=$rf_fio)"
+    elif [ "${rounds:-0}" -ge 1 ]; then
+        check migrate_fio_verify PASS "$rounds rounds of ${rf_nq}x${rf_fio_mb} MiB verified"
+    else
+        check migrate_fio_verify FAIL "no fio round ran"
+    fi
+    if dmesg | grep -iE 'I/O error|blk_update_request|critical medium error|not a head' \
+        >/tmp/ioerr; then
+        check migrate_no_io_errors FAIL "kernel log: $(head -n 5 /tmp/ioerr | tr '\n' ';')"
+    else
+        check migrate_no_io_errors PASS "no I/O error in the kernel log"
+    fi
+}
+
 identity
 case "$rf_scenario" in
 identity) ;;
@@ -497,6 +596,7 @@ reboot1) reboot1 ;;
 reboot2) reboot2 ;;
 resize) resize ;;
 crashload) crashload ;;
+migrate) migrate ;;
 *) check scenario FAIL "unknown scenario '$rf_scenario'" ;;
 esac
 finish

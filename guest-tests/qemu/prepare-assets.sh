@@ -4,7 +4,9 @@
 #     (installed with apt-get when missing; CI starts from a clean machine);
 #   - a Debian cloud kernel (apt-get download + dpkg-deb -x, nothing installed on the host);
 #   - an initramfs: busybox-static, the virtio modules in dependency order, fio and
-#     util-linux's blkdiscard with their shared libraries, and guest-init.sh as /init;
+#     util-linux's blkdiscard with their shared libraries, holdbuf (holdbuf.c, built here
+#     statically with the host's cc; the migration test's guest helper) and guest-init.sh as
+#     /init;
 #   - which accelerator boots that kernel here (KVM where it works, TCG otherwise).
 #
 # Everything lands in a cache directory outside the repository:
@@ -54,11 +56,11 @@ as_root() {
 # fails ("held broken packages") or removes qemu-utils (and with it qemu-img and
 # qemu-storage-daemon); it installs bookworm's qemu-utils with it, downgrading only then.
 wanted_pkgs=(qemu-system-x86 qemu-system-common qemu-utils fio busybox-static util-linux cpio kmod
-    xz-utils zstd)
+    xz-utils zstd gcc libc6-dev)
 "$here/install-host-packages.sh" "${wanted_pkgs[@]}" ||
     die "could not install the host packages the guest tests need (see above)"
 for c in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio modinfo blkdiscard dpkg-deb \
-    ldd ldconfig; do
+    ldd ldconfig cc; do
     command -v "$c" >/dev/null 2>&1 || die "$c not found after installing packages"
 done
 qemu-system-x86_64 --version >/dev/null ||
@@ -122,9 +124,9 @@ moddir=$kdir/lib/modules/$kver
 # versions of the packages copied into it.
 # ---------------------------------------------------------------------------------------------
 stamp=$({
-    sha256sum "$here/prepare-assets.sh" "$here/guest-init.sh" | cut -d' ' -f1
+    sha256sum "$here/prepare-assets.sh" "$here/guest-init.sh" "$here/holdbuf.c" | cut -d' ' -f1
     printf '%s\n' "$kpkg"
-    dpkg-query -W -f='${Package} ${Version}\n' fio busybox-static util-linux libc6
+    dpkg-query -W -f='${Package} ${Version}\n' fio busybox-static util-linux libc6 libc6-dev
 } | sha256sum | cut -d' ' -f1)
 initrd=$cache/initramfs-$stamp.cpio
 
@@ -160,6 +162,9 @@ if [ ! -s "$initrd" ]; then
     copy_with_libs "$(command -v fio)" /usr/bin/fio
     # busybox's blkdiscard has no -z (write zeroes): use util-linux's.
     copy_with_libs "$(command -v blkdiscard)" /usr/sbin/blkdiscard
+    # The migration test's helper: static, so it needs nothing else in the guest.
+    cc -O2 -Wall -Werror -static -pthread -o "$root/usr/bin/holdbuf" "$here/holdbuf.c" ||
+        die "building holdbuf.c failed"
     printf '/usr/lib/x86_64-linux-gnu\n/usr/lib/x86_64-linux-gnu/ceph\n' >"$root/etc/ld.so.conf"
     ldconfig -r "$root" 2>/dev/null || true
 

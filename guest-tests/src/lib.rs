@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod frontend;
 pub mod image;
 pub mod memory;
+pub mod migration;
 pub mod rig;
 pub mod virtq;
