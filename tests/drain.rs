@@ -10,93 +10,12 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::*;
-use ringfence_guest_tests::daemon::Daemon;
-
-/// An ext4 filesystem in a file, on a loop device, mounted in a temporary directory.
-struct Freezable {
-    mnt: tempfile::TempDir,
-    loopdev: String,
-    _backing: tempfile::TempDir,
-    frozen: std::cell::Cell<bool>,
-}
-
-/// Thaws on drop. Made after the backend, so it is dropped first: a failing test must not
-/// leave the daemon's writes (and so its exit, and the test's cleanup) stuck.
-struct ThawOnDrop<'a>(&'a Freezable);
-
-impl Drop for ThawOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.0.frozen.get() {
-            self.0.thaw();
-        }
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-impl Freezable {
-    fn new() -> Freezable {
-        let backing = tempfile::tempdir().expect("tempdir");
-        let file = backing.path().join("fs.img");
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(64 * MIB))
-            .expect("backing file");
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
-        let loopdev = run(Command::new("losetup").args(["-f", "--show"]).arg(&file));
-        let mnt = tempfile::tempdir().expect("mount point");
-        run(Command::new("mount").arg(&loopdev).arg(mnt.path()));
-        Freezable {
-            mnt,
-            loopdev,
-            _backing: backing,
-            frozen: std::cell::Cell::new(false),
-        }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.mnt.path().to_path_buf()
-    }
-
-    fn freeze(&self) {
-        run(Command::new("fsfreeze").arg("-f").arg(self.mnt.path()));
-        self.frozen.set(true);
-    }
-
-    fn thaw(&self) {
-        run(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
-        self.frozen.set(false);
-    }
-}
-
-impl Drop for Freezable {
-    fn drop(&mut self) {
-        if self.frozen.get() {
-            let _ = Command::new("fsfreeze")
-                .arg("-u")
-                .arg(self.mnt.path())
-                .status();
-        }
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.mnt.path())
-            .status();
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-    }
-}
+use ringfence_guest_tests::daemon::{Daemon, LoopFs};
 
 /// The daemon, serving an image on the freezable filesystem; its socket lives elsewhere (a
 /// frozen filesystem would hold the socket's creation and removal too).
@@ -109,7 +28,7 @@ struct Served {
 }
 
 impl Served {
-    fn start(fs: &Freezable) -> Served {
+    fn start(fs: &LoopFs) -> Served {
         let dir = tempfile::tempdir().expect("socket dir");
         let image = fs.path().join("disk.img");
         create_image(&image, 8 * MIB, None);
@@ -199,9 +118,9 @@ fn image_locked(image: &Path) -> bool {
 
 #[test]
 fn a_new_connection_is_served_only_after_the_last_ones_writes_landed() {
-    let fs = Freezable::new();
+    let fs = LoopFs::new(64 * MIB);
     let b = Served::start(&fs);
-    let _thaw = ThawOnDrop(&fs);
+    let _thaw = fs.thaw_guard();
     let data = pattern(41, 1 << 20, 64 << 10);
     {
         let mut c = b.connect();
@@ -231,9 +150,9 @@ fn a_new_connection_is_served_only_after_the_last_ones_writes_landed() {
 
 #[test]
 fn exit_waits_for_writes_in_flight_before_it_releases_the_image() {
-    let fs = Freezable::new();
+    let fs = LoopFs::new(64 * MIB);
     let mut b = Served::start(&fs);
-    let _thaw = ThawOnDrop(&fs);
+    let _thaw = fs.thaw_guard();
     let data = pattern(42, 2 << 20, 64 << 10);
     let mut c = b.connect();
     fs.freeze();
@@ -296,9 +215,9 @@ const PAST_THE_WARNINGS: Duration = Duration::from_secs(40);
 /// warned about and counted, until the write has landed.
 #[test]
 fn a_write_held_past_the_warnings_keeps_the_next_connection_waiting() {
-    let fs = Freezable::new();
+    let fs = LoopFs::new(64 * MIB);
     let b = Served::start(&fs);
-    let _thaw = ThawOnDrop(&fs);
+    let _thaw = fs.thaw_guard();
     let data = pattern(43, 3 << 20, 64 << 10);
     {
         let mut c = b.connect();
@@ -366,9 +285,9 @@ fn a_write_held_past_the_warnings_keeps_the_next_connection_waiting() {
 /// landed, and is gone only after.
 #[test]
 fn exit_with_a_write_held_past_its_wait_does_not_release_the_image() {
-    let fs = Freezable::new();
+    let fs = LoopFs::new(64 * MIB);
     let b = Served::start(&fs);
-    let _thaw = ThawOnDrop(&fs);
+    let _thaw = fs.thaw_guard();
     let data = pattern(44, 4 << 20, 64 << 10);
     let mut c = b.connect();
     fs.freeze();

@@ -382,13 +382,14 @@ fn run_cmd(cmd: &mut Command) -> String {
 /// reads pass) until [`LoopFs::thaw`]; [`ReadThrottle`] holds reads and writes of chosen
 /// processes. Needs root, `losetup`, `mkfs.ext4`, `fsfreeze`.
 ///
-/// (`tests/drain.rs`, `tests/inflight.rs` and `tests/qemu_guest.rs` have copies of the freeze
-/// part of their own; new tests use this one.)
+/// The one such helper: `tests/drain.rs`, `guest-tests/tests/{inflight,qemu_guest,hardening,
+/// dirty_log,handover}.rs` use it.
 pub struct LoopFs {
     mnt: tempfile::TempDir,
     loopdev: String,
     _backing: tempfile::TempDir,
-    frozen: std::cell::Cell<bool>,
+    /// Shared with the threads a test runs beside the daemon.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl LoopFs {
@@ -407,7 +408,7 @@ impl LoopFs {
             mnt,
             loopdev,
             _backing: backing,
-            frozen: std::cell::Cell::new(false),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -427,16 +428,18 @@ impl LoopFs {
     /// Hold every write to the filesystem until [`LoopFs::thaw`].
     pub fn freeze(&self) {
         run_cmd(Command::new("fsfreeze").arg("-f").arg(self.mnt.path()));
-        self.frozen.set(true);
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Let held writes go (a no-op when not frozen).
     pub fn thaw(&self) {
-        run_cmd(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
-        self.frozen.set(false);
+        if self.frozen.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            run_cmd(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
+        }
     }
 
     pub fn is_frozen(&self) -> bool {
-        self.frozen.get()
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A guard that thaws the filesystem when dropped. Make it after the daemons that write
@@ -452,15 +455,13 @@ pub struct ThawOnDrop<'a>(&'a LoopFs);
 
 impl Drop for ThawOnDrop<'_> {
     fn drop(&mut self) {
-        if self.0.frozen.get() {
-            self.0.thaw();
-        }
+        self.0.thaw();
     }
 }
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        if self.frozen.get() {
+        if self.is_frozen() {
             let _ = Command::new("fsfreeze")
                 .arg("-u")
                 .arg(self.mnt.path())

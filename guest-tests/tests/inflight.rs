@@ -30,11 +30,10 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ringfence_guest_tests::blk;
-use ringfence_guest_tests::daemon::Daemon;
+use ringfence_guest_tests::daemon::{Daemon, LoopFs};
 use ringfence_guest_tests::frontend::*;
 use ringfence_guest_tests::memory::GuestMemory;
 use ringfence_guest_tests::virtq::{Desc, SplitQueue, Used};
@@ -75,72 +74,8 @@ const STALE: u8 = 0xee;
 const UNWRITTEN: u8 = 0xff;
 
 // ------------------------------------------------------------------------------------------
-// A freezable filesystem (the technique of tests/drain.rs)
+// A freezable filesystem: `LoopFs` (guest-tests/src/daemon.rs)
 // ------------------------------------------------------------------------------------------
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// An ext4 filesystem in a file, on a loop device, mounted in a temporary directory.
-struct Freezable {
-    mnt: tempfile::TempDir,
-    loopdev: String,
-    _backing: tempfile::TempDir,
-    frozen: bool,
-}
-
-impl Freezable {
-    fn new() -> Freezable {
-        let backing = tempfile::tempdir().expect("tempdir");
-        let file = backing.path().join("fs.img");
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(64 * MIB))
-            .expect("backing file");
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
-        let loopdev = run(Command::new("losetup").args(["-f", "--show"]).arg(&file));
-        let mnt = tempfile::tempdir().expect("mount point");
-        run(Command::new("mount").arg(&loopdev).arg(mnt.path()));
-        Freezable {
-            mnt,
-            loopdev,
-            _backing: backing,
-            frozen: false,
-        }
-    }
-
-    fn freeze(&mut self) {
-        run(Command::new("fsfreeze").arg("-f").arg(self.mnt.path()));
-        self.frozen = true;
-    }
-
-    fn thaw(&mut self) {
-        run(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
-        self.frozen = false;
-    }
-}
-
-impl Drop for Freezable {
-    fn drop(&mut self) {
-        if self.frozen {
-            let _ = Command::new("fsfreeze")
-                .arg("-u")
-                .arg(self.mnt.path())
-                .status();
-        }
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.mnt.path())
-            .status();
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-    }
-}
 
 /// The image on the freezable filesystem, its socket elsewhere (a frozen filesystem would hold
 /// the socket's creation too), and the daemon serving it.
@@ -151,13 +86,13 @@ struct Bench {
     /// Declared before `fs`: Drop thaws first, then the daemon goes (its exit waits for the
     /// writes it has in flight), then the filesystem.
     daemon: Option<Daemon>,
-    fs: Freezable,
+    fs: LoopFs,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        if self.fs.frozen {
+        if self.fs.is_frozen() {
             self.fs.thaw();
         }
         self.daemon.take();
@@ -166,9 +101,9 @@ impl Drop for Bench {
 
 impl Bench {
     fn new(num_queues: u16) -> Bench {
-        let fs = Freezable::new();
+        let fs = LoopFs::new(64 * MIB);
         let dir = tempfile::tempdir().expect("socket dir");
-        let image = fs.mnt.path().join("disk.img");
+        let image = fs.path().join("disk.img");
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(IMAGE_SIZE))
             .expect("create the image");

@@ -24,7 +24,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use ringfence_guest_tests::daemon::{workspace_root, Daemon};
+use ringfence_guest_tests::daemon::{workspace_root, Daemon, LoopFs};
 
 const MIB: u64 = 1 << 20;
 /// Every test disk: large enough for the guest's layout (patterns in the first 64 MiB, fio in
@@ -741,78 +741,6 @@ const CRASH_WAIT: Duration = Duration::from_secs(30);
 /// The queue size QEMU's vhost-user-blk-pci uses by default (its `queue-size` property).
 const QEMU_QUEUE_SIZE: u64 = 128;
 
-fn run_cmd(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// An ext4 filesystem in a file, on a loop device, mounted in a temporary directory, that the
-/// host can freeze (FIFREEZE): writes to it wait in the kernel until it is thawed, reads pass
-/// (the technique of tests/drain.rs).
-struct Freezable {
-    mnt: tempfile::TempDir,
-    loopdev: String,
-    _backing: tempfile::TempDir,
-    frozen: std::sync::atomic::AtomicBool,
-}
-
-impl Freezable {
-    fn new(size: u64) -> Freezable {
-        let backing = tempfile::tempdir().expect("tempdir");
-        let file = backing.path().join("fs.img");
-        File::create(&file)
-            .and_then(|f| f.set_len(size))
-            .expect("backing file");
-        run_cmd(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
-        let loopdev = run_cmd(Command::new("losetup").args(["-f", "--show"]).arg(&file));
-        let mnt = tempfile::tempdir().expect("mount point");
-        run_cmd(Command::new("mount").arg(&loopdev).arg(mnt.path()));
-        Freezable {
-            mnt,
-            loopdev,
-            _backing: backing,
-            frozen: false.into(),
-        }
-    }
-
-    fn freeze(&self) {
-        run_cmd(Command::new("fsfreeze").arg("-f").arg(self.mnt.path()));
-        self.frozen.store(true, Ordering::SeqCst);
-    }
-
-    fn thaw(&self) {
-        if self.frozen.swap(false, Ordering::SeqCst) {
-            run_cmd(Command::new("fsfreeze").arg("-u").arg(self.mnt.path()));
-        }
-    }
-}
-
-impl Drop for Freezable {
-    fn drop(&mut self) {
-        self.thaw();
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.mnt.path())
-            .status();
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-    }
-}
-
-/// Thaws on drop: made after the backend process it protects, so dropped before it (a backend
-/// cannot exit while its writes are held).
-struct ThawOnDrop<'a>(&'a Freezable);
-
-impl Drop for ThawOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.thaw();
-    }
-}
-
 /// One answer of ringfence's stats socket, or `None` if it does not answer (yet).
 fn scrape(stats: &std::path::Path) -> Option<String> {
     use std::io::Write;
@@ -980,7 +908,7 @@ fn wait_served(
 /// counter, a log line, an exit), bounded by [`CRASH_WAIT`].
 fn crash_loop(
     disk: &Disk,
-    fs: &Freezable,
+    fs: &LoopFs,
     stats: &std::path::Path,
     qemu_pidfile: &std::path::Path,
     first: Daemon,
@@ -988,7 +916,7 @@ fn crash_loop(
 ) -> CrashReport {
     let mut r = CrashReport::default();
     let mut daemon = first;
-    let _thaw = ThawOnDrop(fs);
+    let _thaw = fs.thaw_guard();
     match events.recv_timeout(Duration::from_secs(CRASH_RUN_TIMEOUT)) {
         Ok(LoadEvent::Started) => {}
         _ => {
@@ -1129,9 +1057,9 @@ fn guest_survives_backend_crashes_under_load(num_queues: u16) {
         eprintln!("skipped: this test restarts ringfence itself");
         return;
     }
-    let fs = Freezable::new(DISK_SIZE + 64 * MIB);
+    let fs = LoopFs::new(DISK_SIZE + 64 * MIB);
     let mut disk = Disk::new(&format!("crash{num_queues}"), false, num_queues);
-    disk.image = fs.mnt.path().join("disk.img");
+    disk.image = fs.path().join("disk.img");
     File::create(&disk.image)
         .and_then(|f| f.set_len(DISK_SIZE))
         .expect("create the image");
