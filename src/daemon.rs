@@ -13,13 +13,13 @@ use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{Backend, BlkBackend, ThreadInit};
 use crate::cli::{Options, SandboxMode};
 use crate::config::{serial_bytes, DeviceSpec};
 use crate::control::Device;
 use crate::error::StartupError;
 use crate::image::Image;
 use crate::ops::Ops;
+use crate::queues::{Queues, ThreadInit};
 use crate::sandbox;
 use crate::stats::DeviceStats;
 use crate::worker::Tuning;
@@ -125,7 +125,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
-            BlkBackend::new(
+            Queues::new(
                 spec.clone(),
                 image.clone(),
                 mem.clone(),
@@ -141,7 +141,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         *lock_serving() = Some(backend.clone());
         // The vrings of this connection can drop it (a kick or call fd that is no eventfd).
         let conn = crate::vring::Connection::new();
-        let device = Device::new(Backend(backend.clone()), mem, &conn)
+        let device = Device::new(backend.clone(), mem, &conn)
             .map(|d| d.with_max_guest_ram(opts.max_guest_ram))
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?;
         let threads = device
@@ -331,14 +331,14 @@ fn check_listening_fd(fd: i32) -> Result<(), StartupError> {
 }
 
 /// The device of the current connection, for the signal thread.
-static SERVING: Mutex<Option<Arc<BlkBackend>>> = Mutex::new(None);
+static SERVING: Mutex<Option<Arc<Queues>>> = Mutex::new(None);
 
-fn lock_serving() -> std::sync::MutexGuard<'static, Option<Arc<BlkBackend>>> {
+fn lock_serving() -> std::sync::MutexGuard<'static, Option<Arc<Queues>>> {
     SERVING.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The device of the current connection (or of the one the daemon waits for).
-pub(crate) fn serving() -> Option<Arc<BlkBackend>> {
+pub(crate) fn serving() -> Option<Arc<Queues>> {
     lock_serving().clone()
 }
 
@@ -358,11 +358,11 @@ pub const DRAIN_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// process lands after a restarted daemon took the lock.
 pub const EXIT_WAIT: Duration = Duration::from_secs(10);
 
-/// Wait for every SQE of the ended connection's rings (see `BlkBackend::quiesce`), without a
+/// Wait for every SQE of the ended connection's rings (see `Queues::quiesce`), without a
 /// deadline: the next connection is served, and the image released, only once nothing of this
 /// one can land. Warns every [`DRAIN_WARN_INTERVAL`] while the disk holds some, and counts
 /// them (`ringfence_io_awaited`). The workers are stopped: nothing new is submitted meanwhile.
-fn drain_connection(backend: &BlkBackend, drain: &crate::stats::DrainCounters) {
+fn drain_connection(backend: &Queues, drain: &crate::stats::DrainCounters) {
     let started = std::time::Instant::now();
     let mut next_warning = started + DRAIN_WARN_INTERVAL;
     let mut slow = false;

@@ -23,6 +23,7 @@ pub mod inflight;
 pub mod kernel;
 pub mod ops;
 pub mod opsctl;
+pub mod queues;
 pub mod request;
 pub mod ring;
 pub mod sandbox;

@@ -28,10 +28,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 
-use crate::backend::Notified;
 use crate::config::SECTOR_SIZE;
 use crate::error::StartupError;
 use crate::image::Image;
+use crate::queues::Notified;
 use crate::stats::{DeviceInfo, DeviceStats};
 
 /// How long a stats client has to send its request line before it is taken to want metrics.

@@ -9,7 +9,7 @@
 //! not expose its socket. Rather than carry a patched copy of the crate, ringfence finds the
 //! socket by what only it can be: **the socket that closes when the crate's `Backend` is
 //! dropped**. The handler gets the `Backend` by value, and the crate keeps no other copy, so it
-//! holds the only descriptor of that socket in the process. [`BackendChannel::adopt`] takes a
+//! holds the only descriptor of that socket in the process. [`VmmChannel::adopt`] takes a
 //! duplicate of every unix stream socket descriptor of the process (noting each one's socket
 //! inode), drops the `Backend`, and keeps the duplicate of the one descriptor that was closed.
 //! No other socket can be taken for it: neither stdout/stderr on journald's stream sockets
@@ -40,14 +40,14 @@ pub fn config_change_message() -> [u8; 12] {
 }
 
 /// The channel of one VMM connection: our own descriptor of its socket.
-pub struct BackendChannel {
+pub struct VmmChannel {
     sock: OwnedFd,
 }
 
-impl BackendChannel {
+impl VmmChannel {
     /// Adopt the channel the crate just received (see the module comment). `owner` must be the
     /// only holder of the channel's descriptor: it is dropped here.
-    pub fn adopt(owner: Backend) -> Result<BackendChannel, String> {
+    pub fn adopt(owner: Backend) -> Result<VmmChannel, String> {
         let before: Vec<Candidate> = stream_sockets()
             .into_iter()
             .filter_map(|fd| {
@@ -59,7 +59,7 @@ impl BackendChannel {
         drop(owner);
         let mut closed = closed_candidates(before, |fd| socket_id(fd).ok());
         match closed.len() {
-            1 => Ok(BackendChannel {
+            1 => Ok(VmmChannel {
                 sock: closed.remove(0).dup,
             }),
             0 => Err(NOTHING_CLOSED.to_string()),
@@ -72,8 +72,8 @@ impl BackendChannel {
     }
 
     /// A channel on our own descriptor `sock` of the channel's socket (tests).
-    pub fn from_owned(sock: OwnedFd) -> BackendChannel {
-        BackendChannel { sock }
+    pub fn from_owned(sock: OwnedFd) -> VmmChannel {
+        VmmChannel { sock }
     }
 
     /// Send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`. Never blocks: a VMM that does not read its
@@ -206,7 +206,7 @@ mod tests {
         let (ours, mut vmm) = UnixStream::pair().unwrap();
         assert!(is_stream_socket(ours.as_raw_fd()));
         assert!(stream_sockets().contains(&ours.as_raw_fd()));
-        let ch = BackendChannel::from_owned(ours.into());
+        let ch = VmmChannel::from_owned(ours.into());
         ch.notify_config_change().unwrap();
         let mut got = [0u8; 12];
         vmm.read_exact(&mut got).unwrap();
@@ -283,7 +283,7 @@ mod tests {
         let vmm_client = UnixStream::connect(dir.path().join("s")).unwrap();
         let (channel, _) = l.accept().unwrap();
         let owner = Backend::from_stream(channel);
-        let ch = BackendChannel::adopt(owner).expect("adopt");
+        let ch = VmmChannel::adopt(owner).expect("adopt");
         ch.notify_config_change().unwrap();
         let mut got = [0u8; 12];
         (&vmm_client).read_exact(&mut got).unwrap();

@@ -44,7 +44,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use ringfence::backend::{Backend, BlkBackend};
 use ringfence::cli::CacheMode;
 use ringfence::config::{
     config_read, serves_writeback, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET,
@@ -53,6 +52,7 @@ use ringfence::control::Device;
 use ringfence::guest_map::{FixedBufferMap, TranslateError, MAX_FIXED_BUFFERS};
 use ringfence::image::Image;
 use ringfence::inflight::region_len;
+use ringfence::queues::Queues;
 use ringfence::stats::DeviceStats;
 use ringfence::vring::Connection;
 use ringfence::worker::Tuning;
@@ -61,7 +61,6 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Error as VhostUserError, Result as VhostUserResult};
-use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -177,9 +176,9 @@ fn run(data: &[u8]) {
         serial: *b"fuzz-serial-00000000",
         physical_block_exp,
     };
-    // One memory object shared by the backend and the "crate", as in the daemon.
+    // One memory object shared by the queues and the "crate", as in the daemon.
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let blk = BlkBackend::new(
+    let queues = Queues::new(
         spec.clone(),
         image,
         mem.clone(),
@@ -190,19 +189,19 @@ fn run(data: &[u8]) {
         },
         &DeviceStats::new(num_queues),
     )
-    .expect("create the backend");
-    let backend = Backend(Arc::new(blk));
+    .map(Arc::new)
+    .expect("create the queues");
     let conn = Connection::new();
-    let mut device = Device::new(backend.clone(), mem.clone(), &conn).expect("create the device");
+    let mut device = Device::new(queues.clone(), mem.clone(), &conn).expect("create the device");
     let mut model = Model {
         read_only,
-        offered: backend.features(),
+        offered: queues.features(),
         acked: 0,
         choice,
     };
     check_offer(&model, &spec);
-    assert_eq!(backend.num_queues(), usize::from(num_queues));
-    assert_eq!(backend.max_queue_size(), usize::from(queue_size));
+    assert_eq!(queues.num_queues(), usize::from(num_queues));
+    assert_eq!(queues.max_queue_size(), usize::from(queue_size));
 
     for _ in 0..MAX_MESSAGES {
         if inp.is_empty() {

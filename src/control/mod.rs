@@ -10,17 +10,21 @@
 //! asked for something we refuse could not go on). Its handler is private, so it can be neither
 //! wrapped nor extended. Implementing the trait ourselves is the least code that does all three
 //! cleanly: the message framing stays the `vhost` crate's, the vrings stay
-//! `vhost-user-backend`'s `VringRwLock` (inside [`crate::vring::Vring`]), and the device's own
-//! logic stays in [`crate::backend`], which this handler calls as the crate did.
+//! `vhost-user-backend`'s `VringRwLock` (inside [`crate::vring::Vring`]), and what serves I/O
+//! is [`crate::queues::Queues`], which the device calls directly.
 //!
 //! **Refusals.** A request the device refuses is answered with a nack where the VMM asked for an
 //! answer (REPLY_ACK), and the connection goes on. A message that cannot be decoded, a request
 //! whose answer is a value we cannot give, or a broken socket ends the connection.
 
+mod device;
 mod handler;
+mod memory;
+mod migration;
 mod queue_loop;
+mod vrings;
 
-pub use handler::Device;
+pub use device::Device;
 pub use queue_loop::QueueLoop;
 
 use std::os::unix::net::UnixStream;
