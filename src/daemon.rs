@@ -1,11 +1,9 @@
 //! The daemon: the listening socket, signals, and the accept loop that gives every VMM
 //! connection a fresh device (new vrings, new worker threads, new rings).
 
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +11,8 @@ use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::cli::{Options, SandboxMode};
-use crate::config::{serial_bytes, DeviceSpec};
+use crate::cli::Options;
+use crate::config::{serial_bytes, DeviceSpec, SandboxMode};
 use crate::control::Device;
 use crate::error::StartupError;
 use crate::image::Image;
@@ -59,7 +57,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
 
     // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
     crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
-    let (listener, socket_path) = listen(opts)?;
+    let (listener, socket_path) = crate::socket::listen(opts)?;
     // Before the sandbox: binding a socket is denied afterwards.
     let stats_listener = match &opts.stats_socket {
         Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
@@ -138,7 +136,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );
-        *lock_serving() = Some(backend.clone());
+        ops.serving().set_queues(Some(backend.clone()));
         // The vrings of this connection can drop it (a kick or call fd that is no eventfd).
         let conn = crate::vring::Connection::new();
         let device = Device::new(backend.clone(), mem, &conn)
@@ -168,13 +166,13 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         match accept(&listener) {
             Ok(stream) => {
                 conn.attach(stream.try_clone().ok());
-                VMM_CONNECTED.store(true, Ordering::Relaxed);
+                ops.serving().set_vmm_connected(true);
                 info!("VMM connected");
                 match crate::control::serve(stream, device.clone()) {
                     Ok(()) => info!("VMM disconnected"),
                     Err(e) => warn!("VMM connection ended: {e}"),
                 }
-                VMM_CONNECTED.store(false, Ordering::Relaxed);
+                ops.serving().set_vmm_connected(false);
             }
             Err(e) => {
                 error!("accepting a VMM connection failed: {e}");
@@ -193,7 +191,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         }
         lock_device(&device).connection_ended();
         drop(device);
-        *lock_serving() = None;
+        ops.serving().set_queues(None);
         drop(backend);
         if opts.once {
             // As the listener did when it bound the path itself (under the sandbox only the
@@ -217,136 +215,6 @@ fn accept(listener: &Listener) -> Result<UnixStream, vhost::vhost_user::Error> {
 
 fn lock_device(d: &Mutex<Device>) -> std::sync::MutexGuard<'_, Device> {
     d.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Bind `--socket-path` (refusing one a live process listens on) or adopt `--fd`.
-fn listen(opts: &Options) -> Result<(Listener, Option<PathBuf>), StartupError> {
-    match (&opts.socket_path, opts.fd) {
-        (Some(path), _) => {
-            claim_socket_path(path)?;
-            let l =
-                bind_with_mode(path, opts.socket_mode).map_err(|e| StartupError::SocketBind {
-                    path: path.clone(),
-                    source: e,
-                })?;
-            // The signal thread removes the socket file on exit.
-            Ok((Listener::from(l), Some(path.clone())))
-        }
-        (None, Some(fd)) => {
-            check_listening_fd(fd)?;
-            // SAFETY: `fd` is an open, listening unix socket handed to us by our parent
-            // (checked above); from here on the Listener owns it.
-            let l = unsafe { Listener::from_raw_fd(fd) };
-            // SAFETY: setting FD_CLOEXEC on the fd we now own.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            Ok((l, None))
-        }
-        (None, None) => Err(StartupError::NoSocket),
-    }
-}
-
-/// Bind a listening unix socket at `path` whose file has exactly the permission bits `mode`
-/// (`--socket-mode`), whatever the umask: the file is created with them, so there is no
-/// moment at which it is more open (a chmod after bind would leave one). The umask is the
-/// process's: call while no other thread creates files (startup, before the daemon's threads).
-pub(crate) fn bind_with_mode(
-    path: &Path,
-    mode: u32,
-) -> std::io::Result<std::os::unix::net::UnixListener> {
-    // bind(2) creates the socket file with 0777 & ~umask.
-    let mask = !(mode & 0o777) & 0o777;
-    // SAFETY: umask takes a plain mask and only changes the process's file-creation mask,
-    // which is restored right after the bind.
-    let old = unsafe { libc::umask(mask as libc::mode_t) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    bound
-}
-
-/// Remove a stale socket file; refuse a path a live process listens on, or a non-socket.
-pub(crate) fn claim_socket_path(path: &Path) -> Result<(), StartupError> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !meta.file_type().is_socket() {
-        return Err(StartupError::SocketBind {
-            path: path.to_path_buf(),
-            source: std::io::Error::other("exists and is not a socket"),
-        });
-    }
-    if UnixStream::connect(path).is_ok() {
-        return Err(StartupError::SocketInUse {
-            path: path.to_path_buf(),
-        });
-    }
-    std::fs::remove_file(path).map_err(|e| StartupError::SocketBind {
-        path: path.to_path_buf(),
-        source: e,
-    })
-}
-
-fn check_listening_fd(fd: i32) -> Result<(), StartupError> {
-    let bad = |reason: &str| StartupError::BadFd {
-        fd,
-        reason: reason.into(),
-    };
-    if fd < 0 {
-        return Err(bad("negative"));
-    }
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `val`, which we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            &mut val as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(bad(&std::io::Error::last_os_error().to_string()));
-    }
-    if val == 0 {
-        return Err(bad("not listening"));
-    }
-    let mut dom: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            &mut dom as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 || dom != libc::AF_UNIX {
-        return Err(bad("not a unix socket"));
-    }
-    Ok(())
-}
-
-/// The device of the current connection, for the signal thread.
-static SERVING: Mutex<Option<Arc<Queues>>> = Mutex::new(None);
-
-fn lock_serving() -> std::sync::MutexGuard<'static, Option<Arc<Queues>>> {
-    SERVING.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The device of the current connection (or of the one the daemon waits for).
-pub(crate) fn serving() -> Option<Arc<Queues>> {
-    lock_serving().clone()
-}
-
-/// Whether a VMM is connected now.
-static VMM_CONNECTED: AtomicBool = AtomicBool::new(false);
-
-pub(crate) fn vmm_connected() -> bool {
-    VMM_CONNECTED.load(Ordering::Relaxed)
 }
 
 /// While the daemon waits for I/O in flight (a disk that does not answer), it warns this
@@ -426,8 +294,7 @@ fn spawn_signal_thread(
                 let _ = std::fs::remove_file(p);
             }
             // Every write in flight lands before the data is synced and the lock released.
-            let serving = lock_serving().clone();
-            if let Some(b) = serving {
+            if let Some(b) = ops.serving().queues() {
                 // The queues stay locked: no worker starts another request.
                 let left = b.quiesce(EXIT_WAIT, true);
                 if left > 0 {

@@ -27,6 +27,7 @@ pub mod queues;
 pub mod request;
 pub mod ring;
 pub mod sandbox;
+pub mod socket;
 pub mod stats;
 pub mod vmm_channel;
 pub mod vring;

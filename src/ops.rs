@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,7 +31,7 @@ use log::{error, info, warn};
 use crate::config::SECTOR_SIZE;
 use crate::error::StartupError;
 use crate::image::Image;
-use crate::queues::Notified;
+use crate::queues::{Notified, Queues};
 use crate::stats::{DeviceInfo, DeviceStats};
 
 /// How long a stats client has to send its request line before it is taken to want metrics.
@@ -49,6 +49,38 @@ pub struct Ops {
     resizes: AtomicU64,
     /// One resize at a time (SIGHUP and the stats socket may ask together).
     resizing: Mutex<()>,
+    serving: Serving,
+}
+
+/// What the daemon serves now, as the operator's threads (signals, stats) see it; the daemon
+/// updates it as VMMs come and go.
+#[derive(Default)]
+pub struct Serving {
+    /// The queues of the current connection (or of the one the daemon waits for).
+    queues: Mutex<Option<Arc<Queues>>>,
+    /// Whether a VMM is connected now.
+    vmm_connected: AtomicBool,
+}
+
+impl Serving {
+    pub fn set_queues(&self, queues: Option<Arc<Queues>>) {
+        *self.queues.lock().unwrap_or_else(|p| p.into_inner()) = queues;
+    }
+
+    pub fn queues(&self) -> Option<Arc<Queues>> {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_vmm_connected(&self, connected: bool) {
+        self.vmm_connected.store(connected, Ordering::Relaxed);
+    }
+
+    pub fn vmm_connected(&self) -> bool {
+        self.vmm_connected.load(Ordering::Relaxed)
+    }
 }
 
 impl Ops {
@@ -63,7 +95,13 @@ impl Ops {
             start_time,
             resizes: AtomicU64::new(0),
             resizing: Mutex::new(()),
+            serving: Serving::default(),
         }
+    }
+
+    /// What is being served (the daemon updates it).
+    pub fn serving(&self) -> &Serving {
+        &self.serving
     }
 
     /// A snapshot of every counter, in the Prometheus text format.
@@ -73,7 +111,7 @@ impl Ops {
             capacity_bytes: self.image.size(),
             read_only: self.image.read_only,
             start_time_seconds: self.start_time,
-            vmm_connected: crate::daemon::vmm_connected(),
+            vmm_connected: self.serving.vmm_connected(),
             resizes: self.resizes.load(Ordering::Relaxed),
             io_awaited: self.stats.drain.awaited(),
             slow_drains: self.stats.drain.slow(),
@@ -104,7 +142,7 @@ impl Ops {
         }
         self.image.set_size(new);
         self.resizes.fetch_add(1, Ordering::Relaxed);
-        let told = match crate::daemon::serving() {
+        let told = match self.serving.queues() {
             Some(b) => b.capacity_changed(),
             None => Notified::NoChannel,
         };
@@ -115,7 +153,7 @@ impl Ops {
         };
         let vmm = match told {
             Notified::Sent => "the VMM was told (config change)".to_string(),
-            Notified::NoChannel if crate::daemon::vmm_connected() => {
+            Notified::NoChannel if self.serving.vmm_connected() => {
                 "the VMM gave no backend request channel: the guest sees it when the VMM next \
                  reads the config space"
                     .to_string()
@@ -142,8 +180,8 @@ impl Ops {
 /// on), its file created with the permission bits `mode` (`--socket-mode`). Call before the
 /// sandbox closes (binding is denied afterwards) and before the daemon's threads start.
 pub fn bind_stats_socket(path: &Path, mode: u32) -> Result<UnixListener, StartupError> {
-    crate::daemon::claim_socket_path(path)?;
-    crate::daemon::bind_with_mode(path, mode).map_err(|e| StartupError::SocketBind {
+    crate::socket::claim_socket_path(path)?;
+    crate::socket::bind_with_mode(path, mode).map_err(|e| StartupError::SocketBind {
         path: path.to_path_buf(),
         source: e,
     })
