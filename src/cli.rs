@@ -3,24 +3,46 @@
 
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Host cache mode for the disk image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum CacheMode {
-    /// Bypass the host page cache (O_DIRECT) wherever the request's alignment allows it.
-    None,
-    /// Go through the host page cache.
-    Writeback,
+pub use crate::config::SandboxMode;
+pub use crate::image::CacheMode;
+
+// The choices are domain types (`image`, `config`); here is only how they are spelled on the
+// command line.
+impl ValueEnum for CacheMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[CacheMode::None, CacheMode::Writeback]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            CacheMode::None => PossibleValue::new("none").help(
+                "Bypass the host page cache (O_DIRECT) wherever the request's alignment allows it",
+            ),
+            CacheMode::Writeback => {
+                PossibleValue::new("writeback").help("Go through the host page cache")
+            }
+        })
+    }
 }
 
-/// Which sandbox the data-plane threads run under.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SandboxMode {
-    /// No seccomp filter (the rings are still restricted).
-    None,
-    /// Seccomp allowlists: a process-wide deny list, and a strict allowlist on worker threads.
-    Seccomp,
+impl ValueEnum for SandboxMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[SandboxMode::None, SandboxMode::Seccomp]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            SandboxMode::None => PossibleValue::new("none")
+                .help("No seccomp filter (the rings are still restricted)"),
+            SandboxMode::Seccomp => PossibleValue::new("seccomp").help(
+                "Seccomp allowlists: a process-wide deny list, and a strict allowlist on worker \
+                 threads",
+            ),
+        })
+    }
 }
 
 /// A vhost-user-blk backend that serves one disk image from kernel-restricted io_uring rings.

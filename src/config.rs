@@ -1,9 +1,19 @@
 //! The virtio-blk device model: feature bits, limits and the config space. Everything the
-//! guest is told lives here, so that the data path can enforce the very same numbers.
+//! guest is told lives here, so that the data path can enforce the very same numbers. Also the
+//! daemon's sandbox choice ([`SandboxMode`]), free of the command line's parser.
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+/// Which sandbox the data-plane threads run under (`--sandbox`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// No seccomp filter (the rings are still restricted).
+    None,
+    /// Seccomp allowlists: a process-wide deny list, and a strict allowlist on worker threads.
+    Seccomp,
+}
 
 /// Bytes of the GET_ID answer.
 pub const SERIAL_LEN: usize = 20;

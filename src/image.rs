@@ -20,8 +20,16 @@ use std::sync::Mutex;
 
 use log::info;
 
-use crate::cli::CacheMode;
 use crate::error::StartupError;
+
+/// Host cache mode for the disk image (`--cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Bypass the host page cache (O_DIRECT) wherever the request's alignment allows it.
+    None,
+    /// Go through the host page cache.
+    Writeback,
+}
 
 /// An open, locked image.
 #[derive(Debug)]
