@@ -139,3 +139,79 @@ pub enum KernelError {
     )]
     TaskRestrictionsBlocked { release: String },
 }
+
+/// An inflight region the VMM handed over (SET_INFLIGHT_FD) that cannot be used.
+#[derive(Debug, Error)]
+pub enum InflightError {
+    #[error("no queue, or queues of no entry")]
+    NoQueues,
+    #[error(
+        "{size} bytes cannot hold {num_queues} queue(s) of {queue_size} entries ({need} bytes)"
+    )]
+    TooSmall {
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+        need: u64,
+    },
+    #[error("the fd is not a memfd sealed against shrinking (F_SEAL_SHRINK)")]
+    NotSealed,
+    #[error("cannot stat it: {0}")]
+    Stat(io::Error),
+    #[error("{need} bytes at offset {offset} lie past the end of the {file_len}-byte file")]
+    PastEnd {
+        need: u64,
+        offset: u64,
+        file_len: u64,
+    },
+    #[error("too large")]
+    TooLarge,
+    #[error("cannot map it: {0}")]
+    Map(io::Error),
+}
+
+/// The VMM's backend request channel cannot be told from the process's other sockets (see
+/// `crate::vmm_channel`).
+#[derive(Debug, Error)]
+pub enum ChannelError {
+    #[error(
+        "no socket descriptor closed with the crate's channel: it is held elsewhere, or was not \
+         a socket"
+    )]
+    NothingClosed,
+    #[error(
+        "{} socket descriptors closed at once (fds {fds:?}); cannot tell which was the channel",
+        fds.len()
+    )]
+    Ambiguous { fds: Vec<i32> },
+}
+
+/// A live resize that did not happen: the capacity stays.
+#[derive(Debug, Error)]
+pub enum ResizeError {
+    #[error("cannot read the size of {path}: {source}; capacity stays {old} bytes")]
+    Size {
+        path: PathBuf,
+        source: io::Error,
+        old: u64,
+    },
+    #[error("{path} is now {new} bytes, not a multiple of 512; capacity stays {old} bytes")]
+    Unaligned { path: PathBuf, new: u64, old: u64 },
+}
+
+/// `ringfence stat` and `ringfence resize` (the client side of the stats socket).
+#[derive(Debug, Error)]
+pub enum OpsctlError {
+    #[error("cannot connect to the stats socket {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("writing to {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("reading from {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    /// The daemon answered with an error (its text).
+    #[error("{0}")]
+    Answer(String),
+    /// The answer is not what the stats socket serves (what is wrong with it).
+    #[error("{0}")]
+    Malformed(String),
+}

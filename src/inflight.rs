@@ -49,6 +49,7 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
+use crate::error::InflightError;
 use crate::request::Desc;
 
 /// Bytes of a queue's header.
@@ -145,35 +146,36 @@ impl InflightMap {
         size: u64,
         num_queues: u16,
         queue_size: u16,
-    ) -> Result<Arc<InflightMap>, String> {
+    ) -> Result<Arc<InflightMap>, InflightError> {
         if num_queues == 0 || queue_size == 0 {
-            return Err("no queue, or queues of no entry".into());
+            return Err(InflightError::NoQueues);
         }
         let need = region_len(num_queues, queue_size) as u64;
         if size < need {
-            return Err(format!(
-                "{size} bytes cannot hold {num_queues} queue(s) of {queue_size} entries \
-                 ({need} bytes)"
-            ));
+            return Err(InflightError::TooSmall {
+                size,
+                num_queues,
+                queue_size,
+                need,
+            });
         }
         // SAFETY: fcntl F_GET_SEALS on an fd we own; it reads no memory of ours.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err("the fd is not a memfd sealed against shrinking (F_SEAL_SHRINK)".into());
+            return Err(InflightError::NotSealed);
         }
-        let flen = file
-            .metadata()
-            .map_err(|e| format!("cannot stat it: {e}"))?
-            .len();
+        let flen = file.metadata().map_err(InflightError::Stat)?.len();
         if offset.checked_add(need).is_none_or(|end| end > flen) {
-            return Err(format!(
-                "{need} bytes at offset {offset} lie past the end of the {flen}-byte file"
-            ));
+            return Err(InflightError::PastEnd {
+                need,
+                offset,
+                file_len: flen,
+            });
         }
-        let len = usize::try_from(need).map_err(|_| "too large".to_string())?;
+        let len = usize::try_from(need).map_err(|_| InflightError::TooLarge)?;
         Self::map_file(file, offset, len, num_queues, queue_size)
             .map(Arc::new)
-            .map_err(|e| format!("cannot map it: {e}"))
+            .map_err(InflightError::Map)
     }
 
     fn map_file(
@@ -475,12 +477,12 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.set_len(4096).unwrap();
         let e = InflightMap::adopt(&file, 0, 4096, 1, 8).err().unwrap();
-        assert!(e.contains("sealed"), "{e}");
+        assert!(e.to_string().contains("sealed"), "{e}");
         let (file, len) = create_region(1, 8).unwrap();
         let e = InflightMap::adopt(&file, 0, len, 2, 8).err().unwrap();
-        assert!(e.contains("cannot hold"), "{e}");
+        assert!(e.to_string().contains("cannot hold"), "{e}");
         let e = InflightMap::adopt(&file, 64, len, 1, 8).err().unwrap();
-        assert!(e.contains("past the end"), "{e}");
+        assert!(e.to_string().contains("past the end"), "{e}");
         assert!(InflightMap::adopt(&file, 0, len, 1, 8).is_ok());
     }
 

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{error, info, warn};
 
 use crate::config::SECTOR_SIZE;
-use crate::error::StartupError;
+use crate::error::{ResizeError, StartupError};
 use crate::image::Image;
 use crate::queues::{Notified, Queues};
 use crate::stats::{DeviceInfo, DeviceStats};
@@ -125,17 +125,24 @@ impl Ops {
     /// A size that is not a multiple of 512 is refused (the capacity stays). A shrink is the
     /// operator's call: requests past the new end fail from now on, and the daemon carries on.
     /// Returns one line for the log and the stats client.
-    pub fn resize(&self) -> Result<String, String> {
+    pub fn resize(&self) -> Result<String, ResizeError> {
         let _one = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.image.path.display();
+        let path = &self.image.path;
         let old = self.image.size();
-        let new = self.image.current_size().map_err(|e| {
-            format!("cannot read the size of {path}: {e}; capacity stays {old} bytes")
-        })?;
+        let new = self
+            .image
+            .current_size()
+            .map_err(|source| ResizeError::Size {
+                path: path.clone(),
+                source,
+                old,
+            })?;
         if new % SECTOR_SIZE != 0 {
-            return Err(format!(
-                "{path} is now {new} bytes, not a multiple of 512; capacity stays {old} bytes"
-            ));
+            return Err(ResizeError::Unaligned {
+                path: path.clone(),
+                new,
+                old,
+            });
         }
         if new == old {
             return Ok(format!("capacity unchanged: {new} bytes"));

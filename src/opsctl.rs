@@ -10,32 +10,41 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::{ResizeOptions, StatOptions};
+use crate::error::OpsctlError;
 use crate::stats::{ErrorKind, OpKind};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Send `line` on the stats socket at `path` and return the whole answer.
-pub fn request(path: &Path, line: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("cannot connect to the stats socket {}: {e}", path.display()))?;
+pub fn request(path: &Path, line: &str) -> Result<String, OpsctlError> {
+    let mut s = UnixStream::connect(path).map_err(|source| OpsctlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let _ = s.set_read_timeout(Some(TIMEOUT));
     let _ = s.set_write_timeout(Some(TIMEOUT));
     s.write_all(line.as_bytes())
         .and_then(|()| s.shutdown(std::net::Shutdown::Write))
-        .map_err(|e| format!("writing to {}: {e}", path.display()))?;
+        .map_err(|source| OpsctlError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let mut out = String::new();
     s.read_to_string(&mut out)
-        .map_err(|e| format!("reading from {}: {e}", path.display()))?;
+        .map_err(|source| OpsctlError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(out)
 }
 
 /// The metrics the daemon serves now.
-pub fn fetch(path: &Path) -> Result<String, String> {
+pub fn fetch(path: &Path) -> Result<String, OpsctlError> {
     request(path, "metrics\n")
 }
 
 /// `ringfence resize`: prints the daemon's answer; an error answer is an error.
-pub fn resize(o: &ResizeOptions) -> Result<(), String> {
+pub fn resize(o: &ResizeOptions) -> Result<(), OpsctlError> {
     let answer = request(&o.stats_socket, "resize\n")?;
     let line = answer.trim_end();
     match line.strip_prefix("resize: ") {
@@ -43,12 +52,14 @@ pub fn resize(o: &ResizeOptions) -> Result<(), String> {
             println!("{m}");
             Ok(())
         }
-        None => Err(line.strip_prefix("error: ").unwrap_or(line).to_string()),
+        None => Err(OpsctlError::Answer(
+            line.strip_prefix("error: ").unwrap_or(line).to_string(),
+        )),
     }
 }
 
 /// `ringfence stat`.
-pub fn stat(o: &StatOptions) -> Result<(), String> {
+pub fn stat(o: &StatOptions) -> Result<(), OpsctlError> {
     let first = View::parse(&fetch(&o.stats_socket)?)?;
     let now = unix_now();
     print!("{}", render(None, &first, now - first.start_time));
@@ -91,14 +102,16 @@ pub struct Sample {
 }
 
 /// Parse the Prometheus text format (comments and blank lines skipped). Pure.
-pub fn parse_text(text: &str) -> Result<Vec<Sample>, String> {
+pub fn parse_text(text: &str) -> Result<Vec<Sample>, OpsctlError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        out.push(parse_line(line).ok_or_else(|| format!("line {}: cannot parse '{line}'", n + 1))?);
+        out.push(parse_line(line).ok_or_else(|| {
+            OpsctlError::Malformed(format!("line {}: cannot parse '{line}'", n + 1))
+        })?);
     }
     Ok(out)
 }
@@ -187,12 +200,12 @@ pub struct View {
 }
 
 impl View {
-    pub fn parse(text: &str) -> Result<View, String> {
+    pub fn parse(text: &str) -> Result<View, OpsctlError> {
         let samples = parse_text(text)?;
         if !samples.iter().any(|s| s.name == "ringfence_capacity_bytes") {
-            return Err(
+            return Err(OpsctlError::Malformed(
                 "the answer holds no ringfence metrics (is this a ringfence stats socket?)".into(),
-            );
+            ));
         }
         let mut v = View::default();
         let label = |s: &Sample, k: &str| -> Option<String> {
@@ -226,7 +239,9 @@ impl View {
                                 l.parse().ok()
                             }
                         })
-                        .ok_or_else(|| format!("a bucket without a valid le: {s:?}"))?;
+                        .ok_or_else(|| {
+                            OpsctlError::Malformed(format!("a bucket without a valid le: {s:?}"))
+                        })?;
                     v.ops.entry(op()).or_default().buckets.push((le, s.value));
                 }
                 "ringfence_request_errors_total" => {

@@ -24,6 +24,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use vhost::vhost_user::Backend;
 
+use crate::error::ChannelError;
+
 /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
 const CONFIG_CHANGE_MSG: u32 = 2;
 /// Header flags: protocol version 1, no reply wanted (a config change needs no answer, and
@@ -47,7 +49,7 @@ pub struct VmmChannel {
 impl VmmChannel {
     /// Adopt the channel the crate just received (see the module comment). `owner` must be the
     /// only holder of the channel's descriptor: it is dropped here.
-    pub fn adopt(owner: Backend) -> Result<VmmChannel, String> {
+    pub fn adopt(owner: Backend) -> Result<VmmChannel, ChannelError> {
         let before: Vec<Candidate> = stream_sockets()
             .into_iter()
             .filter_map(|fd| {
@@ -62,12 +64,10 @@ impl VmmChannel {
             1 => Ok(VmmChannel {
                 sock: closed.remove(0).dup,
             }),
-            0 => Err(NOTHING_CLOSED.to_string()),
-            n => Err(format!(
-                "{n} socket descriptors closed at once (fds {:?}); cannot tell which was the \
-                 channel",
-                closed.iter().map(|c| c.fd).collect::<Vec<_>>()
-            )),
+            0 => Err(ChannelError::NothingClosed),
+            _ => Err(ChannelError::Ambiguous {
+                fds: closed.iter().map(|c| c.fd).collect(),
+            }),
         }
     }
 
@@ -102,9 +102,6 @@ impl VmmChannel {
         Ok(())
     }
 }
-
-const NOTHING_CLOSED: &str = "no socket descriptor closed with the crate's channel: it is \
-                              held elsewhere, or was not a socket";
 
 /// A socket descriptor seen before the crate's `Backend` was dropped, with our duplicate.
 struct Candidate {
