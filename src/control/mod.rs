@@ -22,6 +22,8 @@ mod handler;
 mod memory;
 mod migration;
 mod queue_loop;
+#[cfg(test)]
+mod tests;
 mod vrings;
 
 pub use device::Device;
