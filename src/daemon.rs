@@ -27,6 +27,74 @@ pub const READY_MARKER: &str = "ringfence: ready, listening on";
 
 /// Run the daemon until SIGTERM/SIGINT (or, with `--once`, until the first VMM leaves).
 pub fn run(opts: &Options) -> Result<(), StartupError> {
+    let (image, spec) = open_image(opts)?;
+    // Fail now, with the reason and the fix, if the kernel refuses io_uring; then learn, once,
+    // what it enforces.
+    crate::kernel::check_io_uring()?;
+    crate::kernel::Kernel::get();
+    // Before the first thread: every thread and ring inherits it (Linux 7.0+).
+    let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
+
+    // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
+    crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
+    let (listener, socket_path) = crate::socket::listen(opts)?;
+    // Before the sandbox: binding a socket is denied afterwards.
+    let stats_listener = match &opts.stats_socket {
+        Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
+        None => None,
+    };
+    sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
+    log_serving(&image, &spec);
+
+    let stats = Arc::new(DeviceStats::new(spec.num_queues));
+    let ops = Arc::new(Ops::new(image.clone(), stats.clone()));
+
+    sandbox::block_signals();
+    let mut remove_on_exit: Vec<PathBuf> = socket_path.iter().cloned().collect();
+    remove_on_exit.extend(opts.stats_socket.iter().cloned());
+    spawn_signal_thread(remove_on_exit, image.clone(), ops.clone(), stats.clone());
+
+    let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
+    let sandboxed = mode == SandboxMode::Seccomp;
+    if sandboxed {
+        sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
+    }
+    sandbox::log_status(mode, process_rings.as_ref());
+    if let (Some(l), Some(p)) = (stats_listener, &opts.stats_socket) {
+        crate::ops::spawn_stats_server(l, ops.clone(), p.clone());
+    }
+
+    let (thread_init, workers_ready) = worker_init(sandboxed);
+    let where_ = socket_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| format!("fd {}", listener.as_raw_fd()));
+    let daemon = Connections {
+        opts,
+        spec,
+        image,
+        stats,
+        ops,
+        thread_init,
+        workers_ready,
+        listener,
+    };
+    let mut ready = Some(where_);
+    loop {
+        daemon.serve_one(ready.take())?;
+        if opts.once {
+            // As the listener did when it bound the path itself (under the sandbox only the
+            // signal thread may unlink: the file then stays, as before).
+            if let Some(p) = &socket_path {
+                let _ = std::fs::remove_file(p);
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// Open (or create) the image and describe the device that serves it.
+fn open_image(opts: &Options) -> Result<(Arc<Image>, DeviceSpec), StartupError> {
     let path = opts.blk_file.as_deref().ok_or(StartupError::NoSocket)?;
     let image = Arc::new(Image::open(
         path,
@@ -48,27 +116,15 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         serial: serial_bytes(opts.serial.as_deref(), &default_serial),
         physical_block_exp: image.physical_block_exp(),
     };
-    // Fail now, with the reason and the fix, if the kernel refuses io_uring; then learn, once,
-    // what it enforces.
-    crate::kernel::check_io_uring()?;
-    crate::kernel::Kernel::get();
-    // Before the first thread: every thread and ring inherits it (Linux 7.0+).
-    let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
+    Ok((image, spec))
+}
 
-    // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
-    crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
-    let (listener, socket_path) = crate::socket::listen(opts)?;
-    // Before the sandbox: binding a socket is denied afterwards.
-    let stats_listener = match &opts.stats_socket {
-        Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
-        None => None,
-    };
-    sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
+fn log_serving(image: &Image, spec: &DeviceSpec) {
     info!(
         "serving {} ({} bytes, {}, {}), {} queue(s) of up to {} entries",
         image.path.display(),
         image.size(),
-        if opts.read_only {
+        if spec.read_only {
             "read-only"
         } else {
             "read-write"
@@ -81,26 +137,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         spec.num_queues,
         spec.queue_size
     );
+}
 
-    let stats = Arc::new(DeviceStats::new(spec.num_queues));
-    let ops = Arc::new(Ops::new(image.clone(), stats.clone()));
-
-    sandbox::block_signals();
-    let mut remove_on_exit: Vec<PathBuf> = socket_path.iter().cloned().collect();
-    remove_on_exit.extend(opts.stats_socket.iter().cloned());
-    spawn_signal_thread(remove_on_exit, image.clone(), ops.clone(), stats.clone());
-
-    let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
-    let sandboxed = mode == SandboxMode::Seccomp;
-    if sandboxed {
-        sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
-    }
-    sandbox::log_status(mode, process_rings.as_ref());
-    if let (Some(l), Some(p)) = (stats_listener, &opts.stats_socket) {
-        crate::ops::spawn_stats_server(l, ops.clone(), p.clone());
-    }
-
-    // Worker threads report here once they run under their own filter.
+/// What each worker thread runs first (its sandbox), and where it reports that it did.
+fn worker_init(sandboxed: bool) -> (ThreadInit, mpsc::Receiver<Result<(), String>>) {
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
     let tx = Mutex::new(tx);
     let thread_init: ThreadInit = Arc::new(move |thread| {
@@ -114,65 +154,66 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             let _ = tx.send(r);
         }
     });
+    (thread_init, rx)
+}
 
-    let where_ = socket_path
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| format!("fd {}", listener.as_raw_fd()));
-    let mut ready_printed = false;
-    loop {
+/// The accept loop's state: every VMM connection gets a fresh device from it.
+struct Connections<'a> {
+    opts: &'a Options,
+    spec: DeviceSpec,
+    image: Arc<Image>,
+    stats: Arc<DeviceStats>,
+    ops: Arc<Ops>,
+    thread_init: ThreadInit,
+    /// Worker threads report here once they run under their own filter.
+    workers_ready: mpsc::Receiver<Result<(), String>>,
+    listener: Listener,
+}
+
+impl Connections<'_> {
+    /// Make a fresh device, wait for a VMM and serve it until it leaves, then wait for the
+    /// connection's I/O. `ready`: announce that the socket accepts connections (the first time).
+    fn serve_one(&self, ready: Option<String>) -> Result<(), StartupError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(
+        let queues = Arc::new(
             Queues::new(
-                spec.clone(),
-                image.clone(),
+                self.spec.clone(),
+                self.image.clone(),
                 mem.clone(),
-                thread_init.clone(),
+                self.thread_init.clone(),
                 Tuning {
-                    max_poll: Duration::from_micros(opts.poll_us),
-                    submit_batch: opts.submit_batch as usize,
+                    max_poll: Duration::from_micros(self.opts.poll_us),
+                    submit_batch: self.opts.submit_batch as usize,
                 },
-                &stats,
+                &self.stats,
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );
-        ops.serving().set_queues(Some(backend.clone()));
+        self.ops.serving().set_queues(Some(queues.clone()));
         // The vrings of this connection can drop it (a kick or call fd that is no eventfd).
         let conn = crate::vring::Connection::new();
-        let device = Device::new(backend.clone(), mem, &conn)
-            .map(|d| d.with_max_guest_ram(opts.max_guest_ram))
+        let device = Device::new(queues.clone(), mem, &conn)
+            .map(|d| d.with_max_guest_ram(self.opts.max_guest_ram))
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?;
         let threads = device
             .spawn_workers()
             .map_err(|e| StartupError::VhostUser(format!("cannot start worker threads: {e}")))?;
         let device = Arc::new(Mutex::new(device));
-        // Every worker installs its sandbox before this connection's first request.
-        for _ in 0..threads.len() {
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(StartupError::Sandbox(e)),
-                Err(_) => {
-                    return Err(StartupError::Sandbox(
-                        "a worker thread did not start its sandbox".into(),
-                    ))
-                }
-            }
-        }
-        if !ready_printed {
+        self.wait_for_workers(threads.len())?;
+        if let Some(where_) = ready {
             eprintln!("{READY_MARKER} {where_}");
-            ready_printed = true;
         }
 
-        match accept(&listener) {
+        match accept(&self.listener) {
             Ok(stream) => {
                 conn.attach(stream.try_clone().ok());
-                ops.serving().set_vmm_connected(true);
+                self.ops.serving().set_vmm_connected(true);
                 info!("VMM connected");
                 match crate::control::serve(stream, device.clone()) {
                     Ok(()) => info!("VMM disconnected"),
                     Err(e) => warn!("VMM connection ended: {e}"),
                 }
-                ops.serving().set_vmm_connected(false);
+                self.ops.serving().set_vmm_connected(false);
             }
             Err(e) => {
                 error!("accepting a VMM connection failed: {e}");
@@ -185,22 +226,30 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         // (the kernel also holds each worker thread's exit for the requests it punted to
         // io-wq, but not for requests in flight in the block layer), however long the disk
         // takes. Before the threads are joined, so that the wait is logged and counted.
-        drain_connection(&backend, &stats.drain);
+        drain_connection(&queues, &self.stats.drain);
         for t in threads {
             let _ = t.join();
         }
         lock_device(&device).connection_ended();
         drop(device);
-        ops.serving().set_queues(None);
-        drop(backend);
-        if opts.once {
-            // As the listener did when it bound the path itself (under the sandbox only the
-            // signal thread may unlink: the file then stays, as before).
-            if let Some(p) = &socket_path {
-                let _ = std::fs::remove_file(p);
+        self.ops.serving().set_queues(None);
+        Ok(())
+    }
+
+    /// Every worker installs its sandbox before the connection's first request.
+    fn wait_for_workers(&self, n: usize) -> Result<(), StartupError> {
+        for _ in 0..n {
+            match self.workers_ready.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartupError::Sandbox(e)),
+                Err(_) => {
+                    return Err(StartupError::Sandbox(
+                        "a worker thread did not start its sandbox".into(),
+                    ))
+                }
             }
-            return Ok(());
         }
+        Ok(())
     }
 }
 

@@ -112,35 +112,7 @@ impl Image {
             lock(&buffered, read_only, &p, lock_wait)?;
         }
 
-        // O_DIRECT unless writeback was asked for. A filesystem that refuses it (tmpfs before
-        // Linux 6.6, some FUSE and network filesystems) fails an explicit `--cache none`; by
-        // default the image is then served through the page cache, and the log says so.
-        let direct_file = match cache {
-            Some(CacheMode::Writeback) => None,
-            _ => match open(true) {
-                Ok(f) => Some(f),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && cache.is_none() => {
-                    info!(
-                        "image {}: the filesystem refuses O_DIRECT ({e}): serving it through \
-                         the page cache (--cache writeback); --cache none would refuse to start",
-                        p.display()
-                    );
-                    None
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    return Err(StartupError::DirectIoRefused {
-                        path: p.clone(),
-                        source: e,
-                    })
-                }
-                Err(e) => {
-                    return Err(StartupError::ImageOpen {
-                        path: p.clone(),
-                        source: e,
-                    })
-                }
-            },
-        };
+        let direct_file = open_direct(&p, cache, || open(true))?;
         let direct = direct_file.is_some();
         let primary = match direct_file {
             // Opened by path again, after the checks and the lock: the path must still name the
@@ -260,6 +232,43 @@ pub enum SameFile {
     Differs,
     /// One of them cannot be examined.
     Stat(io::Error),
+}
+
+/// The image opened with O_DIRECT, unless writeback was asked for. A filesystem that refuses
+/// it (tmpfs before Linux 6.6, some FUSE and network filesystems) fails an explicit
+/// `--cache none`; by default the image is then served through the page cache, and the log
+/// says so.
+fn open_direct(
+    p: &Path,
+    cache: Option<CacheMode>,
+    open: impl FnOnce() -> io::Result<File>,
+) -> Result<Option<File>, StartupError> {
+    Ok(match cache {
+        Some(CacheMode::Writeback) => None,
+        _ => match open() {
+            Ok(f) => Some(f),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && cache.is_none() => {
+                info!(
+                    "image {}: the filesystem refuses O_DIRECT ({e}): serving it through \
+                     the page cache (--cache writeback); --cache none would refuse to start",
+                    p.display()
+                );
+                None
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(StartupError::DirectIoRefused {
+                    path: p.to_path_buf(),
+                    source: e,
+                })
+            }
+            Err(e) => {
+                return Err(StartupError::ImageOpen {
+                    path: p.to_path_buf(),
+                    source: e,
+                })
+            }
+        },
+    })
 }
 
 /// Whether `a` and `b` are open on the same file (same device and inode): a path opened twice

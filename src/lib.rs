@@ -1,14 +1,26 @@
 //! ringfence: a vhost-user-blk backend that serves one disk image from io_uring rings the
 //! kernel locks down.
 //!
-//! Layout: `cli` (options), `config` (the virtio-blk device model), `image` (the disk image),
-//! `kernel` (what the running kernel enforces, probed once), `request` (pure request parsing), `guest_map` (guest-memory translation to fixed buffers),
-//! `ring` (ring policy and the one ring builder), `worker` (the per-queue worker loop),
-//! `inflight` (inflight I/O tracking across restarts), `dirty_log` (the migration's
-//! dirty-page log), `control` (the vhost-user request
-//! handler and each queue's event loop), `backend` (vhost-user glue), `sandbox` (seccomp and signals), `daemon` (socket and
-//! connection loop), `stats` (the I/O counters and their Prometheus encoding), `error` (every
-//! error, in one place).
+//! Layout, from the VMM's socket to the disk:
+//! - `daemon` (the accept loop: a fresh device per VMM connection), `socket` (the listening
+//!   sockets), `cli` (options), `main.rs` (the binary);
+//! - `control` (the vhost-user control plane: the request loop, [`control::Device`] that the
+//!   VMM drives, split by job into memory tables, vrings, migration and features; and each
+//!   queue's worker loop, `QueueLoop`);
+//! - `queues` ([`queues::Queues`]: what serves I/O; the queues' worker states, their rings
+//!   (built for the memory table and the negotiated features), the config space);
+//! - `worker` (one queue's data path: intake, SQEs, completions, calls), `request` (pure
+//!   request parsing), `guest_map` (guest memory to fixed buffers), `vring` (the vring type,
+//!   kick and call fds checked), `ring` (ring policy and the one ring builder), `kernel` (what
+//!   the running kernel enforces, probed once);
+//! - `image` (the disk image and its lock), `config` (the virtio-blk device model; the
+//!   sandbox choice), `inflight` (inflight I/O tracking across restarts), `dirty_log` (the
+//!   migration's dirty-page log), `vmm_channel` (the backend request channel to the VMM);
+//! - `sandbox` (seccomp, SIGBUS and signals);
+//! - `ops` (the stats socket and live resize; a handle on what is served), `opsctl` (`ringfence
+//!   stat` and `ringfence resize`), `stats` (the I/O counters and their Prometheus encoding);
+//! - `error` (every error, in one place); `backend` (only the old name `BlkBackend` of
+//!   `queues::Queues`, until `QueueLoop` imports the new one).
 
 pub mod backend;
 pub mod cli;

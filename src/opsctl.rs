@@ -364,6 +364,14 @@ pub fn render(prev: Option<&View>, cur: &View, secs: f64) -> String {
         },
         secs
     );
+    render_ops(&mut out, prev, cur, secs);
+    render_totals(&mut out, prev, cur, secs);
+    render_queues(&mut out, prev, cur, secs);
+    out
+}
+
+/// One line per operation: rates, totals and latencies.
+fn render_ops(out: &mut String, prev: Option<&View>, cur: &View, secs: f64) {
     let _ = writeln!(
         out,
         "{:<13}{:>11}{:>11}{:>14}{:>16}{:>10}{:>10}{:>10}",
@@ -400,6 +408,10 @@ pub fn render(prev: Option<&View>, cur: &View, secs: f64) -> String {
             micros(quantile(&buckets, 0.99)),
         );
     }
+}
+
+/// Errors, requests in flight, batching, wakeups and kernel refusals.
+fn render_totals(out: &mut String, prev: Option<&View>, cur: &View, secs: f64) {
     let errors: Vec<String> = ErrorKind::ALL
         .iter()
         .filter_map(|k| {
@@ -439,6 +451,11 @@ pub fn render(prev: Option<&View>, cur: &View, secs: f64) -> String {
             "SECURITY: the kernel refused SQEs of this daemon (see its log)"
         );
     }
+}
+
+/// One line per queue.
+fn render_queues(out: &mut String, prev: Option<&View>, cur: &View, secs: f64) {
+    let d = |c: f64, p: Option<f64>| delta(c, p) / secs;
     let _ = writeln!(
         out,
         "{:<8}{:>11}{:>11}{:>11}{:>12}",
@@ -456,7 +473,6 @@ pub fn render(prev: Option<&View>, cur: &View, secs: f64) -> String {
             d(c.wakeups, p.map(|p| p.wakeups)),
         );
     }
-    out
 }
 
 #[cfg(test)]
