@@ -279,14 +279,14 @@ pub const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// deadline: the next connection is served, and the image released, only once nothing of this
 /// one can land. Warns every [`DRAIN_WARN_INTERVAL`] while the disk holds some, and counts
 /// them (`ringfence_io_awaited`). The workers are stopped: nothing new is submitted meanwhile.
-fn drain_connection(backend: &Queues, drain: &crate::stats::DrainCounters) {
+fn drain_connection(queues: &Queues, drain: &crate::stats::DrainCounters) {
     let started = std::time::Instant::now();
     let mut next_warning = started + DRAIN_WARN_INTERVAL;
     let mut slow = false;
     // A first look soon (the gauge shows the wait), then one per warning.
     let mut slice = Duration::from_secs(1).min(DRAIN_WARN_INTERVAL);
     loop {
-        let left = backend.quiesce(slice, false);
+        let left = queues.quiesce(slice, false);
         drain.set_awaited(left as u64);
         if left == 0 {
             break;

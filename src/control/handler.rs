@@ -20,6 +20,7 @@ use vhost_user_backend::VringT;
 
 use super::device::{invalid, refused, Device};
 use super::memory::MAX_MEM_SLOTS;
+use super::vrings::RingAddrs;
 use crate::queues::PROTOCOL_FEATURES;
 
 impl VhostUserBackendReqHandlerMut for Device {
@@ -104,20 +105,14 @@ impl VhostUserBackendReqHandlerMut for Device {
         available: u64,
         log: u64,
     ) -> VhostUserResult<()> {
-        let r = self.do_set_vring_addr(index, flags, descriptor, used, available, log);
-        let r = match r {
-            Ok(()) => {
-                if let Some(v) = self.rings_valid.get_mut(index as usize) {
-                    *v = true;
-                }
-                // A kick fd that came first: the queue starts now.
-                self.maybe_start(index as usize)
-            }
-            Err(e) => {
-                self.invalidate_rings(index as usize);
-                Err(e)
-            }
+        let addrs = RingAddrs {
+            flags,
+            descriptor,
+            used,
+            available,
+            log,
         };
+        let r = self.set_ring_addrs(index, addrs);
         refused(&mut self.refused, r)
     }
 

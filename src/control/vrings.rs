@@ -15,8 +15,18 @@ use virtio_queue::QueueT;
 use super::device::{invalid, Device};
 use crate::inflight::{self, InflightMap};
 
+/// The addresses of SET_VRING_ADDR, as the VMM gave them (in its own address space).
+pub(super) struct RingAddrs {
+    pub flags: VhostUserVringAddrFlags,
+    pub descriptor: u64,
+    pub used: u64,
+    pub available: u64,
+    /// Where the used ring's writes are logged, with VHOST_VRING_F_LOG.
+    pub log: u64,
+}
+
 /// Largest queue an inflight region is made for (the virtio split-ring maximum).
-pub(super) const MAX_INFLIGHT_QUEUE_SIZE: u16 = 32768;
+const MAX_INFLIGHT_QUEUE_SIZE: u16 = 32768;
 
 impl Device {
     /// Watch the kick fd of queue `index` while the queue is started and enabled.
@@ -136,15 +146,32 @@ impl Device {
         }
     }
 
-    pub(super) fn do_set_vring_addr(
-        &mut self,
-        index: u32,
-        flags: VhostUserVringAddrFlags,
-        descriptor: u64,
-        used: u64,
-        available: u64,
-        log: u64,
-    ) -> VhostUserResult<()> {
+    /// SET_VRING_ADDR: queue `index`'s rings are at `addrs` (the VMM's addresses). Accepted,
+    /// the queue may start (a kick fd that came first starts it now); refused, it stops and may
+    /// not be served until valid addresses arrive.
+    pub(super) fn set_ring_addrs(&mut self, index: u32, addrs: RingAddrs) -> VhostUserResult<()> {
+        match self.do_set_ring_addrs(index, addrs) {
+            Ok(()) => {
+                if let Some(v) = self.rings_valid.get_mut(index as usize) {
+                    *v = true;
+                }
+                self.maybe_start(index as usize)
+            }
+            Err(e) => {
+                self.invalidate_rings(index as usize);
+                Err(e)
+            }
+        }
+    }
+
+    fn do_set_ring_addrs(&mut self, index: u32, addrs: RingAddrs) -> VhostUserResult<()> {
+        let RingAddrs {
+            flags,
+            descriptor,
+            used,
+            available,
+            log,
+        } = addrs;
         let vring = self.vring(index)?;
         if self.mappings.is_empty() {
             return Err(invalid("vring addresses before any memory table"));
