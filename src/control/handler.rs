@@ -27,12 +27,12 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use super::queue_loop::QueueLoop;
 use crate::backend::Backend;
 use crate::dirty_log::{self, DirtyLog};
 use crate::error::DirtyLogError;
 use crate::inflight::{self, InflightMap};
 use crate::vring::{Connection, Mem};
+use crate::worker::QueueLoop;
 use crate::worker::{Vring, WarnLimit};
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS (QEMU's limit for vhost-user).

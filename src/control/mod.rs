@@ -18,10 +18,9 @@
 //! whose answer is a value we cannot give, or a broken socket ends the connection.
 
 mod handler;
-mod queue_loop;
 
+pub use crate::worker::QueueLoop;
 pub use handler::Device;
-pub use queue_loop::QueueLoop;
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};

@@ -4,15 +4,18 @@
 //!
 //! By job: this file holds the queue's state and the wakeup loop (polling, notifications);
 //! `intake` pops and starts requests, `sqe` builds and submits their SQEs, `complete` reaps
-//! completions into used-ring entries, `poll` is the adaptive polling window.
+//! completions into used-ring entries, `poll` is the adaptive polling window, `queue_loop` is
+//! the worker thread's epoll loop.
 
 mod call;
 mod complete;
 mod intake;
 mod poll;
+mod queue_loop;
 mod sqe;
 
 pub use poll::PollWindow;
+pub use queue_loop::QueueLoop;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
