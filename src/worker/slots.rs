@@ -127,3 +127,63 @@ impl SlotTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn started(pending: u32) -> Started {
+        Started {
+            status: Some(0x1000),
+            pending,
+            used_len: 513,
+            op: OpKind::Read,
+            bytes: 512,
+            start: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn occupy_and_finish_keep_the_count() {
+        let mut t = SlotTable::new(4);
+        assert_eq!((t.len(), t.in_flight()), (4, 0));
+        t.occupy(1, started(2), Vec::new());
+        t.occupy(3, started(1), Vec::new());
+        assert_eq!(t.in_flight(), 2);
+        assert!(t.is_busy(1) && t.is_busy(3) && !t.is_busy(0));
+        let done = t.finish(3);
+        assert_eq!(
+            (done.status_addr, done.used_len, done.error),
+            (Some(0x1000), 513, None)
+        );
+        assert_eq!(t.in_flight(), 1);
+        assert!(!t.is_busy(3) && t.busy_mut(3).is_none());
+    }
+
+    #[test]
+    fn a_failed_request_finishes_with_the_status_byte_only() {
+        let mut t = SlotTable::new(2);
+        t.occupy(0, started(1), Vec::new()).error = Some(ErrorKind::Io);
+        let done = t.finish(0);
+        assert_eq!((done.used_len, done.error), (1, Some(ErrorKind::Io)));
+    }
+
+    #[test]
+    fn a_slot_taken_again_forgets_its_previous_request() {
+        let mut t = SlotTable::new(1);
+        let s = t.occupy(0, started(1), Vec::new());
+        s.error = Some(ErrorKind::Io);
+        s.sync_after = true;
+        s.landed.push([0, 1]);
+        t.finish(0);
+        let s = t.occupy(0, started(1), Vec::new());
+        assert!(s.error.is_none() && !s.sync_after && s.landed.is_empty());
+    }
+
+    #[test]
+    fn heads_out_of_range_are_never_busy() {
+        let mut t = SlotTable::new(2);
+        assert!(!t.is_busy(2) && !t.is_busy(u16::MAX));
+        assert!(t.busy_mut(u16::MAX).is_none());
+    }
+}

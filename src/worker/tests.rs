@@ -95,6 +95,37 @@ fn a_refused_sqe_is_counted_and_fails_its_request() {
     drop(buf);
 }
 
+/// An SQE that cannot be queued (here: no ring at all) comes back from the engine as a
+/// -ECANCELED completion, and its request fails to the guest at the next reap instead of
+/// waiting forever.
+#[test]
+fn an_sqe_that_cannot_be_queued_fails_its_request() {
+    let tuning = Tuning {
+        max_poll: Duration::ZERO,
+        submit_batch: 8,
+    };
+    let counters = Arc::new(QueueCounters::default());
+    let mut st = QueueState::new(0, 8, tuning, counters.clone()).unwrap();
+    let vring = Vring::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 8).unwrap();
+    let mut vs = vring.get_mut();
+    let mem = GuestMemoryMmap::new();
+
+    st.start_flush(0, None);
+    assert_eq!(st.inflight_requests(), 1);
+    assert_eq!(
+        st.rings.unfinished(),
+        1,
+        "the lost SQE waits as a completion"
+    );
+    st.reap(&mut vs, &mem);
+    assert_eq!(st.inflight_requests(), 0);
+    assert_eq!(st.rings.unfinished(), 0);
+    let s = counters.snapshot();
+    assert_eq!(s.errors[ErrorKind::Io as usize], 1);
+    assert_eq!(s.ops[OpKind::Flush as usize].requests, 1);
+    assert_eq!(s.sqes, 0);
+}
+
 /// A sealed memfd of `len` bytes and the dirty log over all of it.
 fn log_of(len: u64) -> (std::fs::File, Arc<DirtyLog>) {
     use std::os::fd::FromRawFd;

@@ -123,3 +123,45 @@ impl QueueState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNSUPPORTED: i32 = -libc::EOPNOTSUPP;
+
+    #[test]
+    fn zero_range_refused_becomes_punch_then_alloc_for_good() {
+        let mut z = Zeroing::default();
+        assert_eq!(z.first_step(ZeroMode::InPlace), Step::ZeroRange);
+        assert_eq!(
+            z.next_step(Step::ZeroRange, UNSUPPORTED),
+            Some(Step::PunchRealloc)
+        );
+        assert_eq!(z.next_step(Step::PunchRealloc, 0), Some(Step::Alloc));
+        assert_eq!(z.next_step(Step::Alloc, 0), None);
+        // Later requests go straight to the replacement.
+        assert_eq!(z.first_step(ZeroMode::InPlace), Step::PunchRealloc);
+        assert_eq!(z.first_step(ZeroMode::Unmap), Step::Punch);
+    }
+
+    #[test]
+    fn punch_refused_becomes_zero_range_for_good() {
+        let mut z = Zeroing::default();
+        assert_eq!(z.first_step(ZeroMode::Unmap), Step::Punch);
+        assert_eq!(z.next_step(Step::Punch, UNSUPPORTED), Some(Step::ZeroRange));
+        assert_eq!(z.first_step(ZeroMode::Unmap), Step::ZeroRange);
+        assert_eq!(z.first_step(ZeroMode::InPlace), Step::ZeroRange);
+    }
+
+    #[test]
+    fn other_results_end_the_range() {
+        let mut z = Zeroing::default();
+        assert_eq!(z.next_step(Step::ZeroRange, 0), None);
+        assert_eq!(z.next_step(Step::ZeroRange, -libc::EIO), None);
+        assert_eq!(z.next_step(Step::PunchRealloc, -libc::EIO), None);
+        // Discard is advisory: a refusal is not replaced (it counts as done).
+        assert_eq!(z.next_step(Step::Discard, UNSUPPORTED), None);
+        assert_eq!(z.first_step(ZeroMode::Discard), Step::Discard);
+    }
+}
