@@ -324,15 +324,12 @@ fn register_opcodes_are_refused_after_enabling() {
     }
 }
 
-/// What the daemon registers, as it registers it: the default policy of a writable disk
-/// with every feature (plus the vectored opcodes where the kernel has them), the image
-/// twice (O_DIRECT and page cache), and buffers in a shared memfd mapping like guest RAM.
-#[test]
-fn the_daemons_default_ring_serves_both_files_from_shared_memory_and_nothing_else() {
+/// The image as the daemon opens it: O_DIRECT where the filesystem allows it, and through
+/// the page cache. Returns (the image, which must outlive both, O_DIRECT, page cache).
+fn image_opened_twice(data: &[u8]) -> (tempfile::NamedTempFile, std::fs::File, std::fs::File) {
     use std::os::unix::fs::OpenOptionsExt;
     let mut image = tempfile::NamedTempFile::new().unwrap();
-    let data: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 253) as u8).collect();
-    image.write_all(&data).unwrap();
+    image.write_all(data).unwrap();
     image.flush().unwrap();
     let path = image.path().to_path_buf();
     let direct = std::fs::OpenOptions::new()
@@ -353,17 +350,22 @@ fn the_daemons_default_ring_serves_both_files_from_shared_memory_and_nothing_els
         .write(true)
         .open(&path)
         .unwrap();
+    (image, primary, buffered)
+}
+
+/// A shared mapping of a fresh memfd of `len` bytes, like guest RAM (the caller unmaps it).
+fn shared_ram(len: usize) -> *mut libc::c_void {
     // SAFETY: memfd_create with a valid name; the fd is owned from here on.
     let memfd = unsafe {
         std::os::fd::OwnedFd::from_raw_fd(libc::memfd_create(c"rf-ram".as_ptr(), libc::MFD_CLOEXEC))
     };
     let ram = std::fs::File::from(memfd);
-    ram.set_len(2 * IMAGE_LEN as u64).unwrap();
-    // SAFETY: a fresh shared mapping of our own memfd.
+    ram.set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of our own memfd (it stays after the fd is closed).
     let host = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            2 * IMAGE_LEN,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             ram.as_raw_fd(),
@@ -371,6 +373,17 @@ fn the_daemons_default_ring_serves_both_files_from_shared_memory_and_nothing_els
         )
     };
     assert_ne!(host, libc::MAP_FAILED);
+    host
+}
+
+/// What the daemon registers, as it registers it: the default policy of a writable disk
+/// with every feature (plus the vectored opcodes where the kernel has them), the image
+/// twice (O_DIRECT and page cache), and buffers in a shared memfd mapping like guest RAM.
+#[test]
+fn the_daemons_default_ring_serves_both_files_from_shared_memory_and_nothing_else() {
+    let data: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 253) as u8).collect();
+    let (_image, primary, buffered) = image_opened_twice(&data);
+    let host = shared_ram(2 * IMAGE_LEN);
     let map = FixedBufferMap::from_regions(
         [(0, 2 * IMAGE_LEN as u64, host as u64)],
         crate::guest_map::MAX_FIXED_BUFFER,
