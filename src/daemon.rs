@@ -65,7 +65,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
         None => None,
     };
-    sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
+    sandbox::install_sigbus_handler().map_err(|e| StartupError::Sandbox(e.to_string()))?;
     info!(
         "serving {} ({} bytes, {}, {}), {} queue(s) of up to {} entries",
         image.path.display(),
@@ -95,7 +95,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
     let sandboxed = mode == SandboxMode::Seccomp;
     if sandboxed {
-        sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
+        sandbox::apply_process_filter().map_err(|e| StartupError::Sandbox(e.to_string()))?;
     }
     sandbox::log_status(mode, process_rings.as_ref());
     if let (Some(l), Some(p)) = (stats_listener, &opts.stats_socket) {
