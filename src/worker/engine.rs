@@ -263,15 +263,15 @@ impl Rings {
 
 /// The `op_flags` word of an SQE (rw_flags, fsync_flags...), as the kernel will read it.
 fn sqe_op_flags(e: &squeue::Entry) -> u32 {
-    const OP_FLAGS_OFFSET: usize = 28;
-    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
-    // SAFETY: `Entry` is a repr(C) wrapper around `struct io_uring_sqe` (64 bytes, asserted
-    // above), whose op_flags union is the u32 at offset 28; the read stays inside `e`.
+    use crate::kernel::abi::{SQE_OP_FLAGS_OFFSET, SQE_SIZE};
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == SQE_SIZE);
+    // SAFETY: `Entry` is a repr(C) wrapper around `struct io_uring_sqe` (its size asserted
+    // above), whose op_flags union is the u32 at SQE_OP_FLAGS_OFFSET; the read stays inside `e`.
     unsafe {
         std::ptr::read_unaligned(
             (e as *const squeue::Entry)
                 .cast::<u8>()
-                .add(OP_FLAGS_OFFSET)
+                .add(SQE_OP_FLAGS_OFFSET)
                 .cast::<u32>(),
         )
     }
