@@ -43,7 +43,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
         None => None,
     };
-    sandbox::install_sigbus_handler().map_err(StartupError::Sandbox)?;
+    sandbox::install_sigbus_handler().map_err(|e| StartupError::Sandbox(e.to_string()))?;
     log_serving(&image, &spec);
 
     let stats = Arc::new(DeviceStats::new(spec.num_queues));
@@ -57,7 +57,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
     let sandboxed = mode == SandboxMode::Seccomp;
     if sandboxed {
-        sandbox::apply_process_filter().map_err(StartupError::Sandbox)?;
+        sandbox::apply_process_filter().map_err(|e| StartupError::Sandbox(e.to_string()))?;
     }
     sandbox::log_status(mode, process_rings.as_ref());
     if let (Some(l), Some(p)) = (stats_listener, &opts.stats_socket) {

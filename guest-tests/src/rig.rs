@@ -984,6 +984,17 @@ impl Rig {
     }
 }
 
+/// `len` bytes of the image file at `path`, from `off`.
+pub fn read_image(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .expect("open image")
+        .read_exact_at(&mut buf, off)
+        .expect("read image");
+    buf
+}
+
 /// A check of guest RAM after a request answered OK.
 pub type MemCheck = Box<dyn Fn(&GuestMemory) -> Result<(), String>>;
 

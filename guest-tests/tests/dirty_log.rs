@@ -35,7 +35,7 @@ use ringfence_guest_tests::blk;
 use ringfence_guest_tests::daemon::{Daemon, LoopFs, ReadThrottle};
 use ringfence_guest_tests::frontend::*;
 use ringfence_guest_tests::image;
-use ringfence_guest_tests::memory::{pages_of, DirtyLog, GuestMemory};
+use ringfence_guest_tests::memory::{pages_of, DirtyLog, GuestMemory, Snapshot};
 use ringfence_guest_tests::rig::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -140,6 +140,10 @@ fn fmt_pages(p: &BTreeSet<u64>) -> String {
     )
 }
 
+/// A read of [`workload`]: offset from the round's base, buffers as (region, length, offset
+/// into its first page), indirect, what.
+type WorkloadRead = (u64, &'static [(usize, u64, u64)], bool, &'static str);
+
 /// The requests of one round on queue `q`: reads of every shape (one page, several pages,
 /// two segments in two regions, across a page boundary, part of a page, indirect, 256 KiB,
 /// above 4 GiB), writes (chain and indirect), a flush and a GET_ID. Returns the requests and
@@ -148,88 +152,58 @@ fn workload(g: &mut LogGuest, q: usize, round: u64) -> (Vec<LogReq>, Vec<(u64, u
     let base = (q as u64 * 8 + round) * MIB % (32 * MIB);
     let mut reqs = Vec::new();
     let mut writes = Vec::new();
-    let mut read = |g: &mut LogGuest, off: u64, bufs: Vec<(u64, u64)>, ind: bool, what: &str| {
-        let r = g.request(q, blk::T_IN, off / blk::SECTOR, &[], &bufs, ind, what);
-        reqs.push(r);
-    };
-    let b = g.rw_buf(0, 4096, 0);
-    read(g, base, vec![(b, 4096)], false, "read of one page");
-    let b1 = g.rw_buf(0, 8192, 0);
-    let b2 = g.rw_buf(1, 8192, 0);
-    read(
-        g,
-        base + 64 * KIB,
-        vec![(b1, 8192), (b2, 8192)],
-        false,
-        "read of 16 KiB in two segments, regions A and B",
-    );
-    let b = g.rw_buf(2, 4096, 2048);
-    read(
-        g,
-        base + 128 * KIB,
-        vec![(b, 4096)],
-        false,
-        "read of 4 KiB across a page boundary, above 4 GiB",
-    );
-    let b = g.rw_buf(0, 512, 1024);
-    read(
-        g,
-        base + 192 * KIB,
-        vec![(b, 512)],
-        false,
-        "read of 512 bytes inside a page",
-    );
-    let b = g.rw_buf(2, 8192, 0);
-    read(
-        g,
-        base + 256 * KIB,
-        vec![(b, 8192)],
-        true,
-        "indirect read of 8 KiB above 4 GiB",
-    );
-    let b = g.rw_buf(0, 256 * KIB, 0);
-    read(
-        g,
-        base + 512 * KIB,
-        vec![(b, 256 * KIB)],
-        false,
-        "read of 256 KiB",
-    );
+    let reads: [WorkloadRead; 6] = [
+        (0, &[(0, 4096, 0)], false, "read of one page"),
+        (
+            64 * KIB,
+            &[(0, 8192, 0), (1, 8192, 0)],
+            false,
+            "read of 16 KiB in two segments, regions A and B",
+        ),
+        (
+            128 * KIB,
+            &[(2, 4096, 2048)],
+            false,
+            "read of 4 KiB across a page boundary, above 4 GiB",
+        ),
+        (
+            192 * KIB,
+            &[(0, 512, 1024)],
+            false,
+            "read of 512 bytes inside a page",
+        ),
+        (
+            256 * KIB,
+            &[(2, 8192, 0)],
+            true,
+            "indirect read of 8 KiB above 4 GiB",
+        ),
+        (512 * KIB, &[(0, 256 * KIB, 0)], false, "read of 256 KiB"),
+    ];
+    for (off, bufs, indirect, what) in reads {
+        let bufs: Vec<(u64, u64)> = bufs
+            .iter()
+            .map(|&(region, len, in_page)| (g.rw_buf(region, len, in_page), len))
+            .collect();
+        let sector = (base + off) / blk::SECTOR;
+        reqs.push(g.request(q, blk::T_IN, sector, &[], &bufs, indirect, what));
+    }
+    // (offset from 16 MiB + `base`, length, data byte i = i * mul + add, indirect, what)
     let woff = 16 * MIB + base;
-    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + q as u32) as u8).collect();
-    reqs.push(g.request(
-        q,
-        blk::T_OUT,
-        woff / blk::SECTOR,
-        &data,
-        &[],
-        false,
-        "write of 8 KiB",
-    ));
-    writes.push((woff, 8192));
-    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
-    let woff2 = woff + 64 * KIB;
-    reqs.push(g.request(
-        q,
-        blk::T_OUT,
-        woff2 / blk::SECTOR,
-        &data,
-        &[],
-        true,
-        "indirect write of 4 KiB",
-    ));
-    writes.push((woff2, 4096));
+    let wrs = [
+        (0, 8192, 13, q as u32, false, "write of 8 KiB"),
+        (64 * KIB, 4096, 7, 1, true, "indirect write of 4 KiB"),
+    ];
+    for (off, len, mul, add, indirect, what) in wrs {
+        let data: Vec<u8> = (0..len as u32).map(|i| (i * mul + add) as u8).collect();
+        let sector = (woff + off) / blk::SECTOR;
+        reqs.push(g.request(q, blk::T_OUT, sector, &data, &[], indirect, what));
+        writes.push((woff + off, len));
+    }
     reqs.push(g.request(q, blk::T_FLUSH, 0, &[], &[], false, "flush"));
     let id = g.rw_buf(1, blk::ID_LEN as u64, 100);
-    reqs.push(g.request(
-        q,
-        blk::T_GET_ID,
-        0,
-        &[],
-        &[(id, blk::ID_LEN as u64)],
-        false,
-        "GET_ID",
-    ));
+    let id_buf = [(id, blk::ID_LEN as u64)];
+    reqs.push(g.request(q, blk::T_GET_ID, 0, &[], &id_buf, false, "GET_ID"));
     (reqs, writes)
 }
 
@@ -386,8 +360,23 @@ fn run_round(
     for q in 0..g.queues.len() {
         g.kick(q);
     }
+    let changed = complete_judged(j, g, &reqs, log, &snap, &format!("round {round}"));
+    (reqs, writes, changed)
+}
+
+/// Wait for `reqs` (made available since `snap`) to be answered, judging each as it comes
+/// (see [`judge_completion`]); one that is not is a finding, `what: why`. Returns the pages
+/// the device changed since `snap`.
+fn complete_judged(
+    j: &mut dyn Judge,
+    g: &mut LogGuest,
+    reqs: &[LogReq],
+    log: Option<&DirtyLog>,
+    snap: &Snapshot,
+    what: &str,
+) -> BTreeSet<u64> {
     let mut findings = Vec::new();
-    let r = g.complete(&reqs, WAIT, |mem, r, _u| {
+    let r = g.complete(reqs, WAIT, |mem, r, _u| {
         let mut c = Collect::default();
         judge_completion(&mut c, mem, log, r);
         findings.extend(c.0);
@@ -396,10 +385,9 @@ fn run_round(
         j.fail(f);
     }
     if let Err(e) = r {
-        j.fail(format!("round {round}: {e}"));
+        j.fail(format!("{what}: {e}"));
     }
-    let changed = g.mem.changed_pages(&snap);
-    (reqs, writes, changed)
+    g.mem.changed_pages(snap)
 }
 
 /// Findings gathered inside a closure (strict: used where the judge cannot be borrowed).
@@ -802,19 +790,9 @@ fn requests_in_flight_when_logging_starts_are_marked_when_they_complete() {
     }
     let snap = g.mem.snapshot();
     b.throttle.release();
-    let mut findings = Vec::new();
-    let done = g.complete(&[r.clone(), w.clone()], WAIT, |mem, x, _| {
-        let mut c = Collect::default();
-        judge_completion(&mut c, mem, Some(&log), x);
-        findings.extend(c.0);
-    });
-    for f in findings {
-        b.fail(f);
-    }
-    if let Err(e) = done {
-        b.fail(format!("after the throttle was lifted: {e}"));
-    }
-    let changed = g.mem.changed_pages(&snap);
+    let held = [r.clone(), w.clone()];
+    let lifted = "after the throttle was lifted";
+    let changed = complete_judged(&mut b, &mut g, &held, Some(&log), &snap, lifted);
     judge_log(&mut b, &g, &log, &[r, w], &changed, &[0]);
     // The GET_ID completed before logging started: its pages are not in the log.
     let early: BTreeSet<u64> = gid.pages().into_iter().filter(|&p| log.is_set(p)).collect();
@@ -856,19 +834,9 @@ fn a_second_log_base_replaces_the_first() {
     old.take();
     let snap = g.mem.snapshot();
     b.throttle.release();
-    let mut findings = Vec::new();
-    let done = g.complete(&[r.clone(), w.clone()], WAIT, |mem, x, _| {
-        let mut c = Collect::default();
-        judge_completion(&mut c, mem, Some(&new), x);
-        findings.extend(c.0);
-    });
-    for f in findings {
-        b.fail(f);
-    }
-    if let Err(e) = done {
-        b.fail(format!("after the throttle was lifted: {e}"));
-    }
-    let changed = g.mem.changed_pages(&snap);
+    let held = [r.clone(), w.clone()];
+    let lifted = "after the throttle was lifted";
+    let changed = complete_judged(&mut b, &mut g, &held, Some(&new), &snap, lifted);
     judge_log(&mut b, &g, &new, &[r, w], &changed, &[0]);
     new.take();
     let (reqs, w2, changed) = run_round(&mut b, &mut g, Some(&new), 1);

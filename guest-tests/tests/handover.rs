@@ -17,7 +17,6 @@
 //! `RINGFENCE_HOSTILE_WAIT_MS` (1 s). ringfence only: qemu-storage-daemon has no `--incoming`.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use ringfence_guest_tests::daemon::{ringfence_refused, Daemon, LoopFs};
 use ringfence_guest_tests::frontend::*;
 use ringfence_guest_tests::image;
 use ringfence_guest_tests::memory::GuestMemory;
-use ringfence_guest_tests::rig::{hostile_wait, Session, SessionCfg, RAM_A, RAM_B};
+use ringfence_guest_tests::rig::{self, hostile_wait, Session, SessionCfg, RAM_A, RAM_B};
 use ringfence_guest_tests::virtq::{Desc, SplitQueue};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -94,12 +93,7 @@ impl Site {
     }
 
     fn read_image(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        std::fs::File::open(&self.image)
-            .expect("open image")
-            .read_exact_at(&mut buf, off)
-            .expect("read image");
-        buf
+        rig::read_image(&self.image, off, len)
     }
 }
 

@@ -521,6 +521,20 @@ impl Held {
         }
     }
 
+    /// The reply to a message just sent on `s`: it must not come while the write is held
+    /// (for 3 s; `held` says what came instead), and must come once the filesystem thaws
+    /// (`after` names it).
+    fn reply_after_thaw(&self, s: &Session, held: &str, after: &str) -> Msg {
+        let r = s.fe.recv(Duration::from_secs(3));
+        assert!(
+            matches!(r, Err(FeError::Timeout)),
+            "{held}: {:?}",
+            r.map(|m| (m.code, m.payload))
+        );
+        self.fs.thaw();
+        s.fe.recv(WAIT).unwrap_or_else(|e| panic!("{after}: {e}"))
+    }
+
     /// The daemon's statistics (Prometheus text).
     fn metrics(&self) -> String {
         use std::io::Read;
@@ -636,16 +650,11 @@ fn a_third_memory_table_waits_for_the_first_ones_io() {
         &[fds[1]],
     )
     .expect("send ADD_MEM_REG");
-    let r = s.fe.recv(Duration::from_secs(3));
-    assert!(
-        matches!(r, Err(FeError::Timeout)),
-        "a third table was published while the first one's ring had a write in flight: {:?}",
-        r.map(|m| m.payload)
+    let m = h.reply_after_thaw(
+        &s,
+        "a third table was published while the first one's ring had a write in flight",
+        "the third table, once the write landed",
     );
-    h.fs.thaw();
-    let m =
-        s.fe.recv(WAIT)
-            .expect("the third table, once the write landed");
     assert_eq!((m.code, m.u64().ok()), (code::ADD_MEM_REG, Some(0)));
     let u = s.queues[0]
         .wait_used(&s.mem, Instant::now() + WAIT, None)
@@ -680,16 +689,11 @@ fn reset_device_waits_for_a_held_write() {
     let (head, st) = write_in_flight(&mut s, 4096);
     s.fe.send(code::RESET_DEVICE, FLAG_NEED_REPLY, &[], &[])
         .expect("send RESET_DEVICE");
-    let r = s.fe.recv(Duration::from_secs(3));
-    assert!(
-        matches!(r, Err(FeError::Timeout)),
-        "RESET_DEVICE answered while a write was held: {:?}",
-        r.map(|m| m.code)
+    let m = h.reply_after_thaw(
+        &s,
+        "RESET_DEVICE answered while a write was held",
+        "RESET_DEVICE answered after the thaw",
     );
-    h.fs.thaw();
-    let m =
-        s.fe.recv(WAIT)
-            .expect("RESET_DEVICE answered after the thaw");
     assert_eq!(m.code, code::RESET_DEVICE);
     assert_eq!(s.queues[0].used_idx(&s.mem), 2, "the write's used entry");
     assert_eq!(

@@ -117,6 +117,36 @@ fn log_base(
     outcome
 }
 
+/// SET_LOG_BASE with the whole of `log` (judged as [`log_base`] judges, never demanding a
+/// refusal).
+fn log_whole(rig: &mut Rig, g: &LogGuest, log: &DirtyLog, what: &str) -> Outcome {
+    log_base(rig, g, log.size, log.offset, &[log.fd()], false, what)
+}
+
+/// An honest log, which must be accepted: a refusal is a finding (and `false`).
+fn honest_log(rig: &mut Rig, g: &LogGuest, log: &DirtyLog, what: &str) -> bool {
+    if log_whole(rig, g, log, what) == Outcome::Accepted {
+        return true;
+    }
+    rig.fail("an honest log was refused".to_string());
+    false
+}
+
+/// Against ringfence, marks that fall past the log are dropped with a warning on stderr
+/// (since log position `from`): a drop without one is a finding.
+fn past_the_log_warned(rig: &mut Rig, from: usize, what: &str) {
+    if rig.strict()
+        && rig
+            .daemon
+            .wait_for_log_after(from, WAIT, |l| l.contains("past the end of the VMM's log"))
+            .is_none()
+    {
+        rig.fail(format!(
+            "{what}: marks past the log dropped without a warning"
+        ));
+    }
+}
+
 /// With the log accepted: LOG_ALL on, one round of reads on every queue; the data pages must
 /// be marked in `log` when `marked` (false: the marks may be dropped).
 fn io_with_logging(rig: &mut Rig, g: &mut LogGuest, log: &DirtyLog, marked: bool, what: &str) {
@@ -316,7 +346,7 @@ fn an_offset_not_page_aligned() {
         QEMU_LOG_SEALS,
     );
     let what = "a log at offset 100";
-    if log_base(&mut rig, &g, log.size, log.offset, &[log.fd()], false, what) == Outcome::Accepted {
+    if log_whole(&mut rig, &g, &log, what) == Outcome::Accepted {
         let strict = rig.strict();
         io_with_logging(&mut rig, &mut g, &log, strict, what);
     }
@@ -368,7 +398,7 @@ fn a_log_before_any_memory_table_then_a_table_past_its_end() {
     let log = DirtyLog::guarded("log-early", 8 * MIB, Some(small));
     let what = "SET_LOG_BASE before SET_MEM_TABLE";
     let from = rig.daemon.log_len();
-    let outcome = log_base(&mut rig, &g, log.size, log.offset, &[log.fd()], false, what);
+    let outcome = log_whole(&mut rig, &g, &log, what);
     if outcome == Outcome::Accepted {
         let r = g.share_memory().and_then(|_| g.start_queues(true));
         match r {
@@ -388,18 +418,7 @@ fn a_log_before_any_memory_table_then_a_table_past_its_end() {
                         ));
                     }
                 }
-                if rig.strict()
-                    && rig
-                        .daemon
-                        .wait_for_log_after(from, WAIT, |l| {
-                            l.contains("past the end of the VMM's log")
-                        })
-                        .is_none()
-                {
-                    rig.fail(format!(
-                        "{what}: marks past the log dropped without a warning"
-                    ));
-                }
+                past_the_log_warned(&mut rig, from, what);
             }
         }
     }
@@ -469,20 +488,9 @@ fn vring_log_addresses_past_the_log() {
         let log = good_log("log-vring-addr");
         g.vring_log_addr[0] = addr;
         let from = rig.daemon.log_len();
-        if log_base(&mut rig, &g, log.size, log.offset, &[log.fd()], false, what)
-            == Outcome::Accepted
-        {
+        if log_whole(&mut rig, &g, &log, what) == Outcome::Accepted {
             io_with_logging(&mut rig, &mut g, &log, true, what);
-            if rig.strict()
-                && rig
-                    .daemon
-                    .wait_for_log_after(from, WAIT, |l| l.contains("past the end of the VMM's log"))
-                    .is_none()
-            {
-                rig.fail(format!(
-                    "{what}: marks past the log dropped without a warning"
-                ));
-            }
+            past_the_log_warned(&mut rig, from, what);
         }
         check_guards(&mut rig, &log, what);
         keep(&mut rig, g, what);
@@ -498,17 +506,7 @@ fn logs_replaced_while_io_runs() {
     let mut rig = rig(2);
     let mut g = guest(&mut rig, 2, true);
     let first = good_log("log-replaced-0");
-    if log_base(
-        &mut rig,
-        &g,
-        first.size,
-        first.offset,
-        &[first.fd()],
-        false,
-        "first log",
-    ) != Outcome::Accepted
-    {
-        rig.fail("an honest log was refused".to_string());
+    if !honest_log(&mut rig, &g, &first, "first log") {
         keep(&mut rig, g, "first log");
         return rig.finish();
     }
@@ -573,17 +571,7 @@ fn log_all_toggled_under_load() {
     let mut rig = rig(2);
     let mut g = guest(&mut rig, 2, true);
     let log = good_log("log-toggled");
-    if log_base(
-        &mut rig,
-        &g,
-        log.size,
-        log.offset,
-        &[log.fd()],
-        false,
-        "the log",
-    ) != Outcome::Accepted
-    {
-        rig.fail("an honest log was refused".to_string());
+    if !honest_log(&mut rig, &g, &log, "the log") {
         check_guards(&mut rig, &log, "the log");
         keep(&mut rig, g, "the log");
         return rig.finish();
@@ -625,15 +613,7 @@ fn log_all_toggled_under_load() {
     }
     // On: marked. The log must still be set (SET_FEATURES without LOG_ALL unmaps it in
     // ringfence: a new SET_LOG_BASE is QEMU's way; it sends one with each migration).
-    let again = log_base(
-        &mut rig,
-        &g,
-        log.size,
-        log.offset,
-        &[log.fd()],
-        false,
-        "log again",
-    );
+    let again = log_whole(&mut rig, &g, &log, "log again");
     if again == Outcome::Accepted {
         io_with_logging(
             &mut rig,

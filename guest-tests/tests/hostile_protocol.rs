@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ringfence_guest_tests::blk::*;
 use ringfence_guest_tests::frontend::*;
 use ringfence_guest_tests::image;
-use ringfence_guest_tests::memory::GuestMemory;
+use ringfence_guest_tests::memory::{GuestMemory, MemFd};
 use ringfence_guest_tests::rig::*;
 use ringfence_guest_tests::virtq::{Desc, SplitQueue};
 
@@ -239,6 +239,21 @@ fn continue_session(rig: &mut Rig, fe: Frontend, mem: GuestMemory, what: &str) -
     Some(Session::from_parts(fe, mem, vec![q], base + 0x10_0000))
 }
 
+/// A memory table entry that maps `size` bytes of `m`, from its start, at `gpa`.
+fn mapping(m: &MemFd, gpa: u64, size: u64) -> MemRegion {
+    MemRegion {
+        gpa,
+        size,
+        uaddr: m.addr(),
+        mmap_offset: 0,
+    }
+}
+
+/// Two adjacent 1 MiB regions at GPA 0 and 1 MiB, both mapping the start of `m`.
+fn two_regions(m: &MemFd) -> [MemRegion; 2] {
+    [mapping(m, 0, 1 << 20), mapping(m, 1 << 20, 1 << 20)]
+}
+
 fn std_memory() -> GuestMemory {
     GuestMemory::new(&[RAM_A, RAM_B, RAM_C])
 }
@@ -294,21 +309,10 @@ fn payload_sizes_that_do_not_fit_the_request() {
     let mut fe = negotiated(&mut rig);
     let lie = lie_memory("lie", &[1 << 20]);
     let m = &lie.regions[0].mem;
-    let region = MemRegion {
-        gpa: 0,
-        size: 1 << 20,
-        uaddr: m.addr(),
-        mmap_offset: 0,
-    };
-    let mut two_claimed = mem_table_payload(&[region]);
+    let two = two_regions(m);
+    let mut two_claimed = mem_table_payload(&two[..1]);
     two_claimed[0..4].copy_from_slice(&2u32.to_ne_bytes());
-    let mut one_claimed = mem_table_payload(&[
-        region,
-        MemRegion {
-            gpa: 1 << 20,
-            ..region
-        },
-    ]);
+    let mut one_claimed = mem_table_payload(&two);
     one_claimed[0..4].copy_from_slice(&1u32.to_ne_bytes());
     let mfd = [m.fd()];
     let cases: Vec<(u32, Vec<u8>, &[RawFd], &str)> = vec![
@@ -487,12 +491,7 @@ fn messages_cut_short_by_eof() {
     let mut rig = start();
     let lie = lie_memory("lie", &[1 << 20]);
     let m = &lie.regions[0].mem;
-    let table = mem_table_payload(&[MemRegion {
-        gpa: 0,
-        size: 1 << 20,
-        uaddr: m.addr(),
-        mmap_offset: 0,
-    }]);
+    let table = mem_table_payload(&[mapping(m, 0, 1 << 20)]);
     let msgs: Vec<(Vec<u8>, Vec<RawFd>, &str)> = vec![
         (
             message(code::SET_FEATURES, VERSION, 8, &1u64.to_ne_bytes()),
@@ -623,19 +622,8 @@ fn messages_missing_their_fds() {
     let mut fe = negotiated(&mut rig);
     let lie = lie_memory("lie", &[1 << 20]);
     let m = &lie.regions[0].mem;
-    let region = MemRegion {
-        gpa: 0,
-        size: 1 << 20,
-        uaddr: m.addr(),
-        mmap_offset: 0,
-    };
-    let two = [
-        region,
-        MemRegion {
-            gpa: 1 << 20,
-            ..region
-        },
-    ];
+    let two = two_regions(m);
+    let region = two[0];
     let cases: Vec<(u32, Vec<u8>, Vec<RawFd>, &str)> = vec![
         (
             code::SET_MEM_TABLE,
@@ -1300,12 +1288,7 @@ fn mem_table_with_too_many_regions() {
             .regions
             .iter()
             .enumerate()
-            .map(|(i, r)| MemRegion {
-                gpa: (i as u64) << 20,
-                size: 1 << 16,
-                uaddr: r.mem.addr(),
-                mmap_offset: 0,
-            })
+            .map(|(i, r)| mapping(&r.mem, (i as u64) << 20, 1 << 16))
             .collect();
         let raw: Vec<RawFd> = (0..n).map(|i| lie.fd(i)).collect();
         let what = format!("SET_MEM_TABLE with {n} regions");
@@ -1314,12 +1297,7 @@ fn mem_table_with_too_many_regions() {
     }
     // A count far above what the payload carries.
     let lie = lie_memory("r", &[1 << 16]);
-    let mut p = mem_table_payload(&[MemRegion {
-        gpa: 0,
-        size: 1 << 16,
-        uaddr: lie.regions[0].mem.addr(),
-        mmap_offset: 0,
-    }]);
+    let mut p = mem_table_payload(&[mapping(&lie.regions[0].mem, 0, 1 << 16)]);
     p[0..4].copy_from_slice(&100_000u32.to_ne_bytes());
     let fe = negotiated(&mut rig);
     let r = fe.set_acked(code::SET_MEM_TABLE, &p, &[lie.fd(0)]);
@@ -1333,12 +1311,7 @@ fn mem_table_with_too_many_regions() {
 fn mem_table_with_invalid_regions() {
     let mut rig = start();
     let lie = lie_memory("r", &[1 << 20]);
-    let ok = MemRegion {
-        gpa: 0x10_0000,
-        size: 1 << 20,
-        uaddr: lie.regions[0].mem.addr(),
-        mmap_offset: 0,
-    };
+    let ok = mapping(&lie.regions[0].mem, 0x10_0000, 1 << 20);
     // (region, what, whether it reaches past the end of the 1 MiB memfd)
     for (r, what, past_eof) in [
         (MemRegion { size: 0, ..ok }, "region of size 0", false),
@@ -1422,12 +1395,7 @@ fn mem_table_with_overlapping_regions() {
     let mut rig = start();
     let lie = lie_memory("ab", &[2 << 20, 2 << 20]);
     let (a, b) = (&lie.regions[0].mem, &lie.regions[1].mem);
-    let ra = MemRegion {
-        gpa: 0x10_0000,
-        size: 2 << 20,
-        uaddr: a.addr(),
-        mmap_offset: 0,
-    };
+    let ra = mapping(a, 0x10_0000, 2 << 20);
     for (rb, what) in [
         (
             MemRegion {
@@ -1484,12 +1452,7 @@ fn mem_table_with_bad_fds() {
     let ro = std::fs::File::open(format!("/proc/self/fd/{}", lie.fd(0))).unwrap();
     let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
     let devnull = std::fs::File::open("/dev/null").unwrap();
-    let region = MemRegion {
-        gpa: 0x10_0000,
-        size: 1 << 20,
-        uaddr: lie.regions[0].mem.addr(),
-        mmap_offset: 0,
-    };
+    let region = mapping(&lie.regions[0].mem, 0x10_0000, 1 << 20);
     for (fd, what) in [
         (pr.as_raw_fd(), "pipe read end"),
         (pw.as_raw_fd(), "pipe write end"),
@@ -1745,12 +1708,7 @@ fn memory_slot_lies() {
     };
     rig.note(format!("GET_MAX_MEM_SLOTS = {slots}"));
     let extra = lie_memory("extra", &[1 << 20]);
-    let fresh = MemRegion {
-        gpa: 0x4000_0000,
-        size: 1 << 20,
-        uaddr: extra.regions[0].mem.addr(),
-        mmap_offset: 0,
-    };
+    let fresh = mapping(&extra.regions[0].mem, 0x4000_0000, 1 << 20);
     // (message, region from (A, fresh), with the fd, must ringfence refuse it, what)
     let cases: Vec<SlotLie> = vec![
         (
@@ -1831,12 +1789,7 @@ fn memory_slot_lies() {
     let tries = slots.min(600) + 2;
     for i in 0..tries {
         let m = lie_memory("slot", &[4096]);
-        let r = MemRegion {
-            gpa: 0x1_0000_0000 + (i << 20),
-            size: 4096,
-            uaddr: m.regions[0].mem.addr(),
-            mmap_offset: 0,
-        };
+        let r = mapping(&m.regions[0].mem, 0x1_0000_0000 + (i << 20), 4096);
         let res =
             s.fe.set_acked(code::ADD_MEM_REG, &single_region_payload(&r), &[m.fd(0)]);
         slot_mem.push(m);
@@ -2436,19 +2389,22 @@ fn kick_fd_that_is_always_readable() {
     rig.finish();
 }
 
-#[test]
-fn kick_fd_that_is_a_regular_file() {
+/// Queue 0's kick fd (`call`: its call fd) of an honest session replaced by a regular file.
+fn fd_is_a_regular_file(call: bool, what: &str) {
     let mut rig = start();
     let f = tempfile::tempfile().unwrap();
-    fd_lie(
-        &mut rig,
-        false,
-        f.as_raw_fd(),
-        "kick fd = regular file",
-        &|_| {},
-        false,
-    );
+    let kick = |s: &Session| {
+        if call {
+            s.queues[0].kick()
+        }
+    };
+    fd_lie(&mut rig, call, f.as_raw_fd(), what, &kick, false);
     rig.finish();
+}
+
+#[test]
+fn kick_fd_that_is_a_regular_file() {
+    fd_is_a_regular_file(false, "kick fd = regular file");
 }
 
 #[test]
@@ -2498,17 +2454,7 @@ fn call_fd_that_is_a_full_pipe() {
 
 #[test]
 fn call_fd_that_is_a_regular_file() {
-    let mut rig = start();
-    let f = tempfile::tempfile().unwrap();
-    fd_lie(
-        &mut rig,
-        true,
-        f.as_raw_fd(),
-        "call fd = regular file",
-        &|s| s.queues[0].kick(),
-        false,
-    );
-    rig.finish();
+    fd_is_a_regular_file(true, "call fd = regular file");
 }
 
 // =======================================================================================

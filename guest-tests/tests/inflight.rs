@@ -36,6 +36,7 @@ use ringfence_guest_tests::blk;
 use ringfence_guest_tests::daemon::{Daemon, LoopFs};
 use ringfence_guest_tests::frontend::*;
 use ringfence_guest_tests::memory::GuestMemory;
+use ringfence_guest_tests::rig;
 use ringfence_guest_tests::virtq::{Desc, SplitQueue, Used};
 
 const MIB: u64 = 1 << 20;
@@ -188,12 +189,7 @@ impl Bench {
     }
 
     fn read_image(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        std::fs::File::open(&self.image)
-            .expect("open image")
-            .read_exact_at(&mut buf, off)
-            .expect("read image");
-        buf
+        rig::read_image(&self.image, off, len)
     }
 }
 

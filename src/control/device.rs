@@ -14,12 +14,12 @@ use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use super::memory::AddrMapping;
-use super::QueueLoop;
+
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightMap;
 use crate::queues::Queues;
 use crate::vring::{Connection, Mem};
-use crate::worker::{Vring, WarnLimit};
+use crate::worker::{QueueLoop, Vring, WarnLimit};
 
 /// The device as one VMM connection drives it: what the `vhost` crate's handler calls
 /// (`handler.rs`), in front of the [`Queues`] that serve its I/O.

@@ -1,5 +1,5 @@
-//! The vhost-user control plane: one VMM connection's request loop ([`serve`]), the device it
-//! drives ([`Device`]) and each queue's worker loop ([`QueueLoop`]).
+//! The vhost-user control plane: one VMM connection's request loop ([`serve`]) and the device it
+//! drives ([`Device`]), which starts each queue's worker loop ([`crate::worker::QueueLoop`]).
 //!
 //! **Why our own handler.** The `vhost` crate frames, decodes and validates every message and
 //! calls a handler trait (`VhostUserBackendReqHandlerMut`); `vhost-user-backend` supplies one
@@ -21,13 +21,11 @@ mod device;
 mod handler;
 mod memory;
 mod migration;
-mod queue_loop;
 #[cfg(test)]
 mod tests;
 mod vrings;
 
 pub use device::Device;
-pub use queue_loop::QueueLoop;
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};

@@ -12,15 +12,8 @@
 use std::io;
 
 use super::policy::RingPolicy;
-use crate::kernel::{register_blind, IORING_REGISTER_RESTRICTIONS};
-
-/// `struct io_uring_task_restriction` without its flexible array of entries.
-#[repr(C)]
-struct TaskRestrictionHeader {
-    flags: u16,
-    nr_res: u16,
-    resv: [u32; 3],
-}
+use crate::kernel::abi::{TaskRestrictionHeader, IORING_REGISTER_RESTRICTIONS};
+use crate::kernel::register_blind;
 
 /// A task-level allowlist, laid out for the kernel ahead of time so that installing it only
 /// makes two system calls (and so can run where allocation cannot, e.g. between fork and exec).

@@ -1,110 +1,75 @@
-//! Completing: turn CQEs into status bytes and used-ring entries.
-
-use std::time::Instant;
+//! Completing: each CQE back to its request; the request's last one finishes it (`publish`).
+//! A completion that needs one more step of its request (a zeroing fallback, a writethrough
+//! fdatasync) says so with a [`FollowUp`]; the pass builds and submits it.
 
 use log::{debug, error};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
-use super::sqe::{
-    fallocate_sqe, fsync_sqe, KIND_ALLOC, KIND_DISCARD, KIND_FSYNC, KIND_PUNCH, KIND_PUNCH_REALLOC,
-    KIND_RW, KIND_ZERO_RANGE,
-};
+use super::user_data::{Step, UserData};
 use super::{suppressed_note, QueueState, VringState, STATUS_IOERR, STATUS_OK};
+use crate::request::ZeroRange;
 use crate::stats::ErrorKind;
 
-impl QueueState {
-    /// Turn every available completion into used-ring entries.
-    pub(super) fn reap(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
-        self.cqes.clear();
-        for engine in self.engine.iter_mut().chain(self.retiring.iter_mut()) {
-            let before = self.cqes.len();
-            self.cqes.extend(
-                engine
-                    .ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result())),
-            );
-            engine.inflight = engine.inflight.saturating_sub(self.cqes.len() - before);
-        }
-        self.retiring.retain(|e| e.inflight > 0);
-        if self.cqes.is_empty() {
-            return;
-        }
-        // One clock read for the whole batch: the completion time of its requests.
-        self.clock = Instant::now();
-        let cqes = std::mem::take(&mut self.cqes);
-        for &(ud, res) in &cqes {
-            self.on_completion(ud, res, vs, mem);
-        }
-        self.cqes = cqes;
-    }
+/// One more SQE a request needs before it can complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FollowUp {
+    /// Make it durable first (writethrough).
+    Fsync { head: u16 },
+    /// A zeroing step that replaces or follows the one that completed.
+    Fallocate { ud: UserData, range: ZeroRange },
+}
 
+impl QueueState {
+    /// Account one CQE to its request; completes the request to the guest when it was the
+    /// last. Returns the SQE its request needs next, if any.
     pub(super) fn on_completion(
         &mut self,
-        ud: u64,
+        raw: u64,
         res: i32,
         vs: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
-    ) {
-        let head = (ud & 0xffff) as u16;
-        let kind = (ud >> 16) & 0xff;
-        let idx = ((ud >> 24) & 0xff) as usize;
-        let expected = (ud >> 32) as u32;
+    ) -> Option<FollowUp> {
         let q = self.index;
+        let Some(ud) = UserData::decode(raw) else {
+            error!("queue {q}: completion with unknown user data {raw:#x}");
+            return None;
+        };
+        let head = ud.head;
         if res == -libc::EACCES {
-            self.kernel_refusal(head, kind);
+            self.kernel_refusal(head, ud.step);
         }
-        let Some(slot) = self.slots.get_mut(usize::from(head)).filter(|s| s.busy) else {
+        let Some(slot) = self.slots.busy_mut(head) else {
             error!("queue {q}: completion for idle slot {head}");
-            return;
+            return None;
         };
-        let range = slot.ranges.get(idx).copied();
-        let unsupported = res == -libc::EOPNOTSUPP;
-        // A step of a zeroing range that the filesystem cannot do is replaced by another that
-        // gives the same result, now and for every later request.
-        let next = match (kind, range) {
-            // Zeroing in place: punch a hole, then allocate it again (reads back as zeroes,
-            // stays allocated).
-            (KIND_ZERO_RANGE, Some(r)) if unsupported => {
-                self.zero_range_unsupported = true;
-                Some((KIND_PUNCH_REALLOC, r))
+        if let Some(&range) = slot.ranges.get(usize::from(ud.range)) {
+            if let Some(step) = self.zeroing.next_step(ud.step, res) {
+                return Some(FollowUp::Fallocate {
+                    ud: UserData::new(head, step).range(ud.range),
+                    range,
+                });
             }
-            // UNMAP is a hint: where holes cannot be punched, zero in place.
-            (KIND_PUNCH, Some(r)) if unsupported => {
-                self.punch_unsupported = true;
-                Some((KIND_ZERO_RANGE, r))
-            }
-            (KIND_PUNCH_REALLOC, Some(r)) if res >= 0 => Some((KIND_ALLOC, r)),
-            _ => None,
-        };
-        if let Some((kind, r)) = next {
-            let e = fallocate_sqe(head, kind, idx, &r);
-            self.push(e, vs, mem);
-            return;
         }
-        let ok = match kind {
-            KIND_RW => res >= 0 && res as u32 == expected,
+        let ok = match ud.step {
+            Step::Rw => res >= 0 && res as u32 == ud.expected,
             // Discard is advisory (virtio 1.2 §5.2.6.2): a filesystem without holes ignores it.
-            KIND_DISCARD => res >= 0 || unsupported,
+            Step::Discard => res >= 0 || res == -libc::EOPNOTSUPP,
             _ => res >= 0,
         };
         if !ok {
+            let expected = ud.expected;
             debug!("queue {q}: request {head} failed: result {res}, expected {expected}");
-        }
-        let Some(slot) = self.slots.get_mut(usize::from(head)) else {
-            return;
-        };
-        if !ok && slot.error.is_none() {
-            slot.error = Some(if res == -libc::EACCES {
-                ErrorKind::Refused
-            } else {
-                ErrorKind::Io
-            });
+            if slot.error.is_none() {
+                slot.error = Some(if res == -libc::EACCES {
+                    ErrorKind::Refused
+                } else {
+                    ErrorKind::Io
+                });
+            }
         }
         slot.pending = slot.pending.saturating_sub(1);
         if slot.pending > 0 {
-            return;
+            return None;
         }
         // The kernel put a read's data in guest RAM: logged before anything makes it visible
         // (also when it failed part-way: the bytes may have landed).
@@ -116,34 +81,30 @@ impl QueueState {
         if std::mem::take(&mut slot.sync_after) && slot.error.is_none() {
             // Durable before it completes (writethrough): one fdatasync, then complete.
             slot.pending = 1;
-            let e = fsync_sqe(head);
-            self.push(e, vs, mem);
-            return;
+            return Some(FollowUp::Fsync { head });
         }
-        slot.busy = false;
-        let (status, used) = if slot.error.is_some() {
-            (STATUS_IOERR, 1)
-        } else {
-            (STATUS_OK, slot.used_len)
-        };
-        let addr = slot.status;
-        let (op, bytes, start, err) = (slot.op, slot.bytes, slot.start, slot.error);
-        self.inflight_reqs -= 1;
+        let done = self.slots.finish(head);
         // Counted before the guest can see the completion.
-        self.counters.inflight.set(self.inflight_requests() as u64);
-        self.account(op, bytes, start, err);
-        self.complete(head, addr, status, used, vs, mem);
+        self.counters.inflight.set(self.slots.in_flight() as u64);
+        self.account(done.op, done.bytes, done.start, done.error);
+        let status = if done.error.is_some() {
+            STATUS_IOERR
+        } else {
+            STATUS_OK
+        };
+        self.publish(head, done.status_addr, status, done.used_len, vs, mem);
+        None
     }
 
     /// The kernel refused an SQE with -EACCES: the ring's allowlist stopped something this
     /// worker submitted. The worker builds only SQEs its ring allows, so this is a security
     /// incident (a bug, or memory corruption steering an SQE): counted, and logged as such.
     #[cold]
-    fn kernel_refusal(&mut self, head: u16, kind: u64) {
+    fn kernel_refusal(&mut self, head: u16, step: Step) {
         self.counters.kernel_refusals.add(1);
-        let what = match kind {
-            KIND_RW => "read or write",
-            KIND_FSYNC => "fdatasync",
+        let what = match step {
+            Step::Rw => "read or write",
+            Step::Fsync => "fdatasync",
             _ => "fallocate",
         };
         if let Some(n) = self.security_limit.allow(self.clock) {
@@ -156,38 +117,5 @@ impl QueueState {
                 suppressed_note(n)
             );
         }
-    }
-
-    /// Write the status byte and put the chain on the used ring.
-    pub(super) fn complete(
-        &mut self,
-        head: u16,
-        status_addr: Option<u64>,
-        status: u8,
-        used_len: u32,
-        vs: &mut VringState<'_>,
-        mem: &GuestMemoryMmap,
-    ) {
-        let len = match status_addr {
-            Some(a) if mem.write_obj(status, GuestAddress(a)).is_ok() => {
-                if let Some(log) = &self.log {
-                    log.mark(a, 1);
-                }
-                used_len
-            }
-            _ => 0,
-        };
-        if let Some(t) = &self.inflight {
-            t.before_publish(head);
-        }
-        match vs.add_used(head, len) {
-            Ok(()) => {
-                if let Some(t) = &self.inflight {
-                    t.after_publish(head, vs.get_queue().next_used());
-                }
-            }
-            Err(e) => debug!("queue {}: add_used({head}): {e}", self.index),
-        }
-        self.used_added = true;
     }
 }

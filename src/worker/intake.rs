@@ -1,4 +1,5 @@
-//! Popping: take descriptor chains off the avail ring, parse them and start each request.
+//! Intake: take descriptor chains off the avail ring (heads left in flight by a previous
+//! backend first), parse them and start each request (`build`, `zeroing`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -7,12 +8,9 @@ use log::{debug, warn};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::sqe::{
-    fallocate_sqe, fsync_sqe, KIND_DISCARD, KIND_PUNCH, KIND_PUNCH_REALLOC, KIND_ZERO_RANGE,
-};
 use super::{suppressed_note, QueueState, Shared, VringState, STATUS_IOERR, STATUS_OK};
 use crate::config::SERIAL_LEN;
-use crate::request::{self, Desc, Op, Parsed, ZeroMode};
+use crate::request::{self, Desc, Op, Parsed};
 use crate::stats::{ErrorKind, OpKind};
 
 impl QueueState {
@@ -39,15 +37,9 @@ impl QueueState {
             let mut popped = 0usize;
             // What a previous backend left in flight goes first (see src/inflight.rs).
             while let Some(head) = self.resubmit.pop_front() {
-                popped += 1;
-                budget = budget.saturating_sub(1);
                 let q = vs.get_queue();
                 crate::inflight::read_chain(mem, q.desc_table(), q.size(), head, &mut self.descs);
-                self.start(head, vs, mem, shared);
-                if self.queued_sqes() >= self.submit_batch {
-                    self.submit(vs, mem);
-                    self.clock = Instant::now();
-                }
+                self.take_one(head, vs, mem, shared, &mut popped, &mut budget);
                 if budget == 0 || stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -56,8 +48,6 @@ impl QueueState {
                 let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) else {
                     break;
                 };
-                popped += 1;
-                budget = budget.saturating_sub(1);
                 let head = chain.head_index();
                 self.descs.clear();
                 self.descs.extend(chain.map(|d| Desc {
@@ -65,14 +55,7 @@ impl QueueState {
                     len: d.len(),
                     writable: d.is_write_only(),
                 }));
-                self.start(head, vs, mem, shared);
-                if self.queued_sqes() >= self.submit_batch {
-                    self.submit(vs, mem);
-                    self.clock = Instant::now();
-                }
-                if budget == 0 || stop.load(Ordering::Relaxed) {
-                    break;
-                }
+                self.take_one(head, vs, mem, shared, &mut popped, &mut budget);
             }
             if stop.load(Ordering::Relaxed) {
                 // The control thread wakes the worker when it hands the queue back.
@@ -115,6 +98,49 @@ impl QueueState {
         }
     }
 
+    /// Start one request whose descriptors are in `self.descs`, and submit what is queued
+    /// once a batch is full.
+    fn take_one(
+        &mut self,
+        head: u16,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        popped: &mut usize,
+        budget: &mut usize,
+    ) {
+        *popped += 1;
+        *budget = budget.saturating_sub(1);
+        self.start(head, vs, mem, shared);
+        if self.rings.queued() >= self.submit_batch {
+            self.rings.submit();
+            self.clock = Instant::now();
+        }
+    }
+
+    /// Whether `head` can start a request: in range and not in flight already (a guest that
+    /// says otherwise has its chain dropped, with a rate-limited warning).
+    fn head_usable(&mut self, head: u16, vs: &VringState<'_>) -> bool {
+        let why = if usize::from(head) >= self.slots.len()
+            || usize::from(head) >= usize::from(vs.get_queue().size())
+        {
+            "is out of range; dropped"
+        } else if self.slots.is_busy(head) {
+            "made available again while in flight; ignored"
+        } else {
+            return true;
+        };
+        self.counters.error(ErrorKind::Dropped, 1);
+        if let Some(n) = self.warn_limit.allow(Instant::now()) {
+            warn!(
+                "queue {}: descriptor head {head} {why}{}",
+                self.index,
+                suppressed_note(n)
+            );
+        }
+        false
+    }
+
     /// Start one request whose descriptors are in `self.descs`.
     fn start(
         &mut self,
@@ -124,28 +150,7 @@ impl QueueState {
         shared: &Shared,
     ) {
         let Some(limits) = self.limits else { return };
-        let hi = usize::from(head);
-        if hi >= self.slots.len() || usize::from(head) >= usize::from(vs.get_queue().size()) {
-            self.counters.error(ErrorKind::Dropped, 1);
-            if let Some(n) = self.warn_limit.allow(Instant::now()) {
-                warn!(
-                    "queue {}: descriptor head {head} is out of range; dropped{}",
-                    self.index,
-                    suppressed_note(n)
-                );
-            }
-            return;
-        }
-        if self.slots[hi].busy {
-            self.counters.error(ErrorKind::Dropped, 1);
-            if let Some(n) = self.warn_limit.allow(Instant::now()) {
-                warn!(
-                    "queue {}: descriptor head {head} made available again while in flight; \
-                     ignored{}",
-                    self.index,
-                    suppressed_note(n)
-                );
-            }
+        if !self.head_usable(head, vs) {
             return;
         }
         if let Some(t) = self.inflight.as_mut() {
@@ -156,82 +161,54 @@ impl QueueState {
             Parsed::Fail(status, reason) => {
                 debug!("queue {}: request {head} refused: {reason:?}", self.index);
                 self.counters.error(reason.into(), 1);
-                self.complete(head, req.status, status, 1, vs, mem);
+                self.publish(head, req.status, status, 1, vs, mem);
             }
             Parsed::Op(Op::Nop) => {
                 // A FLUSH on a read-only disk: nothing to make durable.
                 self.account(OpKind::Flush, 0, Some(self.clock), None);
-                self.complete(head, req.status, STATUS_OK, 1, vs, mem)
+                self.publish(head, req.status, STATUS_OK, 1, vs, mem)
             }
-            Parsed::Op(Op::GetId) => {
-                let mut written = 0u32;
-                let mut ok = true;
-                for s in &self.segs {
-                    let end = (written + s.len) as usize;
-                    let src = &shared.serial[written as usize..end.min(SERIAL_LEN)];
-                    ok &= mem.write_slice(src, GuestAddress(s.addr)).is_ok();
-                    written += s.len;
-                }
-                if let Some(log) = &self.log {
-                    for s in &self.segs {
-                        log.mark(s.addr, u64::from(s.len));
-                    }
-                }
-                let (status, used) = if ok {
-                    (STATUS_OK, written + 1)
-                } else {
-                    (STATUS_IOERR, 1)
-                };
-                let error = (!ok).then_some(ErrorKind::BadAddress);
-                self.account(OpKind::GetId, u64::from(written), Some(self.clock), error);
-                self.complete(head, req.status, status, used, vs, mem);
-            }
+            Parsed::Op(Op::GetId) => self.serve_get_id(head, req.status, vs, mem, shared),
             Parsed::Op(Op::Read { offset, len }) => {
                 self.start_rw(head, req.status, offset, len, false, vs, mem, shared)
             }
             Parsed::Op(Op::Write { offset, len }) => {
                 self.start_rw(head, req.status, offset, len, true, vs, mem, shared)
             }
-            Parsed::Op(Op::Flush) => {
-                self.occupy(head, req.status, 1, 1, Vec::new());
-                self.tag(head, OpKind::Flush, 0);
-                self.push(fsync_sqe(head), vs, mem);
-            }
-            Parsed::Op(Op::Zero) => {
-                let op = if self.ranges.iter().any(|r| r.mode == ZeroMode::Discard) {
-                    OpKind::Discard
-                } else {
-                    OpKind::WriteZeroes
-                };
-                let bytes = self.ranges.iter().map(|r| r.len).sum();
-                // A segment of zero sectors asks for nothing: it completes OK.
-                let ranges = std::mem::take(&mut self.ranges);
-                let work = ranges.iter().filter(|r| r.len > 0).count() as u32;
-                if work == 0 {
-                    self.account(op, 0, Some(self.clock), None);
-                    self.complete(head, req.status, STATUS_OK, 1, vs, mem);
-                    return;
-                }
-                self.occupy(head, req.status, work, 1, ranges);
-                self.tag(head, op, bytes);
-                // Under a writethrough cache the change must be durable before it completes.
-                self.slots[hi].sync_after = !shared.writeback.load(Ordering::Relaxed);
-                for i in 0..self.slots[hi].ranges.len() {
-                    let r = self.slots[hi].ranges[i];
-                    if r.len == 0 {
-                        continue;
-                    }
-                    let kind = match r.mode {
-                        ZeroMode::Discard => KIND_DISCARD,
-                        ZeroMode::Unmap if self.punch_unsupported => KIND_ZERO_RANGE,
-                        ZeroMode::Unmap => KIND_PUNCH,
-                        ZeroMode::InPlace if self.zero_range_unsupported => KIND_PUNCH_REALLOC,
-                        ZeroMode::InPlace => KIND_ZERO_RANGE,
-                    };
-                    let e = fallocate_sqe(head, kind, i, &r);
-                    self.push(e, vs, mem);
-                }
+            Parsed::Op(Op::Flush) => self.start_flush(head, req.status),
+            Parsed::Op(Op::Zero) => self.start_zero(head, req.status, vs, mem, shared),
+        }
+    }
+
+    /// GET_ID: the serial, written at once (no I/O).
+    fn serve_get_id(
+        &mut self,
+        head: u16,
+        status_addr: Option<u64>,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+    ) {
+        let mut written = 0u32;
+        let mut ok = true;
+        for s in &self.segs {
+            let end = (written + s.len) as usize;
+            let src = &shared.serial[written as usize..end.min(SERIAL_LEN)];
+            ok &= mem.write_slice(src, GuestAddress(s.addr)).is_ok();
+            written += s.len;
+        }
+        if let Some(log) = &self.log {
+            for s in &self.segs {
+                log.mark(s.addr, u64::from(s.len));
             }
         }
+        let (status, used) = if ok {
+            (STATUS_OK, written + 1)
+        } else {
+            (STATUS_IOERR, 1)
+        };
+        let error = (!ok).then_some(ErrorKind::BadAddress);
+        self.account(OpKind::GetId, u64::from(written), Some(self.clock), error);
+        self.publish(head, status_addr, status, used, vs, mem);
     }
 }

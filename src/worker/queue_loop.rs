@@ -12,8 +12,8 @@ use log::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::Vring;
 use crate::backend::BlkBackend;
-use crate::worker::Vring;
 
 const EV_KICK: u64 = 0;
 const EV_EXIT: u64 = 1;

@@ -19,8 +19,9 @@ use io_uring::IoUring;
 
 use crate::error::RingError;
 
-pub const IORING_REGISTER_RESTRICTIONS: u32 = 11;
-pub const IORING_REGISTER_BPF_FILTER: u32 = 37;
+pub mod abi;
+
+use abi::{IORING_REGISTER_BPF_FILTER, IORING_REGISTER_RESTRICTIONS};
 
 /// Task-level io_uring restrictions (Linux 7.0+).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +39,7 @@ pub enum TaskRestrictions {
     Blocked,
     /// The probe got an answer that none of the above explains (the errno, or 0 if the probe
     /// thread died): nothing is known, so the daemon does not start (see
-    /// `sandbox::restrict_process_rings`). Never read as "absent".
+    /// `ring::process::restrict_process_rings`). Never read as "absent".
     Unknown(i32),
 }
 
@@ -367,7 +368,7 @@ mod tests {
                 rules,
                 seccompiler::SeccompAction::Allow,
                 seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-                crate::sandbox::ARCH,
+                crate::sandbox::seccomp::ARCH,
             )
             .expect("filter");
             let prog: seccompiler::BpfProgram = filter.try_into().expect("compile");
