@@ -19,10 +19,8 @@
 //! - `sandbox` (seccomp, SIGBUS and signals);
 //! - `ops` (the stats socket and live resize; a handle on what is served), `opsctl` (`ringfence
 //!   stat` and `ringfence resize`), `stats` (the I/O counters and their Prometheus encoding);
-//! - `error` (every error, in one place); `backend` (only the old name `BlkBackend` of
-//!   `queues::Queues`, until `QueueLoop` imports the new one).
+//! - `error` (every error, in one place).
 
-pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -135,7 +135,7 @@ fn whole_pages(start: usize, len: usize, page: usize) -> Option<GuestRamRange> {
 }
 
 /// Tell the SIGBUS handler about the guest-RAM mappings of a new memory table (call with the
-/// table before anything reads it: `BlkBackend::set_memory` tracks the table the VMM sent
+/// table before anything reads it: `Queues::set_memory` tracks the table the VMM sent
 /// before it checks and publishes it, then the published table). Each mapping is recorded
 /// with the size of the pages backing it (`fstatfs` of its file: huge pages on hugetlbfs).
 /// Tables no longer alive (their mappings are gone) are forgotten at the same time; tables

@@ -58,7 +58,7 @@ extern "C" fn on_interrupt(_sig: libc::c_int) {
 }
 
 /// Install the handler and start the watchdog, once per process. Call before the first worker
-/// writes (from `BlkBackend::new`, on a thread the worker allowlist does not restrict).
+/// writes (from `Queues::new`, on a thread the worker allowlist does not restrict).
 fn start() -> Result<(), String> {
     STARTED
         .get_or_init(|| {

@@ -1,7 +1,7 @@
 //! One queue's worker thread: an epoll loop over the guest's kick eventfd, the queue's
 //! completion eventfd (its rings signal it), a wake eventfd (the control thread asks the worker
 //! to look at the queue: it was started or enabled, or has requests to resubmit) and an exit
-//! eventfd. Every event ends in [`BlkBackend::serve_queue`], which does the work.
+//! eventfd. Every event ends in [`Queues::serve_queue`], which does the work.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,7 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::Vring;
-use crate::backend::BlkBackend;
+use crate::queues::Queues;
 
 const EV_KICK: u64 = 0;
 const EV_EXIT: u64 = 1;
@@ -93,9 +93,9 @@ impl QueueLoop {
         let _ = self.exit.write(1);
     }
 
-    /// The worker thread's body: serve queue `index` of `backend` until [`QueueLoop::exit`].
-    pub fn run(&self, backend: &BlkBackend, index: usize, vring: &Vring) {
-        backend.init_worker_thread(index);
+    /// The worker thread's body: serve queue `index` of `queues` until [`QueueLoop::exit`].
+    pub fn run(&self, queues: &Queues, index: usize, vring: &Vring) {
+        queues.init_worker_thread(index);
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -128,7 +128,7 @@ impl QueueLoop {
                 }
             }
             if look {
-                backend.serve_queue(index, vring, completion, &self.exiting);
+                queues.serve_queue(index, vring, completion, &self.exiting);
             }
         }
     }
