@@ -44,13 +44,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use ringfence::cli::CacheMode;
 use ringfence::config::{
     config_read, serves_writeback, DeviceSpec, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET,
 };
 use ringfence::control::Device;
 use ringfence::guest_map::{FixedBufferMap, TranslateError, MAX_FIXED_BUFFERS};
-use ringfence::image::Image;
+use ringfence::image::{CacheMode, Image};
 use ringfence::inflight::region_len;
 use ringfence::queues::Queues;
 use ringfence::stats::DeviceStats;
@@ -119,7 +118,7 @@ fn images() -> &'static (Arc<Image>, Arc<Image>) {
                 Duration::ZERO,
                 false,
             )
-                .expect("open the scratch image");
+            .expect("open the scratch image");
             std::fs::remove_file(&path).expect("unlink the scratch image");
             Arc::new(img)
         };

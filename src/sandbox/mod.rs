@@ -48,7 +48,7 @@
 
 use log::info;
 
-use crate::cli::SandboxMode;
+use crate::config::SandboxMode;
 use crate::kernel::Kernel;
 use crate::ring::RingPolicy;
 
