@@ -14,7 +14,6 @@ use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use super::memory::AddrMapping;
-
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightMap;
 use crate::queues::Queues;
