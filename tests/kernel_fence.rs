@@ -172,7 +172,7 @@ fn startup_under_someone_elses_task_restrictions_is_refused_with_the_reason() {
     );
 }
 
-/// The opcodes each ring is given follow the features the driver negotiated (backend.rs's
+/// The opcodes each ring is given follow the features the driver negotiated (queues/rings.rs's
 /// mapping), as registered with the kernel: FALLOCATE only with DISCARD or WRITE_ZEROES, FSYNC
 /// only with FLUSH or with DISCARD/WRITE_ZEROES (a writethrough cache syncs them), and the
 /// vectored opcodes only where the kernel has them.

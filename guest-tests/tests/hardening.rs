@@ -330,7 +330,7 @@ fn hugetlb_guest_ram_is_served() {
 }
 
 /// The VMM shrinks a hugetlb memfd it shared: the daemon absorbs the fault (as for ordinary
-/// memfds) rather than die. Its SIGBUS handler replaces the whole huge page (src/sandbox.rs: a
+/// memfds) rather than die. Its SIGBUS handler replaces the whole huge page (src/sandbox/sigbus.rs: a
 /// 4 KiB page cannot be mapped inside a huge-page mapping). Needs free 2 MiB huge pages, as
 /// above.
 #[test]
