@@ -266,12 +266,13 @@ pub fn install_sigbus_handler() -> Result<(), SandboxError> {
 }
 
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; only
-    // async-signal-safe calls (atomic loads, mmap, write, _exit) follow. The mmap replaces a
-    // page of a guest-RAM mapping the daemon made (nothing else lives there) with one of the
+    // Only async-signal-safe calls (atomic loads, mmap, write, _exit) follow. The mmap replaces
+    // a page of a guest-RAM mapping the daemon made (nothing else lives there) with one of the
     // same size: a hugetlb mapping can only be replaced a whole huge page at a time (MAP_FIXED
     // over part of one fails with EINVAL). The replacement is a plain anonymous mapping, not
     // MAP_HUGETLB: it needs no reserved huge page, so it cannot fail for the lack of one.
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; the calls are the
+    // async-signal-safe ones above, on a page of our own guest-RAM mapping.
     unsafe {
         let code = (*info).si_code;
         let addr = (*info).si_addr() as usize;
