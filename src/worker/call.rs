@@ -19,13 +19,16 @@
 //!   that pass (`QueueState::notify`): a VMM that keeps its counter full delays its own guest by
 //!   at most two ticks per pass, and nothing else.
 //!
+//! An idle daemon costs no wakeup: after a tick in which no queue wrote, the watchdog parks
+//! until the next write starts (the writer wakes it; one futex wake after each idle spell).
+//!
 //! A stray signal (the write ended between the watchdog's look and its signal) interrupts
 //! whatever the worker does next; every blocking call of the worker loop takes EINTR as "look
 //! again" (epoll_wait, io_uring_enter, futex).
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -47,6 +50,10 @@ pub struct CallWatch {
 
 static WATCHED: Mutex<Vec<Weak<CallWatch>>> = Mutex::new(Vec::new());
 static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+/// The watchdog thread, to wake it.
+static WATCHDOG: OnceLock<std::thread::Thread> = OnceLock::new();
+/// The watchdog parks (no write since its last look) or is about to.
+static PARKED: AtomicBool = AtomicBool::new(false);
 
 /// The signal that interrupts a write that blocks (a real-time signal nothing else uses).
 pub fn interrupt_signal() -> libc::c_int {
@@ -80,7 +87,9 @@ fn start() -> Result<(), String> {
             std::thread::Builder::new()
                 .name("call-watchdog".into())
                 .spawn(watchdog)
-                .map(drop)
+                .map(|h| {
+                    let _ = WATCHDOG.set(h.thread().clone());
+                })
                 .map_err(|e| format!("cannot start the call-fd watchdog: {e}"))
         })
         .clone()
@@ -91,19 +100,51 @@ fn watchdog() {
     let pid = unsafe { libc::getpid() };
     loop {
         std::thread::sleep(TICK);
-        let mut list = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain(|w| w.strong_count() > 0);
-        for w in list.iter().filter_map(Weak::upgrade) {
-            let g = w.generation.load(Ordering::SeqCst);
-            let tid = w.tid.load(Ordering::Relaxed);
-            if g & 1 == 1 && w.seen.load(Ordering::Relaxed) == g && tid > 0 {
-                // SAFETY: tgkill to a thread of our own process, with a signal whose handler
-                // only returns.
-                unsafe {
-                    libc::syscall(libc::SYS_tgkill, pid, tid, interrupt_signal());
-                }
+        if look(pid) {
+            continue;
+        }
+        // Nothing written since the last look: park until a write starts. A writer bumps its
+        // generation, then reads PARKED; we set PARKED, then look again (both SeqCst): either
+        // we see its write here, or it sees PARKED and wakes us.
+        PARKED.store(true, Ordering::SeqCst);
+        if look(pid) {
+            PARKED.store(false, Ordering::SeqCst);
+            continue;
+        }
+        while PARKED.load(Ordering::SeqCst) {
+            std::thread::park();
+        }
+    }
+}
+
+/// One look at every queue: interrupt a write that lasted a whole tick. Returns whether any
+/// queue wrote since the previous look (or is writing).
+fn look(pid: libc::pid_t) -> bool {
+    let mut busy = false;
+    let mut list = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    list.retain(|w| w.strong_count() > 0);
+    for w in list.iter().filter_map(Weak::upgrade) {
+        let g = w.generation.load(Ordering::SeqCst);
+        let seen = w.seen.load(Ordering::Relaxed);
+        let tid = w.tid.load(Ordering::Relaxed);
+        if g & 1 == 1 && seen == g && tid > 0 {
+            // SAFETY: tgkill to a thread of our own process, with a signal whose handler
+            // only returns.
+            unsafe {
+                libc::syscall(libc::SYS_tgkill, pid, tid, interrupt_signal());
             }
-            w.seen.store(g, Ordering::Relaxed);
+        }
+        busy |= g != seen || g & 1 == 1;
+        w.seen.store(g, Ordering::Relaxed);
+    }
+    busy
+}
+
+/// A write starts: wake the watchdog if it parked.
+fn wake_watchdog() {
+    if PARKED.load(Ordering::SeqCst) && PARKED.swap(false, Ordering::SeqCst) {
+        if let Some(t) = WATCHDOG.get() {
+            t.unpark();
         }
     }
 }
@@ -134,6 +175,7 @@ impl CallWatch {
         }
         let one = 1u64;
         self.generation.fetch_add(1, Ordering::SeqCst);
+        wake_watchdog();
         // SAFETY: writes 8 bytes from `one`, which outlives the call, to an fd the vring owns.
         let n = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
         let err = io::Error::last_os_error();
