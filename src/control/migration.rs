@@ -3,10 +3,13 @@
 //! take it over).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use log::{info, warn};
-use vhost::vhost_user::message::{VhostUserLog, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Result as VhostUserResult;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
@@ -16,6 +19,34 @@ use crate::dirty_log::{self, DirtyLog};
 use crate::error::DirtyLogError;
 
 impl Device {
+    /// SET_LOG_FD: an eventfd to signal after the dirty log was written (no fd: none). Only an
+    /// eventfd is accepted, made non-blocking. Returns whether it was accepted.
+    pub fn set_log_fd(&mut self, mut fds: Vec<File>) -> bool {
+        let file = match fds.len() {
+            0 => None,
+            1 => fds.pop(),
+            n => {
+                warn!("refusing SET_LOG_FD with {n} fds (one eventfd, or none)");
+                return false;
+            }
+        };
+        if let Some(f) = &file {
+            if let Err(what) = crate::vring::check_eventfd(f.as_raw_fd())
+                .and_then(|()| crate::vring::make_nonblocking(f.as_raw_fd()))
+            {
+                warn!("refusing the VMM's log fd (SET_LOG_FD): it is {what}, not an eventfd");
+                return false;
+            }
+        }
+        self.queues.set_log_kick(file.map(Arc::new));
+        true
+    }
+
+    /// Whether the VMM negotiated REPLY_ACK.
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
     pub(super) fn logging(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
     }

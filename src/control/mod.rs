@@ -13,12 +13,16 @@
 //! `vhost-user-backend`'s `VringRwLock` (inside [`crate::vring::Vring`]), and what serves I/O
 //! is [`crate::queues::Queues`], which the device calls directly.
 //!
+//! SET_LOG_FD is the one message the crate does not dispatch: [`log_fd`] takes it off the
+//! socket before the crate reads it.
+//!
 //! **Refusals.** A request the device refuses is answered with a nack where the VMM asked for an
 //! answer (REPLY_ACK), and the connection goes on. A message that cannot be decoded, a request
 //! whose answer is a value we cannot give, or a broken socket ends the connection.
 
 mod device;
 mod handler;
+mod log_fd;
 mod memory;
 mod migration;
 #[cfg(test)]
@@ -34,8 +38,19 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 
 /// Serve one VMM connection until it ends; `Ok` when the VMM hung up.
 pub fn serve(stream: UnixStream, device: Arc<Mutex<Device>>) -> Result<(), VhostUserError> {
+    let peek = stream.try_clone().map_err(VhostUserError::SocketBroken)?;
     let mut handler = BackendReqHandler::from_stream(stream, device.clone());
     loop {
+        // SET_LOG_FD, which the crate does not dispatch (see `log_fd`).
+        if let Some(m) = log_fd::take(&peek).map_err(VhostUserError::SocketBroken)? {
+            let needs_reply = m.needs_reply();
+            let mut d = device.lock().unwrap_or_else(|p| p.into_inner());
+            let ok = d.set_log_fd(m.fds);
+            if needs_reply && d.reply_ack() {
+                log_fd::reply(&peek, ok).map_err(VhostUserError::SocketBroken)?;
+            }
+            continue;
+        }
         device
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -227,6 +227,13 @@ impl Queues {
         }
     }
 
+    /// Signal `fd` (an eventfd, SET_LOG_FD) after each pass that wrote the dirty log.
+    pub fn set_log_kick(&self, fd: Option<Arc<std::fs::File>>) {
+        for q in &self.queues {
+            q.with_state(|st| st.set_log_kick(fd.clone()));
+        }
+    }
+
     /// Log queue `index`'s used-ring writes at `addr` too (VHOST_VRING_F_LOG).
     pub fn set_used_log_addr(&self, index: usize, addr: Option<u64>) {
         if let Some(q) = self.queues.get(index) {

@@ -465,6 +465,11 @@ fn anon_inode() -> Result<(u64, u64), String> {
     Ok(*ANON.get_or_init(|| (st.st_dev, st.st_ino)))
 }
 
+/// `set_nonblocking` with the error in words (for a refusal's log line).
+pub fn make_nonblocking(fd: RawFd) -> Result<(), String> {
+    set_nonblocking(fd).map_err(|e| format!("an eventfd that cannot be made non-blocking ({e})"))
+}
+
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl F_GETFL/F_SETFL on an fd we hold change only its status flags.
     unsafe {

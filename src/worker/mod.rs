@@ -197,6 +197,8 @@ pub struct QueueState {
     /// Where the VMM wants used-ring writes logged besides the ring itself
     /// (SET_VRING_ADDR's `log_guest_addr` with VHOST_VRING_F_LOG).
     used_log_addr: Option<u64>,
+    /// The VMM's eventfd to signal after writing the dirty log (SET_LOG_FD).
+    log_kick: Option<Arc<std::fs::File>>,
     // Scratch space reused for every request: no allocation on the hot path.
     descs: Vec<Desc>,
     segs: Vec<Segment>,
@@ -234,6 +236,7 @@ impl QueueState {
             resubmit: std::collections::VecDeque::new(),
             log: None,
             used_log_addr: None,
+            log_kick: None,
             descs: Vec::new(),
             segs: Vec::new(),
             ranges: Vec::new(),
@@ -323,6 +326,11 @@ impl QueueState {
     /// flight are logged when they complete, whenever they started.
     pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) {
         self.log = log;
+    }
+
+    /// Signal `fd` after each pass that wrote the dirty log (SET_LOG_FD).
+    pub fn set_log_kick(&mut self, fd: Option<Arc<std::fs::File>>) {
+        self.log_kick = fd;
     }
 
     /// Log used-ring writes at `addr` too (SET_VRING_ADDR with VHOST_VRING_F_LOG).

@@ -154,6 +154,16 @@ impl QueueState {
         }
     }
 
+    /// Tell the VMM the dirty log was written (SET_LOG_FD), never blocking (see `call.rs`).
+    #[cold]
+    fn kick_log(&self) {
+        if let Some(f) = &self.log_kick {
+            if let Err(e) = self.call_watch.signal(f.as_raw_fd()) {
+                debug!("queue {}: cannot signal the log fd: {e}", self.index);
+            }
+        }
+    }
+
     /// Hand every completion to its request, and the follow-up steps requests ask for to the
     /// engine (queued: the caller submits).
     pub(super) fn reap(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
@@ -182,6 +192,7 @@ impl QueueState {
     pub(super) fn notify(&mut self, vs: &mut VringState<'_>) {
         if self.log.is_some() {
             self.log_used_ring(vs);
+            self.kick_log();
         }
         if std::mem::take(&mut self.used_added) {
             match vs.needs_notification() {
