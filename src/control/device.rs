@@ -114,7 +114,7 @@ impl Device {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("queue{i}"))
-                    .spawn(move || l.run(&q, i, &v))?,
+                    .spawn(move || l.run(&*q, i, &v))?,
             );
         }
         Ok(threads)

@@ -326,3 +326,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // enough to keep serving other requests.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+impl crate::worker::Serve for Queues {
+    fn init_thread(&self, index: usize) {
+        self.init_worker_thread(index);
+    }
+
+    fn serve(&self, index: usize, vring: &Vring, completion: bool, exiting: &AtomicBool) {
+        self.serve_queue(index, vring, completion, exiting);
+    }
+}

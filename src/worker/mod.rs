@@ -31,7 +31,7 @@ mod zeroing;
 
 pub use engine::Engine;
 pub use poll::PollWindow;
-pub use queue_loop::QueueLoop;
+pub use queue_loop::{QueueLoop, Serve};
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;

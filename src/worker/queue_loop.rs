@@ -1,7 +1,8 @@
 //! One queue's worker thread: an epoll loop over the guest's kick eventfd, the queue's
 //! completion eventfd (its rings signal it), a wake eventfd (the control thread asks the worker
 //! to look at the queue: it was started or enabled, or has requests to resubmit) and an exit
-//! eventfd. Every event ends in [`Queues::serve_queue`], which does the work.
+//! eventfd. Every event ends in [`Serve::serve`] (`crate::queues::Queues` implements it),
+//! which does the work; the worker names no type above it.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,7 +14,15 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::Vring;
-use crate::queues::Queues;
+
+/// What a queue's loop serves: implemented by the queues of a connection.
+pub trait Serve {
+    /// Once on the worker thread, before its first event (its sandbox).
+    fn init_thread(&self, index: usize);
+    /// Queue `index` has an event: a kick, a completion (`completion`), or a request to look.
+    /// Nothing is done once `exiting` is raised.
+    fn serve(&self, index: usize, vring: &Vring, completion: bool, exiting: &AtomicBool);
+}
 
 const EV_KICK: u64 = 0;
 const EV_EXIT: u64 = 1;
@@ -94,8 +103,8 @@ impl QueueLoop {
     }
 
     /// The worker thread's body: serve queue `index` of `queues` until [`QueueLoop::exit`].
-    pub fn run(&self, queues: &Queues, index: usize, vring: &Vring) {
-        queues.init_worker_thread(index);
+    pub fn run(&self, queues: &dyn Serve, index: usize, vring: &Vring) {
+        queues.init_thread(index);
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -128,7 +137,7 @@ impl QueueLoop {
                 }
             }
             if look {
-                queues.serve_queue(index, vring, completion, &self.exiting);
+                queues.serve(index, vring, completion, &self.exiting);
             }
         }
     }
