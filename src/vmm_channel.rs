@@ -276,11 +276,21 @@ mod tests {
         let _client = UnixStream::connect(dir.path().join("s")).unwrap();
         let (named, _) = l.accept().unwrap();
         let (decoy, mut decoy_peer) = UnixStream::pair().unwrap();
-        // The channel itself is a named socket here: an accepted connection.
-        let vmm_client = UnixStream::connect(dir.path().join("s")).unwrap();
-        let (channel, _) = l.accept().unwrap();
-        let owner = Backend::from_stream(channel);
-        let ch = VmmChannel::adopt(owner).expect("adopt");
+        // Other tests of this process open and close sockets on their threads meanwhile: a
+        // socket of theirs that closes at the same moment makes the look ambiguous, and adopt
+        // rightly refuses to guess. Such a race is the test harness's, so look again.
+        let (vmm_client, ch) = (0..50)
+            .find_map(|_| {
+                // The channel itself is a named socket here: an accepted connection.
+                let vmm_client = UnixStream::connect(dir.path().join("s")).unwrap();
+                let (channel, _) = l.accept().unwrap();
+                match VmmChannel::adopt(Backend::from_stream(channel)) {
+                    Ok(ch) => Some((vmm_client, ch)),
+                    Err(ChannelError::Ambiguous { .. }) => None,
+                    Err(e) => panic!("adopt: {e:?}"),
+                }
+            })
+            .expect("adopt: ambiguous 50 times in a row");
         ch.notify_config_change().unwrap();
         let mut got = [0u8; 12];
         (&vmm_client).read_exact(&mut got).unwrap();
