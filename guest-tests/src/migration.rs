@@ -259,13 +259,14 @@ impl Text {
         });
     }
 
-    /// Wait (at most `timeout`) until the stream has ended.
-    fn wait_closed(&self, timeout: Duration) -> bool {
+    /// Wait (at most `timeout`) until `done(text, closed)` answers; `false` at the deadline.
+    fn wait_on(&self, timeout: Duration, done: impl Fn(&str, bool) -> Option<bool>) -> bool {
         let deadline = Instant::now() + timeout;
         let mut t = self.text.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if *self.closed.lock().unwrap_or_else(|p| p.into_inner()) {
-                return true;
+            let closed = *self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = done(&t, closed) {
+                return r;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -277,6 +278,11 @@ impl Text {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Wait (at most `timeout`) until the stream has ended.
+    fn wait_closed(&self, timeout: Duration) -> bool {
+        self.wait_on(timeout, |_, closed| closed.then_some(true))
     }
 
     fn get(&self) -> String {
@@ -286,25 +292,13 @@ impl Text {
     /// Wait (at most `timeout`) until the text holds `needle`; `false` if it does not by then
     /// or the stream ended without it.
     fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut t = self.text.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
+        self.wait_on(timeout, |t, closed| {
             if t.contains(needle) {
-                return true;
+                Some(true)
+            } else {
+                closed.then_some(false)
             }
-            if *self.closed.lock().unwrap_or_else(|p| p.into_inner()) {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            t = self
-                .cv
-                .wait_timeout(t, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        })
     }
 }
 
