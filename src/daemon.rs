@@ -1,5 +1,6 @@
-//! The daemon: the listening socket, signals, and the accept loop that gives every VMM
-//! connection a fresh device (new vrings, new worker threads, new rings).
+//! The daemon: the rings (all made at startup), the listening socket, signals, and the accept
+//! loop that gives every VMM connection a fresh device (new vrings, new worker threads) served
+//! by the same rings.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -18,6 +19,7 @@ use crate::error::StartupError;
 use crate::image::Image;
 use crate::ops::Ops;
 use crate::queues::{Queues, ThreadInit};
+use crate::ring::RingSet;
 use crate::sandbox;
 use crate::stats::DeviceStats;
 use crate::worker::Tuning;
@@ -31,8 +33,13 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     // Fail now, with the reason and the fix, if the kernel refuses io_uring; then learn, once,
     // what it enforces.
     crate::kernel::check_io_uring()?;
-    crate::kernel::Kernel::get();
-    // Before the first thread: every thread and ring inherits it (Linux 7.0+).
+    let kernel = crate::kernel::Kernel::get();
+    sandbox::process_rings_decision(kernel)?;
+    // Every ring the daemon will use, each with its own allowlist: once the sandbox is on, no
+    // thread can create another.
+    let rings = crate::queues::make_ring_sets(&spec, &image)?;
+    // Then, before the first thread, the allowlist a ring created later would inherit (Linux
+    // 7.0+), for every thread.
     let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
 
     // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
@@ -50,14 +57,18 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let ops = Arc::new(Ops::new(image.clone(), stats.clone()));
 
     sandbox::block_signals();
+    let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
+    let sandboxed = mode == SandboxMode::Seccomp;
+    // The process filters on the only thread there is; the signal thread inherits them and
+    // keeps unlink (the removal filter goes on the main thread after it started).
+    if sandboxed {
+        sandbox::apply_process_filters().map_err(|e| StartupError::Sandbox(e.to_string()))?;
+    }
     let mut remove_on_exit: Vec<PathBuf> = socket_path.iter().cloned().collect();
     remove_on_exit.extend(opts.stats_socket.iter().cloned());
     spawn_signal_thread(remove_on_exit, image.clone(), ops.clone(), stats.clone());
-
-    let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
-    let sandboxed = mode == SandboxMode::Seccomp;
     if sandboxed {
-        sandbox::apply_process_filter().map_err(|e| StartupError::Sandbox(e.to_string()))?;
+        sandbox::apply_removal_filter().map_err(|e| StartupError::Sandbox(e.to_string()))?;
     }
     sandbox::log_status(mode, process_rings.as_ref());
     if let (Some(l), Some(p)) = (stats_listener, &opts.stats_socket) {
@@ -78,6 +89,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         thread_init,
         workers_ready,
         listener,
+        rings: Mutex::new(rings),
     };
     let mut ready = Some(where_);
     loop {
@@ -168,6 +180,8 @@ struct Connections<'a> {
     /// Worker threads report here once they run under their own filter.
     workers_ready: mpsc::Receiver<Result<(), String>>,
     listener: Listener,
+    /// The rings made at startup, between connections (each connection borrows them).
+    rings: Mutex<Vec<RingSet>>,
 }
 
 impl Connections<'_> {
@@ -186,6 +200,7 @@ impl Connections<'_> {
                     submit_batch: self.opts.submit_batch as usize,
                 },
                 &self.stats,
+                std::mem::take(&mut *lock(&self.rings)),
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );
@@ -233,6 +248,11 @@ impl Connections<'_> {
         lock_device(&device).connection_ended();
         drop(device);
         self.ops.serving().set_queues(None);
+        // Nothing is in flight: the rings serve the next connection (their guest RAM is
+        // unregistered now).
+        *lock(&self.rings) = queues
+            .take_ring_sets()
+            .map_err(|e| StartupError::VhostUser(format!("cannot reuse the rings: {e}")))?;
         Ok(())
     }
 
@@ -263,7 +283,11 @@ fn accept(listener: &Listener) -> Result<UnixStream, vhost::vhost_user::Error> {
 }
 
 fn lock_device(d: &Mutex<Device>) -> std::sync::MutexGuard<'_, Device> {
-    d.lock().unwrap_or_else(|p| p.into_inner())
+    lock(d)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// While the daemon waits for I/O in flight (a disk that does not answer), it warns this
@@ -332,6 +356,7 @@ fn spawn_signal_thread(
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            sandbox::forbid_ring_registration_or_exit("signals");
             let sig = loop {
                 match sandbox::wait_for_signal() {
                     libc::SIGHUP => ops.resize_and_log(),

@@ -82,12 +82,17 @@ pub enum RingError {
     RegisterEventfd(io::Error),
     #[error("installing ring restrictions failed: {0}")]
     Restrict(io::Error),
-    #[error("narrowing the ring to its opcodes with io_uring BPF filters failed: {0}")]
-    Narrow(io::Error),
+    #[error("unregistering the fixed buffers of a memory table no longer served failed: {0}")]
+    UnregisterBuffers(io::Error),
+    #[error(
+        "queue {queue} has no ring for SQE opcodes [{ops}] (rings are made at startup for every \
+         opcode set the device can negotiate)"
+    )]
+    NoRing { queue: u16, ops: String },
     #[error(
         "this process already carries task-level io_uring restrictions, set by the program \
          that started it (Linux 7.0+): every ring it creates inherits them, and ringfence can \
-         neither install its own process allowlist nor give such a ring an allowlist of its \
+         neither install its own process allowlist nor give its rings allowlists of their \
          own; start ringfence without io_uring task restrictions (it installs its own)"
     )]
     InheritedRestrictions,

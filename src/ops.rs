@@ -229,6 +229,7 @@ pub fn spawn_stats_server(listener: UnixListener, ops: Arc<Ops>, path: PathBuf) 
     let spawned = std::thread::Builder::new()
         .name("stats".into())
         .spawn(move || {
+            crate::sandbox::forbid_ring_registration_or_exit("stats");
             info!("stats: serving {}", path.display());
             loop {
                 match listener.accept() {

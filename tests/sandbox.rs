@@ -77,9 +77,11 @@ fn every_thread_is_filtered_and_workers_more_strictly() {
             "thread {name} is not in seccomp filter mode: {ts:?}"
         );
         // The process filters (2) on every thread; the removal filter on every thread but the
-        // signal thread (it removes the socket file on exit); the allowlist on workers.
+        // signal thread (it removes the socket file on exit); the allowlist on workers; no
+        // io_uring_register on every thread but the control thread (main) and the workers.
         let want = match name.as_str() {
-            "signals" => 2,
+            "signals" => 3,
+            "stats" | "call-watchdog" => 4,
             n if n.starts_with("queue") => 4,
             _ => 3,
         };
@@ -130,15 +132,14 @@ fn read_only_rings_allow_read_fixed_alone() {
         .wait_for_log("ring enabled", Duration::from_secs(10)));
     let log = b.stderr();
     let rings: Vec<&str> = log.lines().filter(|l| l.contains("ring enabled")).collect();
-    assert!(!rings.is_empty(), "{log}");
-    // From Linux 7.0 the rings inherit the process allowlist's register opcodes
-    // (tests/kernel_fence.rs).
-    let own_allowlist = !ringfence::kernel::Kernel::get().at_least(7, 0);
+    // One opcode set for a read-only disk: one ring for its one queue.
+    assert_eq!(rings.len(), 1, "{log}");
     for l in rings {
         assert!(l.contains("SQE opcodes [READ_FIXED]"), "{l}");
-        if own_allowlist {
-            assert!(l.contains("register opcodes [PROBE]"), "{l}");
-        }
+        assert!(
+            l.contains("register opcodes [BUFFERS UNREGISTER_BUFFERS]"),
+            "{l}"
+        );
     }
 }
 
@@ -158,8 +159,7 @@ fn process_filter_child() {
         .iter()
         .map(|p| p.baseline.then(|| (p.call)()))
         .collect();
-    // io_uring_setup stays allowed (the control thread builds rings): if the kernel gives rings
-    // now, it must after the filter too.
+    // The kernel gives rings before the filter (else io_uring_setup's refusal proves nothing).
     let ring_before = io_uring_probe();
     // A thread that exists before the filters, as the signal thread does: it keeps unlink.
     let (go, wait) = std::sync::mpsc::channel::<()>();
@@ -193,12 +193,9 @@ fn process_filter_child() {
             failures.push(format!("{name}: must still work under the filter: {e}"));
         }
     }
-    let ring_after = io_uring_probe();
-    println!("ALLOWED io_uring_setup: before {ring_before:?} after {ring_after:?}");
-    if ring_before.is_ok() && ring_after.is_err() {
-        failures.push(format!(
-            "io_uring_setup refused under the filter: {ring_after:?}"
-        ));
+    println!("BEFORE io_uring_setup: {ring_before:?}");
+    if ring_before.is_err() {
+        inconclusive.push("io_uring_setup");
     }
     go.send(()).expect("wake the early thread");
     let early = early.join().expect("early thread");

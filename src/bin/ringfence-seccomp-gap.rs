@@ -37,7 +37,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use seccompiler::{apply_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use ringfence::guest_map::{FixedBufferMap, MAX_FIXED_BUFFER};
-use ringfence::ring::{build_ring, RingPolicy, RingSetup};
+use ringfence::ring::{build_ring, register_buffers, RingPolicy, RingSetup};
 
 /// Size of the scratch image (fixed file 0) and of the fixed buffer of the ringfence ring.
 const IMAGE_LEN: usize = 64 << 10;
@@ -193,19 +193,18 @@ impl Demo {
                 if ringfence::kernel::Kernel::get().vectored_fixed {
                     policy = policy.with_vectored();
                 }
+                let ring = build_ring(&RingSetup {
+                    label: "demo",
+                    entries: 8,
+                    files: &files,
+                    eventfd: None,
+                    policy: &policy,
+                })
+                .map_err(|e| format!("ringfence's ring builder failed: {e}"))?;
                 // SAFETY: `buf` moves into the Demo beside the ring (a Vec's heap block does not
                 // move) and is only read back after the READ_FIXED that fills it has completed.
-                let ring = unsafe {
-                    build_ring(&RingSetup {
-                        label: "demo",
-                        entries: 8,
-                        files: &files,
-                        buffers: &map,
-                        eventfd: None,
-                        policy: &policy,
-                    })
-                }
-                .map_err(|e| format!("ringfence's ring builder failed: {e}"))?;
+                unsafe { register_buffers(&ring, &map) }
+                    .map_err(|e| format!("registering the fixed buffer failed: {e}"))?;
                 println!("ringfence ring policy: {policy}");
                 Ok(Demo {
                     kind,

@@ -61,6 +61,7 @@ fn device(num_queues: u16, max_guest_ram: Option<u64>) -> (Device, Arc<Image>, t
         max_poll: Duration::from_micros(50),
         submit_batch: 8,
     };
+    let rings = crate::queues::make_ring_sets(&spec, &image).expect("the rings");
     let queues = Queues::new(
         spec,
         image.clone(),
@@ -68,6 +69,7 @@ fn device(num_queues: u16, max_guest_ram: Option<u64>) -> (Device, Arc<Image>, t
         Arc::new(|_| {}),
         tuning,
         &DeviceStats::new(num_queues),
+        rings,
     )
     .map(Arc::new)
     .expect("create the queues");

@@ -3,8 +3,8 @@
 //! else. Each item names its kernel header and the Linux version that added it; when a crate
 //! gains one, the item goes and its users take the crate's.
 //!
-//! What the crates do name is taken from them, not copied here: `libc::sock_filter` and
-//! `libc::BPF_RET`/`BPF_K` (linux/filter.h), `libc::HUGETLBFS_MAGIC`, `libc::BUS_ADRERR`,
+//! What the crates do name is taken from them, not copied here: `libc::HUGETLBFS_MAGIC`,
+//! `libc::BUS_ADRERR`,
 //! `libc::RWF_*`, `libc::FALLOC_FL_*`, `libc::STATX_DIOALIGN`, `io_uring::register::Restriction`
 //! (`struct io_uring_restriction`).
 
@@ -31,8 +31,6 @@ pub const SYS_OPEN_TREE_ATTR: i64 = 467;
 /// `IORING_REGISTER_RESTRICTIONS`, Linux 5.10 (on a ring); on the blind fd -1, the task-level
 /// allowlist, Linux 7.0.
 pub const IORING_REGISTER_RESTRICTIONS: u32 = 11;
-/// `IORING_REGISTER_BPF_FILTER`, Linux 7.0.
-pub const IORING_REGISTER_BPF_FILTER: u32 = 37;
 
 /// `struct io_uring_task_restriction` (include/uapi/linux/io_uring.h, Linux 7.0) without its
 /// flexible array of `struct io_uring_restriction` entries, which follow it in memory.
@@ -42,32 +40,6 @@ pub struct TaskRestrictionHeader {
     pub nr_res: u16,
     pub resv: [u32; 3],
 }
-
-// ---- io_uring BPF filters (include/uapi/linux/io_uring/bpf_filter.h, Linux 7.0).
-
-/// `struct io_uring_bpf` whose union holds a `struct io_uring_bpf_filter` (the one command
-/// there is), flattened into one struct: the argument of `IORING_REGISTER_BPF_FILTER`.
-#[repr(C)]
-pub struct IoUringBpf {
-    pub cmd_type: u16,
-    pub cmd_flags: u16,
-    pub resv: u32,
-    // struct io_uring_bpf_filter:
-    pub opcode: u32,
-    pub flags: u32,
-    pub filter_len: u32,
-    pub pdu_size: u8,
-    pub filter_resv: [u8; 3],
-    /// A `struct sock_filter` array (`libc::sock_filter`) of `filter_len` instructions.
-    pub filter_ptr: u64,
-    pub resv2: [u64; 5],
-}
-
-/// `IO_URING_BPF_CMD_FILTER`: `io_uring_bpf.cmd_type` of a filter, Linux 7.0.
-pub const IO_URING_BPF_CMD_FILTER: u16 = 1;
-/// `IO_URING_BPF_FILTER_DENY_REST`: with this filter, every opcode without one is refused,
-/// Linux 7.0.
-pub const IO_URING_BPF_FILTER_DENY_REST: u32 = 1;
 
 // ---- struct io_uring_sqe (include/uapi/linux/io_uring.h, Linux 5.1).
 
@@ -79,5 +51,4 @@ pub const SQE_SIZE: usize = 64;
 
 // The layouts the kernel reads; the kernel matrix (6.1, 6.12, 7.x) checks they are accepted.
 const _: () = assert!(std::mem::size_of::<TaskRestrictionHeader>() == 16);
-const _: () = assert!(std::mem::size_of::<IoUringBpf>() == 72);
 const _: () = assert!(std::mem::size_of::<io_uring::squeue::Entry>() == SQE_SIZE);

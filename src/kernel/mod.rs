@@ -3,10 +3,9 @@
 //!
 //! | wall | kernels | used for |
 //! | --- | --- | --- |
-//! | ring allowlists (`IORING_REGISTER_RESTRICTIONS` on an `R_DISABLED` ring) | all supported | every ring, unless the process is task-restricted (below) |
+//! | ring allowlists (`IORING_REGISTER_RESTRICTIONS` on an `R_DISABLED` ring) | all supported | every ring (all made at startup) |
 //! | `READV_FIXED` / `WRITEV_FIXED` | 6.15+ | vectored requests on writable disks |
-//! | task-level restrictions (`io_uring_register(-1, IORING_REGISTER_RESTRICTIONS)`) | 7.0+ | the whole process: every ring it creates inherits the data-path allowlist |
-//! | io_uring BPF filters (`IORING_REGISTER_BPF_FILTER`) | 7.0+ | narrowing each inherited ring to its device's opcodes |
+//! | task-level restrictions (`io_uring_register(-1, IORING_REGISTER_RESTRICTIONS)`) | 7.0+ | the whole process, once its rings are made: a ring created later (seccomp forbids it) would inherit the data-path allowlist |
 //!
 //! The probes use arguments no kernel accepts, so they change nothing; each answer is the
 //! errno the kernel (7.2's `io_uring/register.c`) gives before it looks at the argument.
@@ -21,7 +20,7 @@ use crate::error::RingError;
 
 pub mod abi;
 
-use abi::{IORING_REGISTER_BPF_FILTER, IORING_REGISTER_RESTRICTIONS};
+use abi::IORING_REGISTER_RESTRICTIONS;
 
 /// Task-level io_uring restrictions (Linux 7.0+).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,8 +52,6 @@ pub struct Kernel {
     /// READV_FIXED and WRITEV_FIXED (Linux 6.15+).
     pub vectored_fixed: bool,
     pub task_restrictions: TaskRestrictions,
-    /// io_uring BPF filters (Linux 7.0+).
-    pub bpf_filters: bool,
 }
 
 impl Kernel {
@@ -70,16 +67,14 @@ impl Kernel {
         let version = parse_version(&release);
         // On a throwaway thread: should a future kernel ever accept a probe's argument, what it
         // installed would die with that thread.
-        let (task_restrictions, bpf_filters) =
-            std::thread::spawn(|| (probe_task_restrictions(), probe_bpf_filters()))
-                .join()
-                .unwrap_or((TaskRestrictions::Unknown(0), false));
+        let task_restrictions = std::thread::spawn(probe_task_restrictions)
+            .join()
+            .unwrap_or(TaskRestrictions::Unknown(0));
         Kernel {
             release,
             version,
             vectored_fixed: probe_vectored_fixed(),
             task_restrictions,
-            bpf_filters,
         }
     }
 
@@ -101,7 +96,7 @@ impl fmt::Display for Kernel {
         write!(
             f,
             "Linux {}: ring allowlists yes; READV/WRITEV_FIXED {}; task-level io_uring \
-             restrictions {}; io_uring BPF filters {}",
+             restrictions {}",
             self.release,
             if self.vectored_fixed {
                 "yes"
@@ -109,11 +104,6 @@ impl fmt::Display for Kernel {
                 "no (Linux 6.15+)"
             },
             task,
-            if self.bpf_filters {
-                "yes"
-            } else {
-                "no (Linux 7.0+)"
-            }
         )
     }
 }
@@ -228,19 +218,6 @@ pub fn classify_task_probe(
     }
 }
 
-/// io_uring BPF filters, probed on the task with a null filter (7.2: EACCES without
-/// no_new_privs and CAP_SYS_ADMIN, else EFAULT copying it).
-fn probe_bpf_filters() -> bool {
-    matches!(
-        errno(register_blind(
-            IORING_REGISTER_BPF_FILTER,
-            std::ptr::null_mut(),
-            1
-        )),
-        libc::EFAULT | libc::EACCES
-    )
-}
-
 /// READV_FIXED and WRITEV_FIXED, from the kernel's opcode probe on a throwaway ring.
 fn probe_vectored_fixed() -> bool {
     let Ok(ring) = IoUring::new(2) else {
@@ -300,10 +277,8 @@ mod tests {
         );
         if k.at_least(7, 0) {
             assert_eq!(k.task_restrictions, TaskRestrictions::Available, "{k}");
-            assert!(k.bpf_filters, "{k}");
         } else {
             assert_eq!(k.task_restrictions, TaskRestrictions::Absent, "{k}");
-            assert!(!k.bpf_filters, "{k}");
         }
         assert_eq!(&k, Kernel::get(), "the cached probe is the same");
     }

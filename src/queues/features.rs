@@ -44,8 +44,8 @@ impl Queues {
     pub fn set_acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Release);
         self.update_write_cache();
-        if let Err(e) = self.rebuild_rings(false) {
-            error!("cannot rebuild rings for the negotiated features: {e}");
+        if let Err(e) = self.arm_rings(false) {
+            error!("cannot serve the negotiated features: {e}");
         }
     }
 

@@ -1,14 +1,15 @@
 //! What serves I/O: the queues of the device behind one VMM connection, each with its worker
 //! state ([`crate::worker::QueueState`]) and its restricted rings. [`crate::control::Device`]
 //! (the VMM's side) calls it directly; each queue's worker loop calls [`Queues::serve_queue`].
-//! Its rings are (re)built on the control thread, whenever the memory table or the negotiated
-//! features change (`rings.rs`); the negotiated features and the config space are in
-//! `features.rs`.
+//! Its rings are made at startup and lent to it for the connection (`rings.rs`); the control
+//! thread re-arms them, each queue drained first, whenever the memory table or the negotiated
+//! features change. The negotiated features and the config space are in `features.rs`.
 
 mod features;
 mod rings;
 
 pub use features::PROTOCOL_FEATURES;
+pub use rings::make_ring_sets;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,9 +21,10 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{self, DeviceSpec};
 use crate::dirty_log::DirtyLog;
+use crate::error::RingError;
 use crate::image::Image;
 use crate::inflight::QueueInflight;
-use crate::ring::RingPolicy;
+use crate::ring::{RingPolicy, RingSet};
 use crate::stats::DeviceStats;
 use crate::vmm_channel::VmmChannel;
 use crate::worker::{QueueState, Shared, Tuning, Vring};
@@ -49,9 +51,9 @@ pub struct Queues {
     queues: Vec<QueueSlot>,
     shared: Shared,
     acked: AtomicU64,
-    /// The policy the current rings were built with.
+    /// The policy of the armed rings (None: no table served).
     built: Mutex<Option<RingPolicy>>,
-    /// Serialises ring rebuilds.
+    /// Serialises re-arming.
     rebuild: Mutex<()>,
     thread_init: ThreadInit,
     /// The VMM's backend request channel, once it sent one (see `crate::vmm_channel`).
@@ -76,6 +78,8 @@ thread_local! {
 }
 
 impl Queues {
+    /// The queues of one connection, served by `rings` (one set per queue, made at startup:
+    /// [`make_ring_sets`]), which [`Queues::take_ring_sets`] hands back at its end.
     pub fn new(
         spec: DeviceSpec,
         image: Arc<Image>,
@@ -83,16 +87,25 @@ impl Queues {
         thread_init: ThreadInit,
         tuning: Tuning,
         stats: &DeviceStats,
+        rings: Vec<RingSet>,
     ) -> io::Result<Self> {
+        if rings.len() != usize::from(spec.num_queues) {
+            return Err(io::Error::other(format!(
+                "{} ring sets for {} queues",
+                rings.len(),
+                spec.num_queues
+            )));
+        }
         let queues = (0..spec.num_queues)
-            .map(|i| {
+            .zip(rings)
+            .map(|(i, set)| {
                 let counters = stats
                     .queues
                     .get(usize::from(i))
                     .cloned()
                     .unwrap_or_default();
                 Ok(QueueSlot {
-                    state: Mutex::new(QueueState::new(i, spec.queue_size, tuning, counters)?),
+                    state: Mutex::new(QueueState::new(i, spec.queue_size, tuning, counters, set)?),
                     drained: Condvar::new(),
                     stop: AtomicBool::new(false),
                 })
@@ -204,8 +217,8 @@ impl Queues {
         if exiting.load(Ordering::Acquire) {
             return;
         }
-        // Loaded under the queue lock: a worker waiting for the lock holds no table, so that
-        // `wait_for_older_tables` bounds the tables alive.
+        // Loaded under the queue lock: a worker waiting for the lock holds no table (at most
+        // two are alive: see `set_memory`).
         let mem = self.mem.memory();
         st.run(vring, &mem, &self.shared, completion, &q.stop);
         st.report_memory_faults();
@@ -270,12 +283,33 @@ impl Queues {
         // The VMM is told the queue stopped only once nothing of it can land any more (as
         // QEMU's own drain does): a read answered later would write guest RAM behind its back,
         // and its inflight mark would outlive it. However long the disk takes: warn meanwhile.
+        q.when_idle(queue_index as usize, "stopping it", |_| {
+            debug!("queue {queue_index} stopped")
+        });
+    }
+
+    /// Hand every queue's ring set back, disarmed, for the next connection. Call once the
+    /// connection is over and nothing is in flight (`quiesce` returned 0).
+    pub fn take_ring_sets(&self) -> Result<Vec<RingSet>, RingError> {
+        self.queues
+            .iter()
+            .map(|q| lock(&q.state).take_ring_set())
+            .collect()
+    }
+}
+
+impl QueueSlot {
+    /// Run `f` on the queue's state once nothing of it is in flight, then wake the worker.
+    /// Meanwhile the worker takes no new request and completes those in flight; the wait lasts
+    /// as long as the disk takes, with a warning every [`DRAIN_WARN_AFTER`] (`why` says what
+    /// waits), and counts as a slow stop once it warned.
+    fn when_idle<R>(&self, index: usize, why: &str, f: impl FnOnce(&mut QueueState) -> R) -> R {
         let start = Instant::now();
         let mut warned = false;
         let mut next_warn = start + DRAIN_WARN_AFTER;
-        q.stop.store(true, Ordering::Relaxed);
-        let mut st = lock(&q.state);
-        while st.inflight_requests() > 0 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut st = lock(&self.state);
+        while st.inflight_requests() > 0 || st.sqes_in_flight() > 0 {
             let now = Instant::now();
             if now >= next_warn {
                 if !warned {
@@ -284,30 +318,36 @@ impl Queues {
                 warned = true;
                 next_warn = now + DRAIN_WARN_AFTER;
                 warn!(
-                    "queue {queue_index}: stopping it waits for {} request(s) still in flight \
-                     since {}s: the disk does not answer; the stop is answered once they land",
+                    "queue {index}: {why} waits for {} request(s) still in flight since {}s: \
+                     the disk does not answer; it goes on once they land",
                     st.inflight_requests(),
                     now.duration_since(start).as_secs()
                 );
             }
-            st = q
+            // The worker signals `drained` when its last request completes; an SQE that
+            // outlived its request is looked for again every few milliseconds.
+            let mut slice = next_warn.saturating_duration_since(now);
+            if st.inflight_requests() == 0 {
+                slice = slice.min(Duration::from_millis(5));
+            }
+            st = self
                 .drained
-                .wait_timeout(st, next_warn.saturating_duration_since(now))
+                .wait_timeout(st, slice)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
-        q.stop.store(false, Ordering::Relaxed);
+        self.stop.store(false, Ordering::Relaxed);
         if warned {
             warn!(
-                "queue {queue_index}: stopped after waiting {:.1}s for its requests in flight",
+                "queue {index}: {why} went on after waiting {:.1}s for requests in flight",
                 start.elapsed().as_secs_f64()
             );
         }
-        debug!("queue {queue_index} stopped");
+        let r = f(&mut st);
+        let _ = st.completion_fd().write(1);
+        r
     }
-}
 
-impl QueueSlot {
     /// Run `f` on the queue's state, taken from its worker (which stops polling and taking
     /// requests when asked, leaving the rest in the avail ring), then wake the worker: a kick
     /// it already consumed must not wait for the next one.

@@ -1,13 +1,12 @@
-//! The rings of the queues: one restricted ring per queue, built for the memory table and the
-//! negotiated features, and the memory tables they serve.
+//! The rings of the queues: made at startup (`make_ring_sets`: one set per queue, a ring per
+//! opcode set the device can negotiate), armed with each memory table the VMM sends on the
+//! ring that matches the negotiated features, and the memory tables they serve.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{error, info};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES,
 };
@@ -15,13 +14,56 @@ use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
-use super::{lock, Queues, DRAIN_WARN_AFTER};
-use crate::config;
+use super::{lock, Queues};
+use crate::config::{self, DeviceSpec};
 use crate::error::RingError;
 use crate::guest_map::FixedBufferMap;
+use crate::image::Image;
 use crate::request::Limits;
-use crate::ring::{build_ring, RingPolicy, RingSetup};
-use crate::worker::{Engine, FILE_BUFFERED, FILE_PRIMARY};
+use crate::ring::{RingPolicy, RingSet};
+use crate::worker::{FILE_BUFFERED, FILE_PRIMARY};
+
+/// Make every ring the daemon will use: for each queue, one ring per opcode set the device
+/// can negotiate, with the image as fixed files and no fixed buffers yet. Called once at
+/// startup, before the sandbox forbids `io_uring_setup`.
+pub fn make_ring_sets(spec: &DeviceSpec, image: &Image) -> Result<Vec<RingSet>, RingError> {
+    let mut files = vec![(
+        image.primary.as_raw_fd(),
+        format!(
+            "{} ({})",
+            image.path.display(),
+            if image.direct {
+                "O_DIRECT"
+            } else {
+                "page cache"
+            }
+        ),
+    )];
+    if image.direct {
+        files.push((
+            image.buffered.as_raw_fd(),
+            format!(
+                "{} (page cache, for unaligned buffers)",
+                image.path.display()
+            ),
+        ));
+    }
+    // Fixed-file indices the worker uses.
+    debug_assert_eq!(
+        files.len() as u32 - 1,
+        if image.direct {
+            FILE_BUFFERED
+        } else {
+            FILE_PRIMARY
+        }
+    );
+    let entries = (u32::from(spec.queue_size) * 4).clamp(64, 4096);
+    let policies =
+        RingPolicy::device_variants(!spec.read_only, crate::kernel::Kernel::get().vectored_fixed);
+    (0..spec.num_queues)
+        .map(|q| RingSet::build(q, entries, &files, &policies))
+        .collect()
+}
 
 impl Queues {
     fn policy(&self) -> RingPolicy {
@@ -53,9 +95,11 @@ impl Queues {
         }
     }
 
-    /// Build one restricted ring per queue for the current memory table and features, and
-    /// hand them to the workers. Old rings retire once their in-flight requests complete.
-    pub(super) fn rebuild_rings(&self, force: bool) -> Result<(), RingError> {
+    /// Serve the current memory table on every queue from the ring for the negotiated
+    /// features: each queue is drained, then its guest RAM registered on that ring (and
+    /// unregistered from the one that served before). With `force` unset and the same policy,
+    /// only the limits change (DISCARD and WRITE_ZEROES share FALLOCATE).
+    pub(super) fn arm_rings(&self, force: bool) -> Result<(), RingError> {
         let _serial = lock(&self.rebuild);
         let mem = self.mem.memory().into_inner();
         if mem.num_regions() == 0 {
@@ -63,89 +107,48 @@ impl Queues {
         }
         let policy = self.policy();
         if !force && lock(&self.built).as_ref() == Some(&policy) {
-            // Same rings; the limits may still differ (DISCARD and WRITE_ZEROES share FALLOCATE).
             let limits = self.limits(&policy);
             for q in &self.queues {
                 lock(&q.state).set_limits(limits);
             }
             return Ok(());
         }
+        *lock(&self.built) = None;
         check_regions(&mem)?;
         let map = FixedBufferMap::from_guest_memory(&*mem)?;
-        let mut files = vec![(
-            self.image.primary.as_raw_fd(),
-            format!(
-                "{} ({})",
-                self.image.path.display(),
-                if self.image.direct {
-                    "O_DIRECT"
-                } else {
-                    "page cache"
-                }
-            ),
-        )];
-        if self.image.direct {
-            files.push((
-                self.image.buffered.as_raw_fd(),
-                format!(
-                    "{} (page cache, for unaligned buffers)",
-                    self.image.path.display()
-                ),
-            ));
-        }
-        // Fixed-file indices the worker uses.
-        debug_assert_eq!(
-            files.len() as u32 - 1,
-            if self.image.direct {
-                FILE_BUFFERED
-            } else {
-                FILE_PRIMARY
-            }
-        );
-        let entries = (u32::from(self.spec.queue_size) * 4).clamp(64, 4096);
-        let mut engines = Vec::with_capacity(self.queues.len());
-        for (i, q) in self.queues.iter().enumerate() {
-            let efd = crate::worker::completion_raw_fd(&lock(&q.state));
-            let label = format!("queue {i}");
-            // SAFETY: `map` describes the regions of `mem`, which the Engine keeps alive as long
-            // as the ring; guest RAM is shared memory that Rust code only reads and writes
-            // through vm-memory's volatile accessors.
-            let ring = unsafe {
-                build_ring(&RingSetup {
-                    label: &label,
-                    entries,
-                    files: &files,
-                    buffers: &map,
-                    eventfd: Some(efd),
-                    policy: &policy,
-                })
-            }?;
-            engines.push(Engine::new(ring, map.clone(), mem.clone()));
-        }
         let limits = self.limits(&policy);
-        for (q, e) in self.queues.iter().zip(engines) {
-            q.stop.store(true, Ordering::Relaxed);
-            let mut st = lock(&q.state);
-            q.stop.store(false, Ordering::Relaxed);
-            st.install(e, limits);
-            // Requests may have arrived while no ring existed: have the worker look.
-            let _ = st.completion_fd().write(1);
+        for (i, q) in self.queues.iter().enumerate() {
+            q.when_idle(i, "a new memory table", |st| {
+                st.arm(&policy, map.clone(), mem.clone(), limits)
+            })?;
         }
         *lock(&self.built) = Some(policy);
         Ok(())
     }
 
+    /// Stop serving guest RAM on every queue (each drained first): its fixed buffers are
+    /// unregistered, and requests wait for the next table.
+    fn disarm_rings(&self) {
+        let _serial = lock(&self.rebuild);
+        *lock(&self.built) = None;
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Err(e) = q.when_idle(i, "a refused memory table", |st| st.disarm()) {
+                error!("queue {i}: {e}");
+            }
+        }
+    }
+
     /// Serve guest RAM `mem` from now on, through `atomic` (the table every vring and worker
     /// reads). Its mappings are made known to the SIGBUS handler and checked against their
     /// files before any worker can see them; a table that fails the check is refused and the
-    /// current one stays. At most two tables are alive at once (see `wait_for_older_tables`),
-    /// so that the SIGBUS handler's tracking holds every mapping a worker can touch.
+    /// current one stays. At most two tables are alive at once (the served one and this one:
+    /// a table is served once every queue's ring holds it, and the previous one is dropped
+    /// then), so that the SIGBUS handler's tracking holds every mapping a worker can touch.
     pub fn set_memory(
         &self,
         atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
         mem: GuestMemoryMmap,
     ) -> io::Result<()> {
-        self.wait_for_older_tables();
         // Known to the SIGBUS handler before anything can touch it. vm-memory publishes a new
         // Arc of its own, sharing the mappings: the staged table's entries cover them until the
         // published table's replace them (in one update, so the handler never tracks both).
@@ -171,7 +174,7 @@ impl Queues {
             published.iter().map(|r| r.len()).sum::<u64>() >> 20
         );
         drop(published);
-        match self.rebuild_rings(true) {
+        match self.arm_rings(true) {
             Ok(()) => Ok(()),
             Err(e) => {
                 error!("refusing the VMM's memory table: {e}");
@@ -179,44 +182,9 @@ impl Queues {
                 if let Ok(guard) = atomic.lock() {
                     guard.replace(GuestMemoryMmap::new());
                 }
-                for q in &self.queues {
-                    lock(&q.state).uninstall();
-                }
-                *lock(&self.built) = None;
+                self.disarm_rings();
                 Err(io::Error::other(e.to_string()))
             }
-        }
-    }
-
-    /// Wait until no ring of a memory table older than the current one has requests in
-    /// flight, and no worker holds such a table: the tables alive are then the current one and
-    /// the one about to be published. (Each can have up to `MAX_MEM_SLOTS` mappings; without
-    /// this wait a VMM could pile up tables behind requests a stuck disk holds.)
-    fn wait_for_older_tables(&self) {
-        let start = Instant::now();
-        let mut next_warn = start + DRAIN_WARN_AFTER;
-        for (i, q) in self.queues.iter().enumerate() {
-            q.stop.store(true, Ordering::Relaxed);
-            let mut st = lock(&q.state);
-            while st.retiring_rings() > 0 {
-                let now = Instant::now();
-                if now >= next_warn {
-                    next_warn = now + DRAIN_WARN_AFTER;
-                    warn!(
-                        "queue {i}: a new memory table waits for the requests of an older one \
-                         still in flight since {}s",
-                        now.duration_since(start).as_secs()
-                    );
-                }
-                // The worker signals `drained` when the queue is idle; an older ring can
-                // retire before that, so look again every few milliseconds.
-                st = q
-                    .drained
-                    .wait_timeout(st, Duration::from_millis(5))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-            q.stop.store(false, Ordering::Relaxed);
         }
     }
 }

@@ -42,54 +42,35 @@ impl SqeOp {
     }
 }
 
-/// `io_uring_register` opcodes a ring may use: after it is enabled (per-ring allowlists), or
-/// at all (a ring that inherited the process allowlist, whose register opcodes the kernel
-/// checks even while the ring is disabled).
+/// `io_uring_register` opcodes a ring may use once it is enabled: what swapping its guest RAM
+/// needs, and nothing else (no files, eventfd, personality, restrictions or enabling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RegisterOp {
-    /// IORING_REGISTER_BUFFERS, IORING_REGISTER_FILES, IORING_REGISTER_EVENTFD: what the
-    /// builder registers. Each can succeed once per ring: again, the kernel answers EBUSY.
+    /// IORING_REGISTER_BUFFERS: a new memory table's guest RAM, once the old is unregistered
+    /// (the kernel answers EBUSY while buffers are registered).
     Buffers,
-    Files,
-    Eventfd,
-    /// IORING_REGISTER_PROBE: reads which opcodes the kernel supports; changes nothing.
-    /// Listed so that the set always holds a REGISTER_OP entry: kernels from 7.0 restrict
-    /// register opcodes only when it does.
-    Probe,
-    /// IORING_REGISTER_ENABLE_RINGS: only a disabled ring can be enabled (else EBADFD).
-    EnableRings,
-    /// IORING_REGISTER_RESTRICTIONS: on an inherited ring the kernel answers EBUSY, which is
-    /// how the builder learns that the ring already carries the process allowlist.
-    Restrictions,
-    /// IORING_REGISTER_BPF_FILTER: filters can only refuse more, never allow more.
-    BpfFilter,
+    /// IORING_UNREGISTER_BUFFERS: the guest RAM of a memory table that is no longer served.
+    UnregisterBuffers,
 }
 
 impl RegisterOp {
     pub fn code(self) -> u8 {
         match self {
             RegisterOp::Buffers => 0,
-            RegisterOp::Files => 2,
-            RegisterOp::Eventfd => 4,
-            RegisterOp::Probe => 8,
-            RegisterOp::EnableRings => 12,
-            RegisterOp::Restrictions => 11,
-            RegisterOp::BpfFilter => 37,
+            RegisterOp::UnregisterBuffers => 1,
         }
     }
 
     fn name(self) -> &'static str {
         match self {
             RegisterOp::Buffers => "BUFFERS",
-            RegisterOp::Files => "FILES",
-            RegisterOp::Eventfd => "EVENTFD",
-            RegisterOp::Probe => "PROBE",
-            RegisterOp::EnableRings => "ENABLE_RINGS",
-            RegisterOp::Restrictions => "RESTRICTIONS",
-            RegisterOp::BpfFilter => "BPF_FILTER",
+            RegisterOp::UnregisterBuffers => "UNREGISTER_BUFFERS",
         }
     }
 }
+
+/// The register opcodes of every ring the daemon makes (see [`RegisterOp`]).
+const REGISTER_OPS: [RegisterOp; 2] = [RegisterOp::Buffers, RegisterOp::UnregisterBuffers];
 
 /// What a ring allows once enabled. Built only by [`RingPolicy::for_device`] (one ring) and
 /// [`RingPolicy::for_process`] (every ring the process creates, on Linux 7.0+).
@@ -116,30 +97,42 @@ impl RingPolicy {
         }
         RingPolicy {
             sqe_ops,
-            register_ops: vec![RegisterOp::Probe],
+            register_ops: REGISTER_OPS.to_vec(),
         }
     }
 
-    /// The task-level allowlist the daemon installs on itself (Linux 7.0+), which every ring
-    /// it creates inherits: the broadest device policy it can serve, and the register opcodes
-    /// the ring builder needs. Each ring is then narrowed to its own device policy.
+    /// Every opcode set a device can negotiate, one ring each: a read-only disk has one
+    /// (READ_FIXED); a writable one three (without FLUSH or zeroing; with FLUSH; with DISCARD or
+    /// WRITE_ZEROES), each with the vectored opcodes where the kernel has them. Rings are made
+    /// for all of them at startup, before the negotiation: the one matching it serves.
+    pub fn device_variants(writable: bool, vectored: bool) -> Vec<Self> {
+        let sets: &[(bool, bool)] = if writable {
+            &[(false, false), (true, false), (true, true)]
+        } else {
+            &[(false, false)]
+        };
+        sets.iter()
+            .map(|&(flush, zeroing)| {
+                let p = RingPolicy::for_device(writable, flush, zeroing);
+                if vectored {
+                    p.with_vectored()
+                } else {
+                    p
+                }
+            })
+            .collect()
+    }
+
+    /// The task-level allowlist the daemon installs on itself (Linux 7.0+) once its rings are
+    /// made, which a ring created afterwards would inherit (seccomp forbids creating one): the
+    /// broadest device policy it can serve, and the register opcodes of its own rings.
     pub fn for_process(writable: bool, vectored: bool) -> Self {
         let device = RingPolicy::for_device(writable, true, true);
-        let mut p = if vectored {
+        if vectored {
             device.with_vectored()
         } else {
             device
-        };
-        p.register_ops = vec![
-            RegisterOp::Buffers,
-            RegisterOp::Files,
-            RegisterOp::Eventfd,
-            RegisterOp::Probe,
-            RegisterOp::EnableRings,
-            RegisterOp::Restrictions,
-            RegisterOp::BpfFilter,
-        ];
-        p
+        }
     }
 
     /// Add the vectored fixed-buffer opcodes (Linux 6.15+), READV_FIXED and WRITEV_FIXED,
@@ -278,8 +271,8 @@ mod tests {
     #[test]
     fn restrictions_always_hold_a_register_op_and_the_flags() {
         let p = RingPolicy::for_device(false, false, false);
-        // 1 opcode + allowed flags + required flags + 1 register op.
-        assert_eq!(p.restrictions().len(), 4);
+        // 1 opcode + allowed flags + required flags + 2 register ops.
+        assert_eq!(p.restrictions().len(), 5);
         assert!(!p.register_ops().is_empty());
         assert_eq!(p.required_flags(), Flags::FIXED_FILE);
         assert!(p.to_string().contains("READ_FIXED"));
@@ -302,8 +295,25 @@ mod tests {
             &[SqeOp::ReadFixed]
         );
         assert_eq!(RingPolicy::for_process(true, false).sqe_ops().len(), 4);
-        // What the builder registers, and nothing that could undo a registration.
+        // Swapping guest RAM, and nothing else.
         let codes: Vec<u8> = p.register_ops().iter().map(|r| r.code()).collect();
-        assert_eq!(codes, [0, 2, 4, 8, 12, 11, 37]);
+        assert_eq!(codes, [0, 1]);
+    }
+
+    #[test]
+    fn one_variant_per_opcode_set_a_negotiation_can_pick() {
+        assert_eq!(
+            RingPolicy::device_variants(false, true),
+            [RingPolicy::for_device(false, true, true)]
+        );
+        let rw = RingPolicy::device_variants(true, false);
+        assert_eq!(rw.len(), 3);
+        for f in [false, true] {
+            for z in [false, true] {
+                let d = RingPolicy::for_device(true, f, z);
+                assert!(rw.contains(&d), "{d}");
+                assert!(RingPolicy::device_variants(true, true).contains(&d.with_vectored()));
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The process allowlist (Linux 7.0+): the task-level io_uring restrictions the daemon installs
-//! on its main thread before any other thread exists (`task.rs` holds the mechanism), whether
-//! startup may go on without them, and how the log describes what fences the rings.
+//! on its main thread once its rings are made and before any other thread exists (`task.rs`
+//! holds the mechanism), whether startup may go on without them, and how the log describes
+//! what fences the rings.
 
 use super::task::restrict_current_task;
 use super::RingPolicy;
@@ -8,8 +9,9 @@ use crate::error::{KernelError, RingError, StartupError};
 use crate::kernel::{Kernel, TaskRestrictions};
 
 /// Install the process-wide io_uring allowlist where the kernel has task-level restrictions
-/// (Linux 7.0+). Call on the main thread before it spawns any thread: every thread and every
-/// ring created afterwards inherits it. Returns the allowlist installed, if any.
+/// (Linux 7.0+). Call on the main thread once the rings are made (they keep their own
+/// allowlists) and before it spawns any thread: every thread and every ring created afterwards
+/// inherits it. Returns the allowlist installed, if any.
 ///
 /// Fails closed: on a kernel that has task restrictions, or where the probe cannot tell,
 /// anything but installing the allowlist refuses startup with the reason. Only a kernel
@@ -51,22 +53,28 @@ pub fn process_rings_decision(kernel: &Kernel) -> Result<bool, StartupError> {
     }
 }
 
-/// The part of the sandbox's log line about io_uring: what stops a ring, a fresh one included,
-/// from doing more than fixed-buffer I/O, given the process allowlist installed (if any).
-pub fn describe(process_rings: Option<&RingPolicy>) -> String {
-    match process_rings {
+/// The part of the sandbox's log line about io_uring: what stops a ring from doing more than
+/// fixed-buffer I/O on the image, and what stops a thread from making another ring, given
+/// whether the seccomp filters are on and the process allowlist installed (if any).
+pub fn describe(sandboxed: bool, process_rings: Option<&RingPolicy>) -> String {
+    let own = "io_uring: every ring was made at startup with its own allowlist (fixed files and \
+               buffers only, the opcodes of one feature set, FIXED_FILE required, of the \
+               register opcodes only the buffer swap)";
+    let setup = if sandboxed {
+        "; no thread can make another ring (seccomp denies io_uring_setup to every thread, and \
+         io_uring_register to every thread but the control thread, which may only swap \
+         fixed buffers)"
+    } else {
+        "; without the seccomp sandbox any thread could make another ring"
+    };
+    let task = match process_rings {
         Some(p) => format!(
-            "io_uring: every ring this process creates, on any thread, inherits the process \
-             allowlist (task-level restrictions: {p}) and each is narrowed to its device's \
-             opcodes by BPF filters"
+            "; a ring created now would inherit the process allowlist (task-level \
+             restrictions: {p})"
         ),
-        None => "io_uring: every ring carries its own allowlist (IORING_REGISTER_RESTRICTIONS: \
-                 fixed files and buffers only, per-feature opcodes, FIXED_FILE required); no \
-                 task-level restrictions on this kernel (Linux 7.0+), so a thread that creates \
-                 a new ring is stopped only by seccomp, which denies io_uring_setup to worker \
-                 threads but not to the control thread (it builds the rings)"
-            .to_string(),
-    }
+        None => "; no task-level restrictions on this kernel (Linux 7.0+)".to_string(),
+    };
+    format!("{own}{setup}{task}")
 }
 
 #[cfg(test)]
@@ -84,7 +92,6 @@ mod tests {
                 .map(|v| (v[0], v[1])),
             vectored_fixed: true,
             task_restrictions: task,
-            bpf_filters: true,
         }
     }
 

@@ -200,20 +200,22 @@ mod tests {
         }
     }
 
-    /// On 7.0+, a ring built by a restricted task through the daemon's builder serves its own
-    /// opcodes, refuses the others of the process allowlist (its BPF narrowing), and cannot be
-    /// re-registered; a second task-level set is refused (EPERM) and probes as inherited.
+    /// On 7.0+, the daemon's order: a ring built before the task allowlist keeps its own
+    /// allowlist afterwards (its opcodes, and its buffer swap); a ring created after it
+    /// inherits the task allowlist, so the builder cannot give it one of its own (EBUSY), and
+    /// only the buffer swap is left of the register opcodes. A second task-level set is
+    /// refused (EPERM) and probes as inherited.
     #[test]
-    fn rings_of_a_restricted_task_are_narrowed_to_their_device() {
+    fn rings_made_before_the_task_allowlist_keep_their_own() {
         let k = Kernel::get();
         if !k.at_least(7, 0) {
             assert_eq!(k.task_restrictions, TaskRestrictions::Absent, "{k}");
             return;
         }
         std::thread::spawn(|| {
-            restrict_current_task(&process_policy()).expect("restrict");
-            // A read-only disk's ring, built under a writable process allowlist.
+            // A read-only disk's ring, made first.
             let mut f = fixture(&RingPolicy::for_device(false, false, false));
+            restrict_current_task(&process_policy()).expect("restrict");
             let host = f.map.buffers()[0].host as *mut u8;
             let read = opcode::ReadFixed::new(types::Fixed(0), host, 512, 0)
                 .offset(512)
@@ -222,25 +224,28 @@ mod tests {
             assert_eq!(f.buf[0], (512 % 253) as u8);
             let write = opcode::WriteFixed::new(types::Fixed(0), host, 512, 0).build();
             assert_eq!(run(&mut f.ring, write), -libc::EACCES, "WRITE_FIXED");
-            let fsync = opcode::Fsync::new(types::Fixed(0)).build();
-            assert_eq!(run(&mut f.ring, fsync), -libc::EACCES, "FSYNC");
-            // The required flag still comes from the process allowlist.
             let bare = opcode::ReadFixed::new(types::Fd(f.image_fd), host, 512, 0).build();
             assert_eq!(run(&mut f.ring, bare), -libc::EACCES, "without FIXED_FILE");
-            let s = f.ring.submitter();
-            let e = s.register_files(&[0]).expect_err("REGISTER_FILES again");
-            assert_eq!(e.raw_os_error(), Some(libc::EBUSY));
-            let e = s.unregister_files().expect_err("UNREGISTER_FILES");
-            assert_eq!(e.raw_os_error(), Some(libc::EACCES));
-            let e = s.register_personality().expect_err("REGISTER_PERSONALITY");
-            assert_eq!(e.raw_os_error(), Some(libc::EACCES));
-            // Every register opcode outside the process allowlist is refused.
+            crate::ring::unregister_buffers(&f.ring).expect("its own buffer swap");
+            // A ring made now carries the task allowlist: no allowlist of its own.
+            let late = std::thread::spawn(|| {
+                std::panic::catch_unwind(|| fixture(&RingPolicy::for_device(true, false, false)))
+                    .is_err()
+            })
+            .join()
+            .expect("late ring thread");
+            assert!(
+                late,
+                "a ring made after the task allowlist took one of its own"
+            );
+            let plain = IoUring::new(4).expect("a plain ring");
             let allowed: Vec<u8> = process_policy()
                 .register_ops()
                 .iter()
                 .map(|r| r.code())
                 .collect();
-            assert_every_register_opcode_refused(&f.ring, &allowed);
+            assert_eq!(allowed, [0, 1]);
+            assert_every_register_opcode_refused(&plain, &allowed);
             let e = restrict_current_task(&process_policy()).expect_err("a second set");
             assert_eq!(e.raw_os_error(), Some(libc::EPERM));
             assert_eq!(probe_in_child(), TaskRestrictions::Inherited);

@@ -12,24 +12,25 @@
 //!   API), no kernel module or BPF loading, no keyrings, `perf_event_open` or `userfaultfd`,
 //!   no extended attributes (set or removed by path or fd, read by path), no file timestamps
 //!   (`utimensat`, `utimes`...), no `prlimit64` on another process (pid 0 only: what
-//!   `getrlimit`/`setrlimit` make), no `migrate_pages`, `move_pages` or `kcmp`;
+//!   `getrlimit`/`setrlimit` make), no `migrate_pages`, `move_pages` or `kcmp`, no
+//!   `io_uring_setup`, and `io_uring_register` only to swap fixed buffers;
 //! - every thread but the signal thread also may not remove anything (`unlink`, `unlinkat`,
 //!   `rmdir`): the signal thread removes the socket file on SIGTERM, so it is started before
 //!   that filter, which goes on the main thread alone and is inherited by every thread the
-//!   main thread creates afterwards (the vhost-user control thread, the workers);
+//!   main thread creates afterwards (the workers, the stats thread);
 //! - worker threads, which touch guest data, add a strict allowlist: the few calls the worker
 //!   loop makes (io_uring_enter on its existing ring, eventfd read/write, epoll_wait, futex,
 //!   memory management without PROT_EXEC, close). `io_uring_setup` and `io_uring_register`
 //!   are among what they cannot do.
 //!
-//! Which threads keep `io_uring_setup`: the vhost-user control thread must, to build new rings
-//! when the memory table changes; the main thread (which creates the control thread, so its
-//! filters are the control thread's) and the signal thread keep it too. No worker does. The
-//! control thread never interprets guest data beyond the vring addresses the VMM sends, and
-//! every ring it builds is restricted before any worker can use it. On Linux 7.0+ the whole
-//! process also carries a task-level io_uring allowlist (`restrict_process_rings`), so that
-//! even a ring one of those threads could be tricked into creating can do nothing but
-//! fixed-buffer I/O on registered files.
+//! No thread keeps `io_uring_setup`: every ring is made at startup, before the filters go on
+//! (`queues::make_ring_sets`), and each carries its own allowlist. Only the control thread (the
+//! main thread) keeps `io_uring_register`, and the process filter lets it through only for
+//! swapping a ring's fixed buffers (REGISTER_BUFFERS, UNREGISTER_BUFFERS) for a new memory
+//! table; the signal and stats threads and the call watchdog drop it at their start
+//! ([`forbid_ring_registration`]), and the workers' allowlist never had it. On Linux 7.0+ the
+//! process also carries a task-level io_uring allowlist (`restrict_process_rings`), installed
+//! once the rings are made: a ring created despite seccomp would inherit it.
 //!
 //! The SIGBUS handler absorbs faults on guest RAM whose file the VMM shrank, and only there:
 //! the mappings are registered with [`track_guest_ram`] when a memory table arrives, each with
@@ -38,7 +39,7 @@
 //!
 //! | file | job |
 //! | --- | --- |
-//! | `seccomp.rs` | the three filters: process deny list, removal filter, worker allowlist |
+//! | `seccomp.rs` | the filters: process deny list, removal filter, ring-registration filter, worker allowlist |
 //! | `sigbus.rs` | guest-RAM tracking and the async-signal-safe SIGBUS handler |
 //! | `signals.rs` | blocking the shutdown signals, and waiting for one |
 //! | `error.rs` | [`SandboxError`] |
@@ -59,23 +60,35 @@ pub mod signals;
 
 pub use crate::ring::process::{process_rings_decision, restrict_process_rings};
 pub use error::SandboxError;
-pub use seccomp::{apply_process_filter, apply_worker_filter, worker_filter};
+pub use seccomp::{
+    apply_process_filter, apply_process_filters, apply_removal_filter, apply_worker_filter,
+    forbid_ring_registration, worker_filter,
+};
 pub use sigbus::{
     guest_ram_ranges, install_sigbus_handler, track_guest_ram, GuestRamRange, GUEST_MEMORY_FAULTS,
 };
 pub use signals::{block_signals, wait_for_signal};
 
+/// [`forbid_ring_registration`] for a thread that must not run without it: the process ends
+/// if the filter cannot be installed (it never runs a thread less fenced than it says).
+pub fn forbid_ring_registration_or_exit(thread: &str) {
+    if let Err(e) = forbid_ring_registration() {
+        log::error!("thread {thread}: cannot give up io_uring_register: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Log, once, what the kernel offers and what protects the data path on it.
 pub fn log_status(mode: SandboxMode, process_rings: Option<&RingPolicy>) {
     info!("kernel: {}", Kernel::get());
-    let rings = crate::ring::process::describe(process_rings);
+    let rings = crate::ring::process::describe(mode == SandboxMode::Seccomp, process_rings);
     match mode {
         SandboxMode::Seccomp => info!(
             "sandbox: seccomp active: process deny list (exec, fork, socket/connect, open*, \
              PROT_EXEC, ptrace, pidfds, signals to other processes, mounts, bpf, modules, \
              xattrs, timestamps, other processes' limits and pages, kcmp...) on \
              all threads, no unlink/rmdir but on the signal thread, strict allowlist on worker \
-             threads (no io_uring_setup/register, no open*, no socket); {rings}"
+             threads (no io_uring_register, no open*, no socket); {rings}"
         ),
         SandboxMode::None => {
             info!("sandbox: NONE (--sandbox none): no seccomp filter; {rings}")

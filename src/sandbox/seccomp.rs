@@ -14,6 +14,7 @@ use crate::kernel::abi::{
     SYS_FCHMODAT2, SYS_GETXATTRAT, SYS_LISTXATTRAT, SYS_OPEN_TREE_ATTR, SYS_REMOVEXATTRAT,
     SYS_SETXATTRAT,
 };
+use crate::ring::RegisterOp;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) const ARCH: TargetArch = TargetArch::x86_64;
@@ -71,6 +72,9 @@ fn process_denied() -> Vec<i64> {
         libc::SYS_migrate_pages,
         libc::SYS_move_pages,
         libc::SYS_kcmp,
+        // Every ring is made at startup (`queues::make_ring_sets`): a ring made later would
+        // carry no allowlist of ours.
+        libc::SYS_io_uring_setup,
     ];
     v.extend(files_denied());
     #[cfg(target_arch = "x86_64")]
@@ -247,6 +251,27 @@ pub(crate) fn process_filters() -> Result<Vec<BpfProgram>, SandboxError> {
     // Resource limits only of this process: prlimit64 with pid 0 (what getrlimit and
     // setrlimit make), never another process's.
     deny.insert(libc::SYS_prlimit64, vec![rule(0, SeccompCmpOp::Ne, 0)?]);
+    // io_uring_register only to swap a ring's fixed buffers (what the control thread does for
+    // a new memory table; every other thread drops even that: `ring_registration_filter`).
+    // The rings' own allowlists refuse the rest too; this holds even where they could not.
+    let swap_buffers = SeccompRule::new(vec![
+        SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            u64::from(RegisterOp::Buffers.code()),
+        )
+        .map_err(SandboxError::Rule)?,
+        SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            u64::from(RegisterOp::UnregisterBuffers.code()),
+        )
+        .map_err(SandboxError::Rule)?,
+    ])
+    .map_err(SandboxError::Rule)?;
+    deny.insert(libc::SYS_io_uring_register, vec![swap_buffers]);
     // Signals only to ourselves: the pid argument must be our own (known now: no fork later).
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() } as u32 as u64;
@@ -285,10 +310,45 @@ pub(crate) fn removal_filter() -> Result<BpfProgram, SandboxError> {
 /// (it alone keeps `unlink`, to remove the socket file on exit) and before any other thread is
 /// created: every thread the caller creates afterwards inherits both.
 pub fn apply_process_filter() -> Result<(), SandboxError> {
+    apply_process_filters()?;
+    apply_removal_filter()
+}
+
+/// The process-wide filters, on every thread (TSYNC: call before any thread installed a filter
+/// of its own).
+pub fn apply_process_filters() -> Result<(), SandboxError> {
     for f in process_filters()? {
         apply_filter_all_threads(&f).map_err(SandboxError::Install)?;
     }
+    Ok(())
+}
+
+/// The removal filter on the calling thread and the threads it creates afterwards.
+pub fn apply_removal_filter() -> Result<(), SandboxError> {
     apply_filter(&removal_filter()?).map_err(SandboxError::Install)
+}
+
+/// No `io_uring_register` at all: the filter of every thread but the control thread (which
+/// swaps the rings' fixed buffers) and the workers (whose allowlist lacks it anyway).
+pub(crate) fn ring_registration_filter() -> Result<BpfProgram, SandboxError> {
+    compile(
+        unconditional(vec![libc::SYS_io_uring_register]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )
+}
+
+/// Called first by every thread that is neither the control thread nor a worker (signals,
+/// stats, the call watchdog): if the process runs under its seccomp filters, this thread
+/// gives up `io_uring_register` too. A daemon started with `--sandbox none` has no filter,
+/// and this does nothing.
+pub fn forbid_ring_registration() -> Result<(), SandboxError> {
+    // SAFETY: PR_GET_SECCOMP takes no pointer; it returns this thread's seccomp mode.
+    let mode = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) };
+    if mode != libc::SECCOMP_MODE_FILTER as i32 {
+        return Ok(());
+    }
+    apply_filter(&ring_registration_filter()?).map_err(SandboxError::Install)
 }
 
 /// The worker allowlist.

@@ -52,7 +52,7 @@ impl QueueState {
             start: self.clock,
         };
         self.occupy(head, started, Vec::new());
-        self.rings.push(fsync_sqe(head));
+        self.engine.push(fsync_sqe(head));
     }
 
     /// Start a read or write of `len` bytes at `offset`, whose segments are in `self.segs`.
@@ -68,7 +68,7 @@ impl QueueState {
         mem: &GuestMemoryMmap,
         shared: &Shared,
     ) {
-        let Some(map) = self.rings.map() else {
+        let Some(map) = self.engine.map() else {
             return;
         };
         let op = if write { OpKind::Write } else { OpKind::Read };
@@ -175,7 +175,7 @@ impl QueueState {
                     .offset(off)
                     .build()
             };
-            self.rings.push(e.user_data(ud.encode()));
+            self.engine.push(e.user_data(ud.encode()));
             off += total;
             a = b;
         }
@@ -198,7 +198,7 @@ impl QueueState {
                     .offset(off)
                     .build()
             };
-            self.rings.push(e.user_data(ud.encode()));
+            self.engine.push(e.user_data(ud.encode()));
             off += u64::from(p.len);
         }
     }

@@ -96,6 +96,7 @@ fn start() -> Result<(), String> {
 }
 
 fn watchdog() {
+    crate::sandbox::forbid_ring_registration_or_exit("call-watchdog");
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     loop {

@@ -1,98 +1,102 @@
-//! The queue's restricted rings: push SQEs, submit them, reap their completions. Knows nothing
-//! of requests: what a completion means is `complete`'s business.
+//! The queue's armed ring (`ring::RingSet`): push SQEs, submit them, reap their completions.
+//! Knows nothing of requests: what a completion means is `complete`'s business. The ring set
+//! itself is made at startup and lent to the queue for one connection; the control thread
+//! re-arms it (`QueueState::arm`) only when nothing is in flight.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types};
 use log::{error, info, warn};
 use vm_memory::GuestMemoryMmap;
 
+use crate::error::RingError;
 use crate::guest_map::FixedBufferMap;
+use crate::ring::{RingPolicy, RingSet};
 use crate::stats::QueueCounters;
 
-/// One restricted ring and the memory layout it was registered with.
+/// A queue's rings, the SQEs in flight on them, and the completions taken from them and not
+/// yet handled.
 pub struct Engine {
-    ring: IoUring,
-    map: FixedBufferMap,
-    /// Keeps the guest RAM mappings behind the fixed buffers alive as long as the ring.
-    _mem: Arc<GuestMemoryMmap>,
+    queue: u16,
+    /// None only once the connection handed the set back ([`Engine::take_set`]).
+    set: Option<RingSet>,
     /// SQEs submitted and not yet completed.
     inflight: usize,
-}
-
-impl Engine {
-    pub fn new(ring: IoUring, map: FixedBufferMap, mem: Arc<GuestMemoryMmap>) -> Self {
-        Engine {
-            ring,
-            map,
-            _mem: mem,
-            inflight: 0,
-        }
-    }
-
-    /// Move every completion of this ring to `out`.
-    fn drain(&mut self, out: &mut Vec<(u64, i32)>) {
-        let before = out.len();
-        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        self.inflight = self.inflight.saturating_sub(out.len() - before);
-    }
-}
-
-/// A queue's ring for new requests, the rings of older memory layouts still completing
-/// requests, and the completions taken from them and not yet handled.
-pub(super) struct Rings {
-    queue: u16,
-    current: Option<Engine>,
-    /// Rings of an older memory layout, kept until their last request completes.
-    retiring: Vec<Engine>,
-    /// Completions taken off a ring early (to make room for submission), and SQEs that could
-    /// not be queued, completed here with -ECANCELED: handled by the next [`Rings::reap`].
+    /// Completions taken off the ring early (to make room for submission), and SQEs that could
+    /// not be queued, completed here with -ECANCELED: handled by the next [`Engine::reap`].
     done: Vec<(u64, i32)>,
     counters: Arc<QueueCounters>,
 }
 
-impl Rings {
-    pub fn new(queue: u16, counters: Arc<QueueCounters>) -> Self {
-        Rings {
+impl Engine {
+    pub fn new(queue: u16, set: RingSet, counters: Arc<QueueCounters>) -> Self {
+        Engine {
             queue,
-            current: None,
-            retiring: Vec::new(),
+            set: Some(set),
+            inflight: 0,
             done: Vec::new(),
             counters,
         }
     }
 
-    /// Make `engine` the ring for new requests (None: no ring); the previous one retires
-    /// once idle.
-    pub fn replace(&mut self, engine: Option<Engine>) {
-        let old = std::mem::replace(&mut self.current, engine);
-        if let Some(old) = old.filter(|e| e.inflight > 0) {
-            self.retiring.push(old);
+    /// Serve `mem` from the ring whose allowlist is `policy`. Refused while SQEs are in flight
+    /// or completions wait: the caller drains the queue first.
+    pub fn arm(
+        &mut self,
+        policy: &RingPolicy,
+        map: FixedBufferMap,
+        mem: Arc<GuestMemoryMmap>,
+    ) -> Result<(), RingError> {
+        self.expect_idle()?;
+        match self.set.as_mut() {
+            Some(set) => set.arm(policy, map, mem),
+            None => Err(RingError::NoRing {
+                queue: self.queue,
+                ops: policy.sqe_op_names(),
+            }),
         }
     }
 
-    pub fn is_installed(&self) -> bool {
-        self.current.is_some()
+    /// Serve nothing (the guest RAM is unregistered). Refused while SQEs are in flight.
+    pub fn disarm(&mut self) -> Result<(), RingError> {
+        self.expect_idle()?;
+        self.set.as_mut().map_or(Ok(()), |s| s.disarm())
     }
 
-    /// The fixed buffers of the ring for new requests.
+    /// Hand the ring set back, disarmed (the connection is over and nothing is in flight).
+    pub fn take_set(&mut self) -> Result<RingSet, RingError> {
+        self.disarm()?;
+        self.done.clear();
+        self.set.take().ok_or(RingError::NoRing {
+            queue: self.queue,
+            ops: String::new(),
+        })
+    }
+
+    fn expect_idle(&self) -> Result<(), RingError> {
+        if self.inflight > 0 || !self.done.is_empty() {
+            return Err(RingError::Layout(format!(
+                "queue {}: the ring's buffers cannot change with {} I/O operation(s) in flight",
+                self.queue,
+                self.inflight + self.done.len()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn is_armed(&self) -> bool {
+        self.map().is_some()
+    }
+
+    /// The fixed buffers of the armed ring.
     pub fn map(&self) -> Option<&FixedBufferMap> {
-        self.current.as_ref().map(|e| &e.map)
+        self.set.as_ref().and_then(|s| s.map())
     }
 
-    pub fn retiring(&self) -> usize {
-        self.retiring.len()
-    }
-
-    fn all_mut(&mut self) -> impl Iterator<Item = &mut Engine> {
-        self.current.iter_mut().chain(self.retiring.iter_mut())
-    }
-
-    /// SQEs submitted on any ring and not yet completed.
+    /// SQEs submitted and not yet completed.
     pub fn sqes_in_flight(&self) -> usize {
-        let all = self.current.iter().chain(self.retiring.iter());
-        all.map(|e| e.inflight).sum()
+        self.inflight
     }
 
     /// SQEs queued and not submitted, plus completions not yet handled: work a pass must
@@ -102,20 +106,22 @@ impl Rings {
     }
 
     pub fn queued(&mut self) -> usize {
-        self.current
-            .as_mut()
-            .map_or(0, |e| e.ring.submission().len())
+        self.ring().map_or(0, |r| r.submission().len())
     }
 
-    /// Whether a ring holds completions (polling's question).
+    fn ring(&mut self) -> Option<&mut io_uring::IoUring> {
+        self.set.as_mut().and_then(|s| s.ring_mut())
+    }
+
+    /// Whether the ring holds completions (polling's question).
     pub fn has_completions(&mut self) -> bool {
-        !self.done.is_empty() || self.all_mut().any(|e| !e.ring.completion().is_empty())
+        !self.done.is_empty() || self.ring().is_some_and(|r| !r.completion().is_empty())
     }
 
-    /// Switch the rings' completion eventfd signals on or off (off while polling).
+    /// Switch the ring's completion eventfd signals on or off (off while polling).
     pub fn set_completion_signals(&mut self, on: bool) {
-        for e in self.all_mut() {
-            let cq = e.ring.completion();
+        if let Some(r) = self.ring() {
+            let cq = r.completion();
             if on {
                 cq.enable_eventfd();
             } else {
@@ -124,14 +130,20 @@ impl Rings {
         }
     }
 
-    /// Move every completion to `out` (emptied first); drop the rings that retired.
+    /// Move every completion to `out` (emptied first).
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         out.clear();
         std::mem::swap(out, &mut self.done);
-        for e in self.current.iter_mut().chain(self.retiring.iter_mut()) {
-            e.drain(out);
+        self.drain(out);
+    }
+
+    /// Move the ring's completions to `out`.
+    fn drain(&mut self, out: &mut Vec<(u64, i32)>) {
+        let before = out.len();
+        if let Some(r) = self.set.as_mut().and_then(|s| s.ring_mut()) {
+            out.extend(r.completion().map(|c| (c.user_data(), c.result())));
         }
-        self.retiring.retain(|e| e.inflight > 0);
+        self.inflight = self.inflight.saturating_sub(out.len() - before);
     }
 
     /// Queue one SQE, submitting what is queued if the submission queue is full. An SQE that
@@ -145,18 +157,16 @@ impl Rings {
 
     fn try_push(&mut self, e: &squeue::Entry) -> bool {
         for _ in 0..1000 {
-            let Some(engine) = self.current.as_mut() else {
-                error!(
-                    "queue {}: no ring to submit to; the request fails",
-                    self.queue
-                );
+            let queue = self.queue;
+            let Some(ring) = self.ring() else {
+                error!("queue {queue}: no ring to submit to; the request fails");
                 return false;
             };
             // SAFETY: the SQE names only fixed files and fixed buffers of this ring; its buffer
             // pointer lies in a registered buffer (checked by translation, re-checked by the
-            // kernel), which `Engine::_mem` keeps mapped while the ring lives.
-            if unsafe { engine.ring.submission().push(e) }.is_ok() {
-                engine.inflight += 1;
+            // kernel), which the ring set keeps mapped while it is registered.
+            if unsafe { ring.submission().push(e) }.is_ok() {
+                self.inflight += 1;
                 self.counters.sqes.add(1);
                 self.count_durability(e);
                 return true;
@@ -189,20 +199,25 @@ impl Rings {
     /// Hand queued SQEs to the kernel: one io_uring_enter for the whole batch.
     pub fn submit(&mut self) {
         for _ in 0..1000 {
-            let Some(engine) = self.current.as_mut() else {
+            let Some(ring) = self.ring() else {
                 return;
             };
-            if engine.ring.submission().is_empty() {
+            if ring.submission().is_empty() {
                 return;
             }
+            let submitted = ring.submit();
             self.counters.enters.add(1);
-            match engine.ring.submit() {
+            match submitted {
                 Ok(_) => continue,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     // The completion queue is full: take its completions (handled by the
                     // next reap) to make room.
-                    Some(libc::EBUSY) | Some(libc::EAGAIN) => engine.drain(&mut self.done),
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => {
+                        let mut done = std::mem::take(&mut self.done);
+                        self.drain(&mut done);
+                        self.done = done;
+                    }
                     _ => {
                         error!("queue {}: io_uring_enter failed: {e}", self.queue);
                         return;
@@ -212,51 +227,47 @@ impl Rings {
         }
     }
 
-    /// Wait until every SQE of every ring has completed, or `deadline`; completions (also
-    /// those taken earlier) are dropped unhandled. Returns the SQEs still in flight.
+    /// Wait until every SQE has completed, or `deadline`; completions (also those taken
+    /// earlier) are dropped unhandled. Returns the SQEs still in flight.
     pub fn quiesce(&mut self, deadline: Instant) -> usize {
-        let waiting = self.sqes_in_flight();
-        if waiting > 0 {
+        if self.inflight > 0 {
             info!(
-                "queue {}: waiting for {waiting} I/O operation(s) in flight",
-                self.queue
+                "queue {}: waiting for {} I/O operation(s) in flight",
+                self.queue, self.inflight
             );
         }
         let queue = self.queue;
-        for e in self.all_mut() {
-            while e.inflight > 0 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
+        while self.inflight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Some(ring) = self.ring() else {
+                break;
+            };
+            let slice = left.min(Duration::from_millis(200));
+            let ts = types::Timespec::from(slice);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(err) => {
+                    warn!("queue {queue}: waiting for completions: {err}");
                     break;
                 }
-                let slice = left.min(Duration::from_millis(200));
-                let ts = types::Timespec::from(slice);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                match e.ring.submitter().submit_with_args(1, &args) {
-                    Ok(_) => {}
-                    Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
-                    Err(err) => {
-                        warn!("queue {queue}: waiting for completions: {err}");
-                        break;
-                    }
-                }
-                let done = e.ring.completion().count();
-                e.inflight = e.inflight.saturating_sub(done);
             }
+            let done = ring.completion().count();
+            self.inflight = self.inflight.saturating_sub(done);
         }
         self.done.clear();
-        self.retiring.retain(|e| e.inflight > 0);
-        self.sqes_in_flight()
+        self.inflight
     }
 
     /// Block until the current ring has at least one completion (tests drive the kernel).
     #[cfg(test)]
     pub fn wait_for_completion(&mut self) {
-        if let Some(e) = self.current.as_mut() {
-            e.ring
-                .submitter()
-                .submit_and_wait(1)
-                .expect("io_uring_enter");
+        if let Some(r) = self.ring() {
+            r.submitter().submit_and_wait(1).expect("io_uring_enter");
         }
     }
 }

@@ -112,8 +112,8 @@ impl QueueState {
         *popped += 1;
         *budget = budget.saturating_sub(1);
         self.start(head, vs, mem, shared);
-        if self.rings.queued() >= self.submit_batch {
-            self.rings.submit();
+        if self.engine.queued() >= self.submit_batch {
+            self.engine.submit();
             self.clock = Instant::now();
         }
     }

@@ -8,7 +8,7 @@
 //! - `intake`: take chains off the avail ring, parse them, start each request;
 //! - `build` (reads, writes, flushes) and `zeroing` (discard, write-zeroes and their fallback
 //!   where the filesystem refuses a step): the request's SQEs, tagged with a `UserData`;
-//! - `engine`: the rings: push, submit, reap;
+//! - `engine`: the queue's armed ring: push, submit, reap;
 //! - `complete`: a CQE back to its request (`slots`); one more step, if the request needs it,
 //!   is returned to the pass as a value (`FollowUp`);
 //! - `publish`: the status byte, used-ring entry and counters of a finished request;
@@ -29,7 +29,6 @@ mod slots;
 mod user_data;
 mod zeroing;
 
-pub use engine::Engine;
 pub use poll::PollWindow;
 pub use queue_loop::{QueueLoop, Serve};
 
@@ -41,15 +40,17 @@ use std::time::{Duration, Instant};
 use log::info;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SERIAL_LEN;
 use crate::dirty_log::DirtyLog;
-use crate::guest_map::Piece;
+use crate::error::RingError;
+use crate::guest_map::{FixedBufferMap, Piece};
 use crate::inflight::QueueInflight;
 use crate::request::{Desc, Limits, Segment, ZeroRange};
+use crate::ring::{RingPolicy, RingSet};
 use crate::stats::{QueueCounters, QueueSnapshot};
-use engine::Rings;
+use engine::Engine;
 use slots::{Slot, SlotTable, Started};
 use zeroing::Zeroing;
 
@@ -159,8 +160,8 @@ pub struct Shared {
 /// control thread to install a new ring or to wait for in-flight requests.
 pub struct QueueState {
     pub index: u16,
-    /// The ring for new requests, and older ones still completing theirs.
-    rings: Rings,
+    /// The queue's rings (made at startup, lent for the connection) and what is in flight.
+    engine: Engine,
     /// The requests in flight.
     slots: SlotTable,
     limits: Option<Limits>,
@@ -208,15 +209,19 @@ pub struct QueueState {
 }
 
 impl QueueState {
+    /// The state of queue `index`, served by `rings` (the queue's ring set, lent for the
+    /// connection and handed back by [`QueueState::take_ring_set`]).
     pub fn new(
         index: u16,
         max_queue_size: u16,
         tuning: Tuning,
         counters: Arc<QueueCounters>,
+        rings: RingSet,
     ) -> std::io::Result<Self> {
+        let completion_fd = rings.completion_fd().try_clone()?;
         Ok(QueueState {
             index,
-            rings: Rings::new(index, counters.clone()),
+            engine: Engine::new(index, rings, counters.clone()),
             slots: SlotTable::new(max_queue_size),
             limits: None,
             zeroing: Zeroing::default(),
@@ -229,7 +234,7 @@ impl QueueState {
             faults_seen: 0,
             warn_limit: WarnLimit::new(),
             security_limit: WarnLimit::new(),
-            completion_fd: EventFd::new(EFD_NONBLOCK)?,
+            completion_fd,
             call_watch: call::CallWatch::new(),
             call_wedged: false,
             inflight: None,
@@ -245,8 +250,8 @@ impl QueueState {
         })
     }
 
-    /// The eventfd every ring of this queue signals on completion; the worker's epoll
-    /// watches it.
+    /// The eventfd every ring of this queue signals on completion (the ring set's); the
+    /// worker's epoll watches it.
     pub fn completion_fd(&self) -> &EventFd {
         &self.completion_fd
     }
@@ -274,21 +279,16 @@ impl QueueState {
         self.slots.in_flight()
     }
 
-    /// Rings of an older memory table still waiting for their last requests.
-    pub fn retiring_rings(&self) -> usize {
-        self.rings.retiring()
-    }
-
-    /// SQEs submitted on any ring of this queue and not yet completed.
+    /// SQEs submitted on this queue's ring and not yet completed.
     pub fn sqes_in_flight(&self) -> usize {
-        self.rings.sqes_in_flight()
+        self.engine.sqes_in_flight()
     }
 
-    /// Wait until every SQE of every ring of this queue has completed, or `deadline`; the
+    /// Wait until every SQE of this queue has completed, or `deadline`; the
     /// completions are consumed without touching guest memory (the VMM is gone, or the process
     /// is ending). Returns the SQEs still in flight (0: nothing of this queue can land later).
     pub fn quiesce(&mut self, deadline: Instant) -> usize {
-        self.rings.quiesce(deadline)
+        self.engine.quiesce(deadline)
     }
 
     /// New limits for the same rings (a renegotiation that changed DISCARD or WRITE_ZEROES but
@@ -338,16 +338,35 @@ impl QueueState {
         self.used_log_addr = addr;
     }
 
-    /// Make `engine` the ring for new requests; the previous one retires once idle.
-    pub fn install(&mut self, engine: Engine, limits: Limits) {
-        self.rings.replace(Some(engine));
+    /// Serve guest RAM `mem` (as fixed buffers `map`) from the queue's ring for `policy`,
+    /// parsing requests against `limits`. Called by the control thread once the queue has
+    /// nothing in flight (else refused); the worker thread never registers anything. On
+    /// failure the queue serves nothing until the next arm.
+    pub fn arm(
+        &mut self,
+        policy: &RingPolicy,
+        map: FixedBufferMap,
+        mem: Arc<GuestMemoryMmap>,
+        limits: Limits,
+    ) -> Result<(), RingError> {
+        self.limits = None;
+        self.engine.arm(policy, map, mem)?;
         self.limits = Some(limits);
+        Ok(())
     }
 
-    /// Stop serving: no ring, no limits; requests wait until a new ring is installed.
-    pub fn uninstall(&mut self) {
-        self.rings.replace(None);
+    /// Stop serving: no guest RAM, no limits; requests wait until the next arm. Refused while
+    /// I/O is in flight.
+    pub fn disarm(&mut self) -> Result<(), RingError> {
         self.limits = None;
+        self.engine.disarm()
+    }
+
+    /// Hand the queue's ring set back, disarmed: the connection is over and nothing is in
+    /// flight (else refused).
+    pub fn take_ring_set(&mut self) -> Result<RingSet, RingError> {
+        self.limits = None;
+        self.engine.take_set()
     }
 }
 

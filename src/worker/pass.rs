@@ -36,7 +36,7 @@ impl QueueState {
         let mut vs = vring.get_mut();
         self.call_wedged = false;
         self.guard_call_fd(&vs);
-        let serving = self.rings.is_installed()
+        let serving = self.engine.is_armed()
             && self.limits.is_some()
             && vs.get_queue().ready()
             && vs.is_enabled();
@@ -54,13 +54,13 @@ impl QueueState {
             return;
         }
 
-        self.rings.set_completion_signals(false);
+        self.engine.set_completion_signals(false);
         let entered = Instant::now();
         let mut last = entered;
         self.step(&mut vs, mem, shared, true, false, stop);
         self.notify(&mut vs);
         loop {
-            if self.rings.has_completions() || self.has_requests(&vs, mem) {
+            if self.engine.has_completions() || self.has_requests(&vs, mem) {
                 self.counters.poll_hits.add(1);
                 self.step(&mut vs, mem, shared, true, false, stop);
                 self.notify(&mut vs);
@@ -76,7 +76,7 @@ impl QueueState {
         }
         // Back to sleeping: signals on, then one more look so that nothing that arrived
         // before they were on is left behind.
-        self.rings.set_completion_signals(true);
+        self.engine.set_completion_signals(true);
         self.step(&mut vs, mem, shared, true, true, stop);
         self.notify(&mut vs);
     }
@@ -114,9 +114,9 @@ impl QueueState {
         // fdatasync), and an SQE that cannot be queued comes back as a completion: go round
         // until nothing is left, so none waits for an unrelated kick.
         for _ in 0..8 {
-            self.rings.submit();
+            self.engine.submit();
             self.reap(vs, mem);
-            if self.rings.unfinished() == 0 {
+            if self.engine.unfinished() == 0 {
                 return;
             }
         }
@@ -168,14 +168,14 @@ impl QueueState {
     /// engine (queued: the caller submits).
     pub(super) fn reap(&mut self, vs: &mut VringState<'_>, mem: &GuestMemoryMmap) {
         let mut cqes = std::mem::take(&mut self.cqes);
-        self.rings.reap(&mut cqes);
+        self.engine.reap(&mut cqes);
         if !cqes.is_empty() {
             // One clock read for the whole batch: the completion time of its requests.
             self.clock = Instant::now();
         }
         for &(ud, res) in &cqes {
             if let Some(next) = self.on_completion(ud, res, vs, mem) {
-                self.rings.push(follow_up_sqe(next));
+                self.engine.push(follow_up_sqe(next));
             }
         }
         self.cqes = cqes;

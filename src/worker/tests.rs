@@ -2,35 +2,23 @@
 use super::*;
 use crate::guest_map::FixedBufferMap;
 use crate::guest_map::MAX_FIXED_BUFFER;
-use crate::ring::{build_ring, RingPolicy, RingSetup};
+use crate::ring::{RingPolicy, RingSet};
 use crate::stats::{ErrorKind, OpKind};
-use io_uring::IoUring;
 use vhost_user_backend::VringT;
 use vm_memory::GuestMemoryAtomic;
 
-/// A restricted ring over `image` and `map`, built by the daemon's builder.
-///
-/// # Safety
-/// The memory `map` describes must outlive the ring.
-unsafe fn test_ring(image: &std::fs::File, map: &FixedBufferMap, policy: &RingPolicy) -> IoUring {
+/// Queue 0's ring set over `image`: one ring, for `policy`, made by the daemon's builder.
+fn test_set(image: &std::fs::File, policy: &RingPolicy) -> RingSet {
     let files = [(image.as_raw_fd(), "test image".to_string())];
-    // SAFETY: the caller keeps the buffers alive as long as the ring.
-    unsafe {
-        build_ring(&RingSetup {
-            label: "test",
-            entries: 8,
-            files: &files,
-            buffers: map,
-            eventfd: None,
-            policy,
-        })
-    }
-    .expect("build a restricted ring (is io_uring enabled?)")
+    RingSet::build(0, 8, &files, std::slice::from_ref(policy))
+        .expect("build a restricted ring (is io_uring enabled?)")
 }
 
-/// A queue of 8 that does not poll, with `ring` installed for a disk of 64 KiB.
+/// A queue of 8 that does not poll, for a disk of 64 KiB, served by a ring for `policy` armed
+/// with `map` (whose memory `mem` holds, or the caller keeps alive as long as the queue).
 fn queue_with(
-    ring: IoUring,
+    image: &std::fs::File,
+    policy: &RingPolicy,
     map: FixedBufferMap,
     mem: GuestMemoryMmap,
     read_only: bool,
@@ -40,7 +28,7 @@ fn queue_with(
         submit_batch: 8,
     };
     let counters = Arc::new(QueueCounters::default());
-    let mut st = QueueState::new(0, 8, tuning, counters).unwrap();
+    let mut st = QueueState::new(0, 8, tuning, counters, test_set(image, policy)).unwrap();
     let limits = Limits {
         capacity_sectors: 128,
         seg_max: 6,
@@ -52,7 +40,8 @@ fn queue_with(
         discard: false,
         write_zeroes: false,
     };
-    st.install(Engine::new(ring, map, Arc::new(mem)), limits);
+    st.arm(policy, map, Arc::new(mem), limits)
+        .expect("register the buffers");
     st
 }
 
@@ -68,10 +57,9 @@ fn a_refused_sqe_is_counted_and_fails_its_request() {
     let map =
         FixedBufferMap::from_regions([(0, 4096, buf.as_ptr() as u64)], MAX_FIXED_BUFFER).unwrap();
     let policy = RingPolicy::for_device(false, false, false);
-    // SAFETY: `buf` outlives the ring (dropped at the end of the test, after `st`), and no
-    // SQE of this test names it.
-    let ring = unsafe { test_ring(&image, &map, &policy) };
-    let mut st = queue_with(ring, map, GuestMemoryMmap::new(), true);
+    // `buf` outlives the ring (dropped at the end of the test, after `st`), and no SQE of this
+    // test names it.
+    let mut st = queue_with(&image, &policy, map, GuestMemoryMmap::new(), true);
     let counters = st.counters.clone();
     let vring = Vring::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 8).unwrap();
     let mut vs = vring.get_mut();
@@ -79,8 +67,8 @@ fn a_refused_sqe_is_counted_and_fails_its_request() {
 
     // A FLUSH as intake starts it.
     st.start_flush(0, None);
-    st.rings.submit();
-    st.rings.wait_for_completion();
+    st.engine.submit();
+    st.engine.wait_for_completion();
     st.reap(&mut vs, &mem);
 
     let s = counters.snapshot();
@@ -95,7 +83,7 @@ fn a_refused_sqe_is_counted_and_fails_its_request() {
     drop(buf);
 }
 
-/// An SQE that cannot be queued (here: no ring at all) comes back from the engine as a
+/// An SQE that cannot be queued (here: no armed ring) comes back from the engine as a
 /// -ECANCELED completion, and its request fails to the guest at the next reap instead of
 /// waiting forever.
 #[test]
@@ -105,7 +93,9 @@ fn an_sqe_that_cannot_be_queued_fails_its_request() {
         submit_batch: 8,
     };
     let counters = Arc::new(QueueCounters::default());
-    let mut st = QueueState::new(0, 8, tuning, counters.clone()).unwrap();
+    let image = tempfile::tempfile().unwrap();
+    let set = test_set(&image, &RingPolicy::for_device(true, true, false));
+    let mut st = QueueState::new(0, 8, tuning, counters.clone(), set).unwrap();
     let vring = Vring::new(GuestMemoryAtomic::new(GuestMemoryMmap::new()), 8).unwrap();
     let mut vs = vring.get_mut();
     let mem = GuestMemoryMmap::new();
@@ -113,13 +103,13 @@ fn an_sqe_that_cannot_be_queued_fails_its_request() {
     st.start_flush(0, None);
     assert_eq!(st.inflight_requests(), 1);
     assert_eq!(
-        st.rings.unfinished(),
+        st.engine.unfinished(),
         1,
         "the lost SQE waits as a completion"
     );
     st.reap(&mut vs, &mem);
     assert_eq!(st.inflight_requests(), 0);
-    assert_eq!(st.rings.unfinished(), 0);
+    assert_eq!(st.engine.unfinished(), 0);
     let s = counters.snapshot();
     assert_eq!(s.errors[ErrorKind::Io as usize], 1);
     assert_eq!(s.ops[OpKind::Flush as usize].requests, 1);
@@ -164,9 +154,8 @@ fn completed_requests_log_their_data_status_and_used_ring() {
     .unwrap();
     let map = FixedBufferMap::from_guest_memory(&mem).unwrap();
     let policy = RingPolicy::for_device(true, false, false);
-    // SAFETY: `mem` (whose RAM the buffers describe) is kept alive by the Engine.
-    let ring = unsafe { test_ring(&image, &map, &policy) };
-    let mut st = queue_with(ring, map, mem.clone(), false);
+    // `mem` (whose RAM the buffers describe) is kept alive by the ring set.
+    let mut st = queue_with(&image, &policy, map, mem.clone(), false);
     let shared = Shared {
         serial: [0; SERIAL_LEN],
         direct: false,
@@ -204,11 +193,11 @@ fn completed_requests_log_their_data_status_and_used_ring() {
         &mem,
         &shared,
     );
-    st.rings.submit();
+    st.engine.submit();
     // Logging goes on while both are in flight.
     st.set_dirty_log(Some(log.clone()));
     while st.inflight_requests() > 0 {
-        st.rings.wait_for_completion();
+        st.engine.wait_for_completion();
         st.reap(&mut vs, &mem);
     }
     st.notify(&mut vs);

@@ -119,7 +119,7 @@ impl QueueState {
             }
             // `i` < MAX_DISCARD_SEG, which fits in a u8 (see `user_data`).
             let ud = UserData::new(head, self.zeroing.first_step(r.mode)).range(i as u8);
-            self.rings.push(fallocate_sqe(ud, &r));
+            self.engine.push(fallocate_sqe(ud, &r));
         }
     }
 }

@@ -321,6 +321,25 @@ fn signal_and_memory_probes(parent: usize) -> Vec<Probe> {
             [page, 4096, exec, NEG1, 0, 0],
         )
     });
+    // Every ring is made at startup: none afterwards, on any thread.
+    v.push(Probe {
+        name: "io_uring_setup",
+        call: Box::new(|| io_uring_probe().map(|()| 0)),
+        want: EPERM,
+        baseline: false,
+    });
+    // io_uring_register only to swap fixed buffers (opcodes 0 and 1, checked in
+    // `allowed_checks`); a bad fd, so that a call let through fails with EBADF.
+    for (name, op) in [
+        ("io_uring_register(REGISTER_FILES)", 2usize),
+        ("io_uring_register(REGISTER_EVENTFD)", 4),
+        ("io_uring_register(REGISTER_PERSONALITY)", 9),
+        ("io_uring_register(REGISTER_RESTRICTIONS)", 11),
+        ("io_uring_register(ENABLE_RINGS)", 12),
+        ("io_uring_register(BUFFERS|USE_REGISTERED_RING)", 1 << 31),
+    ] {
+        v.push(probe(name, SYS_io_uring_register, [9999, op, 0, 0, 0, 0]));
+    }
     v
 }
 
@@ -364,6 +383,15 @@ pub fn allowed_checks() -> Vec<(&'static str, Result<(), String>)> {
     };
     let mut v = vec![
         ("kill(self, 0)", ok(sys(SYS_kill, [me, 0, 0, 0, 0, 0]))),
+        // The control thread swaps the rings' fixed buffers (a bad fd: EBADF once let through).
+        (
+            "io_uring_register(UNREGISTER_BUFFERS)",
+            errno(sys(SYS_io_uring_register, [9999, 1, 0, 0, 0, 0]), EBADF),
+        ),
+        (
+            "io_uring_register(REGISTER_BUFFERS)",
+            errno(sys(SYS_io_uring_register, [9999, 0, 0, 0, 0, 0]), EBADF),
+        ),
         (
             "tgkill(self, self, 0)",
             ok(sys(SYS_tgkill, [me, tid, 0, 0, 0, 0])),

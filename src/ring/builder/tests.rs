@@ -14,8 +14,8 @@ pub(crate) struct Fixture {
     pub map: FixedBufferMap,
 }
 
-/// A ring built by `build_ring` over a 64 KiB image (byte i holds i % 253) and one fixed
-/// buffer over the first half of `buf`.
+/// A ring built by `build_ring` over a 64 KiB image (byte i holds i % 253), then given one
+/// fixed buffer over the first half of `buf` (after enabling, as the daemon does).
 pub(crate) fn fixture(policy: &RingPolicy) -> Fixture {
     let mut image = tempfile::NamedTempFile::new().unwrap();
     let data: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 253) as u8).collect();
@@ -31,19 +31,17 @@ pub(crate) fn fixture(policy: &RingPolicy) -> Fixture {
     )
     .unwrap();
     let files = [(image_fd, "test image".to_string())];
+    let ring = build_ring(&RingSetup {
+        label: "test",
+        entries: 8,
+        files: &files,
+        eventfd: None,
+        policy,
+    })
+    .expect("build a restricted ring (is io_uring enabled?)");
     // SAFETY: `buf` lives in the returned Fixture beside the ring (and is dropped after it:
     // field order), and the tests touch it only while no SQE that names it is in flight.
-    let ring = unsafe {
-        build_ring(&RingSetup {
-            label: "test",
-            entries: 8,
-            files: &files,
-            buffers: &map,
-            eventfd: None,
-            policy,
-        })
-    }
-    .expect("build a restricted ring (is io_uring enabled?)");
+    unsafe { register_buffers(&ring, &map) }.expect("register the buffer");
     Fixture {
         ring,
         _image: image,
@@ -282,27 +280,26 @@ pub(crate) fn assert_every_register_opcode_refused(ring: &IoUring, allowed: &[u8
 }
 
 #[test]
-fn every_register_opcode_but_probe_is_refused_after_enabling() {
+fn every_register_opcode_but_the_buffer_swap_is_refused_after_enabling() {
     let f = fixture(&RingPolicy::for_device(true, true, true));
-    assert_every_register_opcode_refused(&f.ring, &[RegisterOp::Probe.code()]);
+    let swap = [
+        RegisterOp::Buffers.code(),
+        RegisterOp::UnregisterBuffers.code(),
+    ];
+    assert_every_register_opcode_refused(&f.ring, &swap);
 }
 
+/// An enabled ring swaps its guest RAM (as for a new memory table) and can do nothing else:
+/// no file, eventfd, personality, restrictions or enabling. After the swap, reads land in the
+/// new buffer and the old one is out of reach.
 #[test]
-fn register_opcodes_are_refused_after_enabling() {
-    let f = fixture(&RingPolicy::for_device(true, true, true));
+fn an_enabled_ring_swaps_its_buffers_and_registers_nothing_else() {
+    let mut f = fixture(&RingPolicy::for_device(true, true, true));
     let s = f.ring.submitter();
-    let extra = vec![0u8; 4096];
-    let iov = [libc::iovec {
-        iov_base: extra.as_ptr() as *mut libc::c_void,
-        iov_len: extra.len(),
-    }];
     let refused = |r: std::io::Result<()>, what: &str| {
         let e = r.expect_err(what);
         assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{what}: {e}");
     };
-    refused(s.unregister_buffers(), "UNREGISTER_BUFFERS");
-    // SAFETY: `extra` outlives the (refused) registration.
-    refused(unsafe { s.register_buffers(&iov) }, "REGISTER_BUFFERS");
     refused(s.unregister_files(), "UNREGISTER_FILES");
     refused(s.register_files(&[0]), "REGISTER_FILES");
     refused(
@@ -316,12 +313,40 @@ fn register_opcodes_are_refused_after_enabling() {
         s.register_restrictions(&mut RingPolicy::for_device(true, true, true).restrictions()),
         "REGISTER_RESTRICTIONS",
     );
-    // The one allowed register opcode (PROBE) either works or, on kernels that refuse every
-    // register opcode once restricted (6.18 measured), is refused: never anything else.
     let mut probe = io_uring::Probe::new();
-    if let Err(e) = s.register_probe(&mut probe) {
-        assert_eq!(e.raw_os_error(), Some(libc::EACCES));
-    }
+    refused(s.register_probe(&mut probe), "REGISTER_PROBE");
+
+    // While buffers are registered, a second set is refused (EBUSY), never added.
+    let extra = vec![0u8; 2 * IMAGE_LEN];
+    let map = FixedBufferMap::from_regions(
+        [(0, IMAGE_LEN as u64, extra.as_ptr() as u64)],
+        crate::guest_map::MAX_FIXED_BUFFER,
+    )
+    .unwrap();
+    // SAFETY: `extra` outlives the ring (dropped after `f` at the end of the test).
+    let busy = unsafe { register_buffers(&f.ring, &map) }.expect_err("a second set");
+    assert!(
+        busy.to_string().contains("Device or resource busy"),
+        "{busy}"
+    );
+    unregister_buffers(&f.ring).expect("UNREGISTER_BUFFERS");
+    unregister_buffers(&f.ring).expect("nothing registered: nothing to do");
+    // SAFETY: as above.
+    unsafe { register_buffers(&f.ring, &map) }.expect("REGISTER_BUFFERS after enabling");
+    let host = extra.as_ptr() as *mut u8;
+    let e = opcode::ReadFixed::new(types::Fixed(0), host, 4096, 0)
+        .offset(512)
+        .build();
+    assert_eq!(run(&mut f.ring, e), 4096, "a read into the new buffer");
+    assert!(extra[..4096]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((i + 512) % 253) as u8));
+    // The old buffer is no longer registered: the kernel refuses an SQE that names it.
+    let old = opcode::ReadFixed::new(types::Fixed(0), f.buf.as_mut_ptr(), 4096, 0).build();
+    assert_eq!(run(&mut f.ring, old), -libc::EFAULT, "the old buffer");
+    drop(f);
+    drop(extra);
 }
 
 /// The image as the daemon opens it: O_DIRECT where the filesystem allows it, and through
@@ -397,18 +422,16 @@ fn the_daemons_default_ring_serves_both_files_from_shared_memory_and_nothing_els
         (primary.as_raw_fd(), "image (O_DIRECT)".to_string()),
         (buffered.as_raw_fd(), "image (page cache)".to_string()),
     ];
-    // SAFETY: the mapping stays until the munmap below, after the ring is dropped.
-    let mut ring = unsafe {
-        build_ring(&RingSetup {
-            label: "default",
-            entries: 8,
-            files: &files,
-            buffers: &map,
-            eventfd: None,
-            policy: &policy,
-        })
-    }
+    let mut ring = build_ring(&RingSetup {
+        label: "default",
+        entries: 8,
+        files: &files,
+        eventfd: None,
+        policy: &policy,
+    })
     .expect("the daemon's default ring");
+    // SAFETY: the mapping stays until the munmap below, after the ring is dropped.
+    unsafe { register_buffers(&ring, &map) }.expect("guest RAM");
     let base = host as *mut u8;
     for file in [0, 1] {
         let e = opcode::ReadFixed::new(types::Fixed(file), base, 4096, 0)
