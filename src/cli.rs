@@ -157,8 +157,215 @@ pub struct Options {
     #[arg(long, value_name = "PATH")]
     pub stats_socket: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// I/O limits, spelled as QEMU's throttle options (`--iops-total 2000`, `--bps-read 20M`,
+/// `--iops-total-max 4000 --iops-total-max-length 2`): on the daemon, and on `ringfence limits`
+/// for a running one.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Limit the device to this many operations per second, reads and writes together. Shared by all queues; a request over
+    /// the limit waits (never fails). FLUSH, DISCARD and WRITE_ZEROES count as one write of
+    /// no bytes.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_total: Option<String>,
+    /// Burst rate above --iops-total, allowed for --iops-total-max-length.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_total_max: Option<String>,
+    /// How long (seconds, default 1) a burst at --iops-total-max may last.
+    #[arg(
+        long,
+        value_name = "SECS",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_total_max_length: Option<String>,
+    /// Limit the device to this many operations per second, reads. Shared by all queues; a request over
+    /// the limit waits (never fails). FLUSH, DISCARD and WRITE_ZEROES count as one write of
+    /// no bytes.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_read: Option<String>,
+    /// Burst rate above --iops-read, allowed for --iops-read-max-length.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_read_max: Option<String>,
+    /// How long (seconds, default 1) a burst at --iops-read-max may last.
+    #[arg(
+        long,
+        value_name = "SECS",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_read_max_length: Option<String>,
+    /// Limit the device to this many operations per second, writes. Shared by all queues; a request over
+    /// the limit waits (never fails). FLUSH, DISCARD and WRITE_ZEROES count as one write of
+    /// no bytes.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_write: Option<String>,
+    /// Burst rate above --iops-write, allowed for --iops-write-max-length.
+    #[arg(
+        long,
+        value_name = "N",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_write_max: Option<String>,
+    /// How long (seconds, default 1) a burst at --iops-write-max may last.
+    #[arg(
+        long,
+        value_name = "SECS",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub iops_write_max_length: Option<String>,
+    /// Limit the device to this many bytes per second (K/M/G/T suffixes), reads and writes together. Shared by all queues; a request over
+    /// the limit waits (never fails). FLUSH, DISCARD and WRITE_ZEROES count as one write of
+    /// no bytes.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_total: Option<String>,
+    /// Burst rate above --bps-total, allowed for --bps-total-max-length.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_total_max: Option<String>,
+    /// How long (seconds, default 1) a burst at --bps-total-max may last.
+    #[arg(
+        long,
+        value_name = "SECS",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_total_max_length: Option<String>,
+    /// Limit the device to this many bytes per second (K/M/G/T suffixes), reads. Shared by all queues; a request over
+    /// the limit waits (never fails). FLUSH, DISCARD and WRITE_ZEROES count as one write of
+    /// no bytes.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_read: Option<String>,
+    /// Burst rate above --bps-read, allowed for --bps-read-max-length.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_read_max: Option<String>,
+    /// How long (seconds, default 1) a burst at --bps-read-max may last.
+    #[arg(
+        long,
+        value_name = "SECS",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_read_max_length: Option<String>,
+    /// Limit the device to this many bytes per second (K/M/G/T suffixes), writes. Shared by all queues; a request over
+    /// the limit waits (never fails). FLUSH, DISCARD and WRITE_ZEROES count as one write of
+    /// no bytes.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_write: Option<String>,
+    /// Burst rate above --bps-write, allowed for --bps-write-max-length.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_write_max: Option<String>,
+    /// How long (seconds, default 1) a burst at --bps-write-max may last.
+    #[arg(
+        long,
+        value_name = "SECS",
+        help_heading = "I/O limits (as QEMU's throttle options)"
+    )]
+    pub bps_write_max_length: Option<String>,
+}
+
+impl LimitArgs {
+    /// `NAME=VALUE` words of the limits given, as `IoLimits::parse_words` reads them.
+    pub fn words(&self) -> Vec<String> {
+        let all = [
+            (
+                "iops-total",
+                &self.iops_total,
+                &self.iops_total_max,
+                &self.iops_total_max_length,
+            ),
+            (
+                "iops-read",
+                &self.iops_read,
+                &self.iops_read_max,
+                &self.iops_read_max_length,
+            ),
+            (
+                "iops-write",
+                &self.iops_write,
+                &self.iops_write_max,
+                &self.iops_write_max_length,
+            ),
+            (
+                "bps-total",
+                &self.bps_total,
+                &self.bps_total_max,
+                &self.bps_total_max_length,
+            ),
+            (
+                "bps-read",
+                &self.bps_read,
+                &self.bps_read_max,
+                &self.bps_read_max_length,
+            ),
+            (
+                "bps-write",
+                &self.bps_write,
+                &self.bps_write_max,
+                &self.bps_write_max_length,
+            ),
+        ];
+        let mut w = Vec::new();
+        for (name, rate, max, len) in all {
+            for (suffix, v) in [("", rate), ("-max", max), ("-max-length", len)] {
+                if let Some(v) = v {
+                    w.push(format!("{name}{suffix}={v}"));
+                }
+            }
+        }
+        w
+    }
+
+    /// The limits given, validated (none given: no limits).
+    pub fn to_limits(&self) -> Result<crate::throttle::IoLimits, crate::throttle::LimitsError> {
+        let words = self.words();
+        crate::throttle::IoLimits::parse_words(words.iter().map(String::as_str))
+    }
 }
 
 /// Commands that talk to a running daemon through its stats socket.

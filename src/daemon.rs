@@ -22,6 +22,7 @@ use crate::queues::{Queues, ThreadInit};
 use crate::ring::RingSet;
 use crate::sandbox;
 use crate::stats::DeviceStats;
+use crate::throttle::Throttle;
 use crate::worker::Tuning;
 
 /// Printed on stderr once the socket accepts connections (tests and scripts wait for it).
@@ -29,6 +30,7 @@ pub const READY_MARKER: &str = "ringfence: ready, listening on";
 
 /// Run the daemon until SIGTERM/SIGINT (or, with `--once`, until the first VMM leaves).
 pub fn run(opts: &Options) -> Result<(), StartupError> {
+    let limits = opts.limits.to_limits()?;
     let (image, spec) = open_image(opts)?;
     // Fail now, with the reason and the fix, if the kernel refuses io_uring; then learn, once,
     // what it enforces.
@@ -54,7 +56,11 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     log_serving(&image, &spec);
 
     let stats = Arc::new(DeviceStats::new(spec.num_queues));
-    let ops = Arc::new(Ops::new(image.clone(), stats.clone()));
+    if !limits.is_empty() {
+        info!("I/O limits: {limits}");
+    }
+    let throttle = Arc::new(Throttle::new(limits));
+    let ops = Arc::new(Ops::new(image.clone(), stats.clone(), throttle.clone()));
 
     sandbox::block_signals();
     let mode = opts.sandbox.unwrap_or(SandboxMode::Seccomp);
@@ -90,6 +96,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         workers_ready,
         listener,
         rings: Mutex::new(rings),
+        throttle,
     };
     let mut ready = Some(where_);
     loop {
@@ -182,6 +189,8 @@ struct Connections<'a> {
     listener: Listener,
     /// The rings made at startup, between connections (each connection borrows them).
     rings: Mutex<Vec<RingSet>>,
+    /// The device's I/O limits, for the life of the process.
+    throttle: Arc<Throttle>,
 }
 
 impl Connections<'_> {
@@ -201,6 +210,7 @@ impl Connections<'_> {
                 },
                 &self.stats,
                 std::mem::take(&mut *lock(&self.rings)),
+                self.throttle.clone(),
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );

@@ -39,6 +39,8 @@ pub enum StartupError {
     IoUring(#[from] RingError),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    #[error("I/O limits: {0}")]
+    Limits(#[from] crate::throttle::LimitsError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error(

@@ -39,6 +39,7 @@ pub mod ring;
 pub mod sandbox;
 pub mod socket;
 pub mod stats;
+pub mod throttle;
 pub mod vmm_channel;
 pub mod vring;
 pub mod worker;

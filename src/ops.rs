@@ -10,7 +10,12 @@
 //! - `resize\n`: re-read the image's size and apply it (see [`Ops::resize`]); the answer is one
 //!   line starting with `resize: ` (or `error: `). Only a client of the daemon's own uid or
 //!   root may (its SO_PEERCRED); anyone who can connect may read the statistics;
-//! - an HTTP request line (`GET /metrics`, `GET /`, `POST /resize`): the same answers with an
+//! - `limits\n`: the I/O limits, one line `limits: ...`; `limits NAME=VALUE...\n` (QEMU's
+//!   throttle names, e.g. `limits iops-total=2000 bps-read=20M`) replaces all of them, and
+//!   `limits none\n` removes them (the daemon's uid or root only, as resize); the answer is
+//!   the limits now, or `error: ` and why, the running limits staying;
+//! - an HTTP request line (`GET /metrics`, `GET /`, `POST /resize`, `GET /limits`,
+//!   `POST /limits?iops-total=2000&bps-read=20M`): the same answers with an
 //!   HTTP/1.0 status line and headers, so that `curl --unix-socket PATH http://x/metrics` or a
 //!   TCP-to-unix proxy in front of Prometheus can scrape it.
 //!
@@ -33,6 +38,7 @@ use crate::error::{ResizeError, StartupError};
 use crate::image::Image;
 use crate::queues::{Notified, Queues};
 use crate::stats::{DeviceInfo, DeviceStats};
+use crate::throttle::{IoLimits, LimitsError, Throttle};
 
 /// How long a stats client has to send its request line before it is taken to want metrics.
 pub const FIRST_LINE_WAIT: Duration = Duration::from_millis(500);
@@ -45,6 +51,7 @@ const MAX_LINE: usize = 4096;
 pub struct Ops {
     image: Arc<Image>,
     stats: Arc<DeviceStats>,
+    throttle: Arc<Throttle>,
     start_time: f64,
     resizes: AtomicU64,
     /// One resize at a time (SIGHUP and the stats socket may ask together).
@@ -84,7 +91,7 @@ impl Serving {
 }
 
 impl Ops {
-    pub fn new(image: Arc<Image>, stats: Arc<DeviceStats>) -> Ops {
+    pub fn new(image: Arc<Image>, stats: Arc<DeviceStats>, throttle: Arc<Throttle>) -> Ops {
         let start_time = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -92,6 +99,7 @@ impl Ops {
         Ops {
             image,
             stats,
+            throttle,
             start_time,
             resizes: AtomicU64::new(0),
             resizing: Mutex::new(()),
@@ -102,6 +110,29 @@ impl Ops {
     /// What is being served (the daemon updates it).
     pub fn serving(&self) -> &Serving {
         &self.serving
+    }
+
+    /// The device's I/O limits now.
+    pub fn limits(&self) -> IoLimits {
+        self.throttle.limits()
+    }
+
+    /// Replace the device's I/O limits (a refused set leaves the running one): every worker
+    /// looks again at once, so a request waiting under the old limits is held, or let go, by
+    /// the new ones within its next pass.
+    pub fn set_limits(&self, limits: IoLimits) -> Result<IoLimits, LimitsError> {
+        self.throttle.set(limits)?;
+        if let Some(q) = self.serving.queues() {
+            q.wake_workers();
+        }
+        let now = self.throttle.limits();
+        info!("I/O limits: {now}");
+        Ok(now)
+    }
+
+    /// The device's throttle (its limits and what requests waited).
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// A snapshot of every counter, in the Prometheus text format.
@@ -252,6 +283,10 @@ pub fn spawn_stats_server(listener: UnixListener, ops: Arc<Ops>, path: PathBuf) 
 pub enum Request {
     Metrics,
     Resize,
+    /// The I/O limits now.
+    Limits,
+    /// Replace the I/O limits with these `NAME=VALUE` words (`none`: no limits).
+    SetLimits(Vec<String>),
     Unknown(String),
 }
 
@@ -263,8 +298,29 @@ pub fn parse_request(line: &str) -> (Request, bool) {
         (None, _) => (Request::Metrics, false),
         (Some("metrics"), None) => (Request::Metrics, false),
         (Some("resize"), None) => (Request::Resize, false),
+        (Some("limits"), None) => (Request::Limits, false),
+        (Some("limits"), Some(first)) => (
+            Request::SetLimits(
+                std::iter::once(first)
+                    .chain(words)
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            false,
+        ),
         (Some("GET" | "HEAD"), Some("/" | "/metrics")) => (Request::Metrics, true),
         (Some("POST"), Some("/resize")) => (Request::Resize, true),
+        (Some("GET" | "HEAD"), Some("/limits")) => (Request::Limits, true),
+        (Some("POST"), Some(p)) if p.starts_with("/limits?") => (
+            Request::SetLimits(
+                p["/limits?".len()..]
+                    .split('&')
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            true,
+        ),
         (Some("GET" | "HEAD" | "POST" | "PUT" | "DELETE"), Some(p)) => {
             (Request::Unknown(p.chars().take(80).collect()), true)
         }
@@ -272,42 +328,72 @@ pub fn parse_request(line: &str) -> (Request, bool) {
     }
 }
 
-fn serve(ops: &Ops, mut conn: UnixStream) {
-    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
-    let line = read_first_line(&mut conn);
-    let (req, http) = parse_request(&line);
-    let head_only = http && line.starts_with("HEAD ");
-    let (status, body) = match req {
+/// Whether the client may change the daemon (resize, limits): the daemon's uid or root, by
+/// SO_PEERCRED; else the HTTP status and the answer that says why not.
+fn may_change(conn: &UnixStream, what: &str) -> Result<(), (&'static str, String)> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(conn) {
+        Ok(uid) if may_resize(uid, me) => Ok(()),
+        Ok(uid) => {
+            warn!("{what} (stats socket): refused to uid {uid} (only uid {me} and root)");
+            Err((
+                "403 Forbidden",
+                format!(
+                    "error: {what} refused: uid {uid} may read the statistics, but only the \
+                     daemon's uid ({me}) and root may change it\n"
+                ),
+            ))
+        }
+        Err(e) => {
+            warn!("{what} (stats socket): refused: the client's uid is unknown: {e}");
+            Err((
+                "403 Forbidden",
+                format!("error: {what} refused: cannot tell who asked ({e})\n"),
+            ))
+        }
+    }
+}
+
+/// The status and body answering `req`.
+fn answer(ops: &Ops, req: Request, conn: &UnixStream) -> (&'static str, String) {
+    match req {
         Request::Metrics => ("200 OK", ops.metrics()),
         Request::Resize => {
-            // SAFETY: geteuid has no preconditions.
-            let me = unsafe { libc::geteuid() };
-            match peer_uid(&conn) {
-                Ok(uid) if may_resize(uid, me) => match ops.resize() {
-                    Ok(m) => {
-                        info!("resize (stats socket): {m}");
-                        ("200 OK", format!("resize: {m}\n"))
-                    }
-                    Err(e) => {
-                        error!("resize (stats socket): {e}");
-                        ("500 Internal Server Error", format!("error: {e}\n"))
-                    }
-                },
-                Ok(uid) => {
-                    warn!("resize (stats socket): refused to uid {uid} (only uid {me} and root)");
-                    (
-                        "403 Forbidden",
-                        format!(
-                            "error: resize refused: uid {uid} may read the statistics, but only \
-                             the daemon's uid ({me}) and root may resize\n"
-                        ),
-                    )
+            if let Err(refused) = may_change(conn, "resize") {
+                return refused;
+            }
+            match ops.resize() {
+                Ok(m) => {
+                    info!("resize (stats socket): {m}");
+                    ("200 OK", format!("resize: {m}\n"))
                 }
                 Err(e) => {
-                    warn!("resize (stats socket): refused: the client's uid is unknown: {e}");
+                    error!("resize (stats socket): {e}");
+                    ("500 Internal Server Error", format!("error: {e}\n"))
+                }
+            }
+        }
+        Request::Limits => ("200 OK", format!("limits: {}\n", ops.limits())),
+        Request::SetLimits(words) => {
+            if let Err(refused) = may_change(conn, "limits") {
+                return refused;
+            }
+            let parsed = if words == ["none"] {
+                Ok(IoLimits::default())
+            } else {
+                IoLimits::parse_words(words.iter().map(String::as_str))
+            };
+            match parsed.and_then(|l| ops.set_limits(l)) {
+                Ok(now) => ("200 OK", format!("limits: {now}\n")),
+                Err(e) => {
+                    warn!(
+                        "limits (stats socket): refused: {e}; the limits stay {}",
+                        ops.limits()
+                    );
                     (
-                        "403 Forbidden",
-                        format!("error: resize refused: cannot tell who asked ({e})\n"),
+                        "400 Bad Request",
+                        format!("error: {e}; the limits stay {}\n", ops.limits()),
                     )
                 }
             }
@@ -316,10 +402,20 @@ fn serve(ops: &Ops, mut conn: UnixStream) {
             "404 Not Found",
             format!(
                 "error: unknown request '{what}': send nothing or `metrics` for the metrics, \
-                 `resize` to re-read the image size (HTTP: GET /metrics, POST /resize)\n"
+                 `resize` to re-read the image size, `limits [NAME=VALUE... | none]` for the I/O \
+                 limits (HTTP: GET /metrics, POST /resize, GET /limits, POST \
+                 /limits?NAME=VALUE&...)\n"
             ),
         ),
-    };
+    }
+}
+
+fn serve(ops: &Ops, mut conn: UnixStream) {
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let line = read_first_line(&mut conn);
+    let (req, http) = parse_request(&line);
+    let head_only = http && line.starts_with("HEAD ");
+    let (status, body) = answer(ops, req, &conn);
     let mut out = Vec::with_capacity(body.len() + 160);
     if http {
         let _ = write!(

@@ -70,6 +70,7 @@ fn device(num_queues: u16, max_guest_ram: Option<u64>) -> (Device, Arc<Image>, t
         tuning,
         &DeviceStats::new(num_queues),
         rings,
+        Arc::new(crate::throttle::Throttle::new(Default::default())),
     )
     .map(Arc::new)
     .expect("create the queues");

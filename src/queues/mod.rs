@@ -26,6 +26,7 @@ use crate::image::Image;
 use crate::inflight::QueueInflight;
 use crate::ring::{RingPolicy, RingSet};
 use crate::stats::DeviceStats;
+use crate::throttle::Throttle;
 use crate::vmm_channel::VmmChannel;
 use crate::worker::{QueueState, Shared, Tuning, Vring};
 
@@ -88,6 +89,7 @@ impl Queues {
         tuning: Tuning,
         stats: &DeviceStats,
         rings: Vec<RingSet>,
+        throttle: Arc<Throttle>,
     ) -> io::Result<Self> {
         if rings.len() != usize::from(spec.num_queues) {
             return Err(io::Error::other(format!(
@@ -123,6 +125,7 @@ impl Queues {
                 !spec.read_only,
                 image.write_cache.get(),
             )),
+            throttle,
         };
         Ok(Queues {
             spec,
@@ -208,14 +211,19 @@ impl Queues {
 
     /// Serve queue `index` after an event: a kick, a completion (`completion`), or a request to
     /// look (the queue was started or enabled). Errors are logged, never returned. Nothing is
-    /// done once `exiting` is raised (the connection is over).
-    pub fn serve_queue(&self, index: usize, vring: &Vring, completion: bool, exiting: &AtomicBool) {
-        let Some(q) = self.queues.get(index) else {
-            return;
-        };
+    /// done once `exiting` is raised (the connection is over). Returns when to look again
+    /// without an event (a request the I/O limits hold back).
+    pub fn serve_queue(
+        &self,
+        index: usize,
+        vring: &Vring,
+        completion: bool,
+        exiting: &AtomicBool,
+    ) -> Option<Instant> {
+        let q = self.queues.get(index)?;
         let mut st = lock(&q.state);
         if exiting.load(Ordering::Acquire) {
-            return;
+            return None;
         }
         // Loaded under the queue lock: a worker waiting for the lock holds no table (at most
         // two are alive: see `set_memory`).
@@ -225,6 +233,7 @@ impl Queues {
         if st.inflight_requests() == 0 {
             q.drained.notify_all();
         }
+        st.throttled_until()
     }
 
     /// The image this device serves.
@@ -372,7 +381,13 @@ impl crate::worker::Serve for Queues {
         self.init_worker_thread(index);
     }
 
-    fn serve(&self, index: usize, vring: &Vring, completion: bool, exiting: &AtomicBool) {
-        self.serve_queue(index, vring, completion, exiting);
+    fn serve(
+        &self,
+        index: usize,
+        vring: &Vring,
+        completion: bool,
+        exiting: &AtomicBool,
+    ) -> Option<Instant> {
+        self.serve_queue(index, vring, completion, exiting)
     }
 }

@@ -2,7 +2,7 @@
 //! backend first), parse them and start each request (`build`, `zeroing`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use virtio_queue::QueueT;
@@ -12,6 +12,30 @@ use super::{suppressed_note, QueueState, Shared, VringState, STATUS_IOERR, STATU
 use crate::config::SERIAL_LEN;
 use crate::request::{self, Desc, Op, Parsed};
 use crate::stats::{ErrorKind, OpKind};
+use crate::throttle::{Dir, Reservation, Throttle};
+
+/// A request the I/O limits let go this much before its reservation's time starts at once:
+/// one wakeup serves every request due within it (the rate over time is the limits' own).
+const THROTTLE_SLACK: Duration = Duration::from_millis(1);
+
+/// The reservation of the request at the head of the avail ring, which the I/O limits hold
+/// back: it is popped again, and started, once the reservation's time has come.
+pub(super) struct Held {
+    /// The avail ring position it was popped from, and its head.
+    pos: u16,
+    head: u16,
+    dir: Dir,
+    bytes: u64,
+    since: Instant,
+    reservation: Reservation,
+}
+
+/// Whether a request was started, or held back by the I/O limits (it goes back to the ring).
+#[derive(PartialEq, Eq)]
+enum Taken {
+    Yes,
+    HeldBack,
+}
 
 impl QueueState {
     pub(super) fn take_requests(
@@ -30,6 +54,7 @@ impl QueueState {
         let mut budget = 2 * usize::from(vs.get_queue().size()).max(1);
         // The start time of the requests taken next (refreshed after each submission).
         self.clock = Instant::now();
+        self.throttled_until = None;
         loop {
             if let Err(e) = vs.disable_notification() {
                 debug!("queue {}: disable_notification: {e}", self.index);
@@ -39,12 +64,13 @@ impl QueueState {
             while let Some(head) = self.resubmit.pop_front() {
                 let q = vs.get_queue();
                 crate::inflight::read_chain(mem, q.desc_table(), q.size(), head, &mut self.descs);
-                self.take_one(head, vs, mem, shared, &mut popped, &mut budget);
+                self.take_one(head, None, vs, mem, shared, &mut popped, &mut budget);
                 if budget == 0 || stop.load(Ordering::Relaxed) {
                     break;
                 }
             }
             while budget > 0 && !stop.load(Ordering::Relaxed) {
+                let pos = vs.get_queue().next_avail();
                 let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem) else {
                     break;
                 };
@@ -55,7 +81,15 @@ impl QueueState {
                     len: d.len(),
                     writable: d.is_write_only(),
                 }));
-                self.take_one(head, vs, mem, shared, &mut popped, &mut budget);
+                let taken =
+                    self.take_one(head, Some(pos), vs, mem, shared, &mut popped, &mut budget);
+                if taken == Taken::HeldBack {
+                    // Back into the ring: the worker looks again when the limits let it go
+                    // (notifications stay off meanwhile: a kick would change nothing).
+                    vs.get_queue_mut().set_next_avail(pos);
+                    self.engine.submit();
+                    return;
+                }
             }
             if stop.load(Ordering::Relaxed) {
                 // The control thread wakes the worker when it hands the queue back.
@@ -98,24 +132,69 @@ impl QueueState {
         }
     }
 
-    /// Start one request whose descriptors are in `self.descs`, and submit what is queued
-    /// once a batch is full.
+    /// Start one request whose descriptors are in `self.descs` (popped from avail ring
+    /// position `pos`, or None: resubmitted after a restart, never held back), and submit what
+    /// is queued once a batch is full.
+    #[allow(clippy::too_many_arguments)]
     fn take_one(
         &mut self,
         head: u16,
+        pos: Option<u16>,
         vs: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
         shared: &Shared,
         popped: &mut usize,
         budget: &mut usize,
-    ) {
+    ) -> Taken {
+        if self.start(head, pos, vs, mem, shared) == Taken::HeldBack {
+            return Taken::HeldBack;
+        }
         *popped += 1;
         *budget = budget.saturating_sub(1);
-        self.start(head, vs, mem, shared);
         if self.engine.queued() >= self.submit_batch {
             self.engine.submit();
             self.clock = Instant::now();
         }
+        Taken::Yes
+    }
+
+    /// Whether the I/O limits let the request at avail position `pos` start now; if not, its
+    /// reservation is kept and the worker's next look is set for its time.
+    fn admit(&mut self, pos: u16, head: u16, dir: Dir, bytes: u64, throttle: &Throttle) -> bool {
+        let now = Instant::now();
+        let generation = throttle.generation();
+        let held = match self.held.take() {
+            // The same request (a guest may change a chain it made available: a larger one
+            // than reserved is reserved again).
+            Some(h)
+                if h.pos == pos
+                    && h.head == head
+                    && h.dir == dir
+                    && bytes <= h.bytes
+                    && h.reservation.generation == generation =>
+            {
+                h
+            }
+            other => Held {
+                pos,
+                head,
+                dir,
+                bytes,
+                since: other
+                    .filter(|h| h.pos == pos && h.head == head)
+                    .map_or(now, |h| h.since),
+                reservation: throttle.reserve(dir, bytes, now),
+            },
+        };
+        if held.reservation.ready <= now + THROTTLE_SLACK {
+            if held.since < now {
+                throttle.count_wait(now - held.since);
+            }
+            return true;
+        }
+        self.throttled_until = Some(held.reservation.ready);
+        self.held = Some(held);
+        false
     }
 
     /// Whether `head` can start a request: in range and not in flight already (a guest that
@@ -141,22 +220,33 @@ impl QueueState {
         false
     }
 
-    /// Start one request whose descriptors are in `self.descs`.
+    /// Start one request whose descriptors are in `self.descs`, unless the I/O limits hold it
+    /// back (only a request popped from the avail ring, at `pos`).
     fn start(
         &mut self,
         head: u16,
+        pos: Option<u16>,
         vs: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
         shared: &Shared,
-    ) {
-        let Some(limits) = self.limits else { return };
+    ) -> Taken {
+        let Some(limits) = self.limits else {
+            return Taken::Yes;
+        };
         if !self.head_usable(head, vs) {
-            return;
+            return Taken::Yes;
+        }
+        let req = request::parse(&self.descs, mem, &limits, &mut self.segs, &mut self.ranges);
+        if let (Some(pos), true) = (pos, shared.throttle.active()) {
+            if let Some((dir, bytes)) = throttled_cost(&req.parsed) {
+                if !self.admit(pos, head, dir, bytes, &shared.throttle) {
+                    return Taken::HeldBack;
+                }
+            }
         }
         if let Some(t) = self.inflight.as_mut() {
             t.mark(head);
         }
-        let req = request::parse(&self.descs, mem, &limits, &mut self.segs, &mut self.ranges);
         match req.parsed {
             Parsed::Fail(status, reason) => {
                 debug!("queue {}: request {head} refused: {reason:?}", self.index);
@@ -178,6 +268,7 @@ impl QueueState {
             Parsed::Op(Op::Flush) => self.start_flush(head, req.status),
             Parsed::Op(Op::Zero) => self.start_zero(head, req.status, vs, mem, shared),
         }
+        Taken::Yes
     }
 
     /// GET_ID: the serial, written at once (no I/O).
@@ -210,5 +301,16 @@ impl QueueState {
         let error = (!ok).then_some(ErrorKind::BadAddress);
         self.account(OpKind::GetId, u64::from(written), Some(self.clock), error);
         self.publish(head, status_addr, status, used, vs, mem);
+    }
+}
+
+/// What a request counts for under the I/O limits (see `crate::throttle`): reads and writes
+/// their bytes; FLUSH, DISCARD and WRITE_ZEROES one write of no bytes; nothing else counts.
+fn throttled_cost(parsed: &Parsed) -> Option<(Dir, u64)> {
+    match parsed {
+        Parsed::Op(Op::Read { len, .. }) => Some((Dir::Read, *len)),
+        Parsed::Op(Op::Write { len, .. }) => Some((Dir::Write, *len)),
+        Parsed::Op(Op::Flush | Op::Zero) => Some((Dir::Write, 0)),
+        _ => None,
     }
 }

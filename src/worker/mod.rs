@@ -154,6 +154,8 @@ pub struct Shared {
     /// The guest's `writeback` config byte: when clear, writes are made durable (RWF_DSYNC)
     /// before they complete.
     pub writeback: AtomicBool,
+    /// The device's I/O limits, shared by its queues.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// Everything one queue's worker owns. Locked by the worker for each event, and by the
@@ -193,6 +195,10 @@ pub struct QueueState {
     inflight: Option<QueueInflight>,
     /// Heads a previous backend left in flight, oldest first: taken before the avail ring.
     resubmit: std::collections::VecDeque<u16>,
+    /// The request at the head of the avail ring while the I/O limits hold it back (it stays
+    /// in the ring meanwhile), and when the worker must look at it again (its epoll timeout).
+    held: Option<intake::Held>,
+    throttled_until: Option<Instant>,
     /// The migration's dirty log while the VMM asks for logging (`crate::dirty_log`).
     log: Option<Arc<DirtyLog>>,
     /// Where the VMM wants used-ring writes logged besides the ring itself
@@ -239,6 +245,8 @@ impl QueueState {
             call_wedged: false,
             inflight: None,
             resubmit: std::collections::VecDeque::new(),
+            held: None,
+            throttled_until: None,
             log: None,
             used_log_addr: None,
             log_kick: None,
@@ -272,6 +280,11 @@ impl QueueState {
         let n = self.slots.in_flight() + 1;
         self.counters.inflight.set(n as u64);
         self.slots.occupy(head, started, ranges)
+    }
+
+    /// When the worker must look again at a request the I/O limits hold back (None: none is).
+    pub fn throttled_until(&self) -> Option<Instant> {
+        self.throttled_until
     }
 
     /// Requests in flight (each completes to the guest: a stopped queue waits for them).

@@ -60,7 +60,10 @@ impl QueueState {
         self.step(&mut vs, mem, shared, true, false, stop);
         self.notify(&mut vs);
         loop {
-            if self.engine.has_completions() || self.has_requests(&vs, mem) {
+            // A request the I/O limits hold back is looked at again when they let it go, not
+            // polled for.
+            let requests = self.throttled_until.is_none() && self.has_requests(&vs, mem);
+            if self.engine.has_completions() || requests {
                 self.counters.poll_hits.add(1);
                 self.step(&mut vs, mem, shared, true, false, stop);
                 self.notify(&mut vs);

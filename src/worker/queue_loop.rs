@@ -2,12 +2,14 @@
 //! completion eventfd (its rings signal it), a wake eventfd (the control thread asks the worker
 //! to look at the queue: it was started or enabled, or has requests to resubmit) and an exit
 //! eventfd. Every event ends in [`Serve::serve`] (`crate::queues::Queues` implements it),
-//! which does the work; the worker names no type above it.
+//! which does the work; the worker names no type above it. While the I/O limits hold a request
+//! back, the epoll wait has a timeout: the time the limits let it go.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use log::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -20,8 +22,15 @@ pub trait Serve {
     /// Once on the worker thread, before its first event (its sandbox).
     fn init_thread(&self, index: usize);
     /// Queue `index` has an event: a kick, a completion (`completion`), or a request to look.
-    /// Nothing is done once `exiting` is raised.
-    fn serve(&self, index: usize, vring: &Vring, completion: bool, exiting: &AtomicBool);
+    /// Nothing is done once `exiting` is raised. Returns when to look again without an event
+    /// (a request the I/O limits hold back), if ever.
+    fn serve(
+        &self,
+        index: usize,
+        vring: &Vring,
+        completion: bool,
+        exiting: &AtomicBool,
+    ) -> Option<Instant>;
 }
 
 const EV_KICK: u64 = 0;
@@ -106,8 +115,15 @@ impl QueueLoop {
     pub fn run(&self, queues: &dyn Serve, index: usize, vring: &Vring) {
         queues.init_thread(index);
         let mut events = vec![EpollEvent::default(); 8];
+        // When to look again without an event: the I/O limits let a held request go then.
+        let mut deadline: Option<Instant> = None;
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = deadline.map_or(-1, |d| {
+                let left = d.saturating_duration_since(Instant::now());
+                // Whole milliseconds, rounded up: never woken before the time.
+                i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+            });
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -116,7 +132,8 @@ impl QueueLoop {
                     continue;
                 }
             };
-            let mut look = false;
+            // Woken by the timeout alone: the held request's time has come.
+            let mut look = n == 0 && deadline.is_some();
             let mut completion = false;
             for ev in &events[..n] {
                 match ev.data() {
@@ -137,7 +154,7 @@ impl QueueLoop {
                 }
             }
             if look {
-                queues.serve(index, vring, completion, &self.exiting);
+                deadline = queues.serve(index, vring, completion, &self.exiting);
             }
         }
     }

@@ -163,6 +163,7 @@ fn completed_requests_log_their_data_status_and_used_ring() {
         dio_offset_align: 512,
         vectored: false,
         writeback: AtomicBool::new(true),
+        throttle: Arc::new(crate::throttle::Throttle::new(Default::default())),
     };
     // Descriptor table on page 1, avail ring on page 2, used ring on page 3.
     let vring = Vring::new(GuestMemoryAtomic::new(mem.clone()), 8).unwrap();
