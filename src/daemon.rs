@@ -18,7 +18,7 @@ use crate::control::Device;
 use crate::error::StartupError;
 use crate::image::Image;
 use crate::ops::Ops;
-use crate::queues::{Queues, ThreadInit};
+use crate::queues::{Lent, Queues, ThreadInit};
 use crate::ring::RingSet;
 use crate::sandbox;
 use crate::stats::DeviceStats;
@@ -209,8 +209,10 @@ impl Connections<'_> {
                     submit_batch: self.opts.submit_batch as usize,
                 },
                 &self.stats,
-                std::mem::take(&mut *lock(&self.rings)),
-                self.throttle.clone(),
+                Lent {
+                    rings: std::mem::take(&mut *lock(&self.rings)),
+                    throttle: self.throttle.clone(),
+                },
             )
             .map_err(|e| StartupError::VhostUser(format!("cannot create the device: {e}")))?,
         );

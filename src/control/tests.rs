@@ -69,8 +69,10 @@ fn device(num_queues: u16, max_guest_ram: Option<u64>) -> (Device, Arc<Image>, t
         Arc::new(|_| {}),
         tuning,
         &DeviceStats::new(num_queues),
-        rings,
-        Arc::new(crate::throttle::Throttle::new(Default::default())),
+        crate::queues::Lent {
+            rings,
+            throttle: Arc::new(crate::throttle::Throttle::new(Default::default())),
+        },
     )
     .map(Arc::new)
     .expect("create the queues");

@@ -34,6 +34,13 @@ use crate::worker::{QueueState, Shared, Tuning, Vring};
 /// they take; it warns when they have taken this long, and again every time as long after.
 pub const DRAIN_WARN_AFTER: Duration = Duration::from_secs(5);
 
+/// What the daemon lends each connection's queues, for the life of the process: the rings
+/// made at startup (one set per queue: [`make_ring_sets`]) and the device's I/O limits.
+pub struct Lent {
+    pub rings: Vec<RingSet>,
+    pub throttle: Arc<Throttle>,
+}
+
 /// Called once on each worker thread, before it handles its first event (the sandbox).
 pub type ThreadInit = Arc<dyn Fn(usize) + Send + Sync>;
 
@@ -79,8 +86,8 @@ thread_local! {
 }
 
 impl Queues {
-    /// The queues of one connection, served by `rings` (one set per queue, made at startup:
-    /// [`make_ring_sets`]), which [`Queues::take_ring_sets`] hands back at its end.
+    /// The queues of one connection, served by what the daemon lends it (`lent.rings`, which
+    /// [`Queues::take_ring_sets`] hands back at its end).
     pub fn new(
         spec: DeviceSpec,
         image: Arc<Image>,
@@ -88,9 +95,9 @@ impl Queues {
         thread_init: ThreadInit,
         tuning: Tuning,
         stats: &DeviceStats,
-        rings: Vec<RingSet>,
-        throttle: Arc<Throttle>,
+        lent: Lent,
     ) -> io::Result<Self> {
+        let Lent { rings, throttle } = lent;
         if rings.len() != usize::from(spec.num_queues) {
             return Err(io::Error::other(format!(
                 "{} ring sets for {} queues",
