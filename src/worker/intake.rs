@@ -16,7 +16,7 @@ use crate::throttle::{Dir, Reservation, Throttle};
 
 /// A request the I/O limits let go this much before its reservation's time starts at once:
 /// one wakeup serves every request due within it (the rate over time is the limits' own).
-const THROTTLE_SLACK: Duration = Duration::from_millis(1);
+const THROTTLE_SLACK: Duration = Duration::from_millis(2);
 
 /// The reservation of the request at the head of the avail ring, which the I/O limits hold
 /// back: it is popped again, and started, once the reservation's time has come.

@@ -199,6 +199,8 @@ pub struct QueueState {
     /// in the ring meanwhile), and when the worker must look at it again (its epoll timeout).
     held: Option<intake::Held>,
     throttled_until: Option<Instant>,
+    /// Completion signals are off while the limits' timeout is near (see `pass`).
+    completions_held: bool,
     /// The migration's dirty log while the VMM asks for logging (`crate::dirty_log`).
     log: Option<Arc<DirtyLog>>,
     /// Where the VMM wants used-ring writes logged besides the ring itself
@@ -247,6 +249,7 @@ impl QueueState {
             resubmit: std::collections::VecDeque::new(),
             held: None,
             throttled_until: None,
+            completions_held: false,
             log: None,
             used_log_addr: None,
             log_kick: None,

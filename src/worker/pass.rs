@@ -14,6 +14,9 @@ use vm_memory::GuestMemoryMmap;
 use super::build::follow_up_sqe;
 use super::{call, suppressed_note, QueueState, Shared, Vring, VringState, MAX_POLL_STRETCH};
 
+/// Longest a completion waits for the I/O limits' next timeout instead of waking the worker.
+const HOLD_COMPLETIONS_FOR: Duration = Duration::from_millis(5);
+
 impl QueueState {
     /// Handle one wakeup of the worker: reap completions, take new requests, and while the
     /// queue is busy keep polling (see [`PollWindow`]) with guest kicks and completion
@@ -40,7 +43,9 @@ impl QueueState {
             && self.limits.is_some()
             && vs.get_queue().ready()
             && vs.is_enabled();
-        let budget = if serving {
+        // A queue the I/O limits hold back is not busy: no polling (its completions and the
+        // limits' timeout wake it).
+        let budget = if serving && self.throttled_until.is_none() {
             self.poll.budget(Instant::now())
         } else {
             Duration::ZERO
@@ -51,6 +56,7 @@ impl QueueState {
             if serving {
                 self.poll.gave_up(Instant::now());
             }
+            self.hold_completions(&mut vs, mem, shared, stop);
             return;
         }
 
@@ -72,7 +78,10 @@ impl QueueState {
                 self.poll.gave_up(Instant::now());
                 break;
             }
-            if stop.load(Ordering::Relaxed) || entered.elapsed() >= MAX_POLL_STRETCH {
+            if stop.load(Ordering::Relaxed)
+                || entered.elapsed() >= MAX_POLL_STRETCH
+                || self.throttled_until.is_some()
+            {
                 break;
             }
             std::hint::spin_loop();
@@ -80,8 +89,35 @@ impl QueueState {
         // Back to sleeping: signals on, then one more look so that nothing that arrived
         // before they were on is left behind.
         self.engine.set_completion_signals(true);
+        self.completions_held = false;
         self.step(&mut vs, mem, shared, true, true, stop);
         self.notify(&mut vs);
+        self.hold_completions(&mut vs, mem, shared, stop);
+    }
+
+    /// While the I/O limits hold a request back for a short while, the completions of the
+    /// requests they let go wait for that timeout (one wakeup for several, at most
+    /// [`HOLD_COMPLETIONS_FOR`] later); otherwise they signal as usual, and what landed while
+    /// they did not is reaped now.
+    fn hold_completions(
+        &mut self,
+        vs: &mut VringState<'_>,
+        mem: &GuestMemoryMmap,
+        shared: &Shared,
+        stop: &AtomicBool,
+    ) {
+        let hold = self
+            .throttled_until
+            .is_some_and(|t| t <= Instant::now() + HOLD_COMPLETIONS_FOR);
+        if hold == self.completions_held {
+            return;
+        }
+        self.completions_held = hold;
+        self.engine.set_completion_signals(!hold);
+        if !hold {
+            self.step(vs, mem, shared, true, true, stop);
+            self.notify(vs);
+        }
     }
 
     /// Warn once per new fault absorbed by the SIGBUS handler.
