@@ -7,12 +7,15 @@
 //! - `control` (the vhost-user control plane: the request loop and [`control::Device`], which
 //!   the VMM drives; split by job into memory tables, vrings, migration and features);
 //! - `queues` ([`queues::Queues`]: what serves I/O; the queues' worker states, their rings
-//!   (built for the memory table and the negotiated features), the config space);
+//!   (made at startup, armed with each memory table for the negotiated features), the config
+//!   space);
 //! - `worker` (one queue's data path: its epoll loop, intake, SQEs, the rings' engine,
 //!   completions, calls), `request` (pure request parsing), `guest_map` (guest memory to fixed
 //!   buffers), `vring` (the vring type, kick and call fds checked), `ring` (ring policy, the
-//!   one ring builder, the process ring restrictions), `kernel` (what the running kernel
-//!   enforces, probed once; `kernel::abi`, the kernel ABI the crates lack);
+//!   one ring builder, each queue's rings made at startup, the process ring restrictions),
+//!   `kernel` (what the running kernel enforces, probed once; `kernel::abi`, the kernel ABI
+//!   the crates lack);
+//! - `throttle` (the operator's I/O limits: IOPS and bandwidth, shared by the queues);
 //! - `image` (the disk image and its lock), `config` (the virtio-blk device model; the
 //!   sandbox choice), `inflight` (inflight I/O tracking across restarts), `dirty_log` (the
 //!   migration's dirty-page log), `vmm_channel` (the backend request channel to the VMM);
