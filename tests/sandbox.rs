@@ -217,6 +217,28 @@ fn process_filter_child() {
             "a thread created after the filter may unlink: {late:?}"
         ));
     }
+    // The signal and stats threads and the call watchdog give up io_uring_register at their
+    // start; the control thread (here: this one) keeps the buffer swap.
+    let register = || {
+        sys(
+            libc::SYS_io_uring_register,
+            [9999, 0, 0, 0, 0, 0], // REGISTER_BUFFERS on a bad fd: EBADF once let through
+        )
+    };
+    let other = std::thread::spawn(move || {
+        ringfence::sandbox::forbid_ring_registration().expect("the ring-registration filter");
+        register()
+    })
+    .join()
+    .expect("a thread like the stats thread");
+    let control = register();
+    println!("REGISTER_BUFFERS: control thread {control:?}, other thread {other:?}");
+    if control != Err(libc::EBADF) || other != Err(libc::EPERM) {
+        failures.push(format!(
+            "io_uring_register(REGISTER_BUFFERS): the control thread got {control:?} (want \
+             EBADF: let through), a thread that gave it up {other:?} (want EPERM)"
+        ));
+    }
     if !inconclusive.is_empty() {
         println!(
             "INCONCLUSIVE (refused with EPERM even without the filter): {}",
