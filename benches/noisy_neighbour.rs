@@ -129,11 +129,10 @@ fn workload(qd: u32) -> Workload {
 /// The victim's run, and the neighbour's if there is one, side by side.
 fn run_pair(victim: &Path, neighbour: Option<&Path>, t: &Timing) -> (RunResult, Option<RunResult>) {
     std::thread::scope(|s| {
-        let n = neighbour.map(|p| {
-            s.spawn(move || engine::run(&Endpoint::VhostUser(p), &workload(32), t, None))
-        });
-        let v = engine::run(&Endpoint::VhostUser(victim), &workload(1), t, None)
-            .expect("victim run");
+        let n = neighbour
+            .map(|p| s.spawn(move || engine::run(&Endpoint::VhostUser(p), &workload(32), t, None)));
+        let v =
+            engine::run(&Endpoint::VhostUser(victim), &workload(1), t, None).expect("victim run");
         let n = n.map(|h| h.join().expect("neighbour thread").expect("neighbour run"));
         (v, n)
     })
@@ -143,16 +142,24 @@ fn main() {
     let a = args();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_ringfence"));
     std::fs::create_dir_all(&a.work_dir).expect("work dir");
-    let (img_v, img_n) = (a.work_dir.join("victim.img"), a.work_dir.join("neighbour.img"));
+    let (img_v, img_n) = (
+        a.work_dir.join("victim.img"),
+        a.work_dir.join("neighbour.img"),
+    );
     prepare(&img_v);
     prepare(&img_n);
-    let (sock_v, sock_n) = (a.work_dir.join("victim.sock"), a.work_dir.join("neighbour.sock"));
+    let (sock_v, sock_n) = (
+        a.work_dir.join("victim.sock"),
+        a.work_dir.join("neighbour.sock"),
+    );
     let t = Timing {
         warmup: Duration::from_millis(500),
         duration: Duration::from_secs_f64(a.seconds),
     };
     let v_daemon = daemon(&bin, &img_v, &sock_v, &[]);
-    println!("| neighbour | victim 4k QD1 p50 µs | p99 µs | victim IOPS | neighbour 4k QD32 IOPS |");
+    println!(
+        "| neighbour | victim 4k QD1 p50 µs | p99 µs | victim IOPS | neighbour 4k QD32 IOPS |"
+    );
     println!("| --- | --: | --: | --: | --: |");
     let row = |what: &str, v: &RunResult, n: Option<&RunResult>| {
         println!(
