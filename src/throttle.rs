@@ -24,6 +24,9 @@ use thiserror::Error;
 /// Highest rate accepted (per second): far above any disk, low enough that the arithmetic
 /// stays exact.
 pub const MAX_RATE: u64 = 1 << 40;
+/// Lowest bandwidth limit accepted: a sector a second (anything lower holds one request for
+/// longer than any guest waits).
+pub const MIN_BPS: u64 = 512;
 /// Longest burst accepted.
 pub const MAX_BURST_LENGTH: Duration = Duration::from_secs(3600);
 /// The bucket of a limit without a burst: a tenth of a second of its rate (as QEMU's).
@@ -83,6 +86,8 @@ pub enum LimitsError {
     Zero(String),
     #[error("{0}: {1} is above the largest limit accepted ({MAX_RATE})")]
     TooLarge(String, u64),
+    #[error("{0}: {1} bytes per second is below the smallest limit accepted ({MIN_BPS})")]
+    TooSmall(String, u64),
     #[error("{0}-max: the burst rate {1} must be above the rate {2}")]
     BurstBelowRate(String, u64, u64),
     #[error("{0}-max-length: must be between 1 and 3600 seconds")]
@@ -121,6 +126,9 @@ impl IoLimits {
             }
             if l.rate > MAX_RATE {
                 return Err(LimitsError::TooLarge(name, l.rate));
+            }
+            if name.starts_with("bps") && l.rate < MIN_BPS {
+                return Err(LimitsError::TooSmall(name, l.rate));
             }
             if let Some(max) = l.max {
                 if max > MAX_RATE {
@@ -251,7 +259,9 @@ impl Bucket {
     /// Account a request of `cost` units started at `start`.
     fn take(&mut self, cost: u64, start: Instant) {
         let step = Duration::from_secs_f64(cost as f64 / self.rate);
-        self.tat = self.tat.max(start) + step;
+        let from = self.tat.max(start);
+        // Saturates far beyond any wait that matters: never an overflow.
+        self.tat = from.checked_add(step).unwrap_or(from);
     }
 }
 

@@ -107,6 +107,7 @@ fn bad_limits_are_refused_with_their_name() {
     assert!(err("iops-total=-5").contains("iops-total: '-5' is not a number"));
     assert!(err("bps-read=99999999999999999999").contains("not a number"));
     assert!(err("bps-read=2T").contains("above the largest limit"));
+    assert!(err("bps-read=100").contains("below the smallest limit"));
     assert!(err("iops-read=100 iops-read-max=50").contains("must be above the rate"));
     assert!(err("iops-read=100 iops-read-max=500 iops-read-max-length=0").contains("max-length"));
     assert!(err("iops-write-max=5").contains("without iops-write"));
