@@ -1,13 +1,16 @@
 //! Every ring is made at startup (issue 23): a new memory table re-registers guest RAM on the
 //! queues' existing rings, once each queue has drained, and never makes a ring. Seen from
 //! outside: the daemon's io_uring file descriptors (`anon_inode:[io_uring]` in /proc/PID/fd),
-//! numbers and inodes, are the same after 50 memory tables sent under I/O on two queues, and
-//! after another connection; every request in flight across a table change completes and its
-//! data is on the disk. The kernel matrix runs this on 6.1, 6.12 and 7.x.
+//! numbers and inodes (a ring made again may get its fd number back, never its inode), are
+//! the same after 50 memory tables sent under I/O on two queues (ADD_MEM_REG and REM_MEM_REG,
+//! as `blkio` sends them), and after another connection; every request in flight across a
+//! table change completes and its data is on the disk, and a region added under I/O is served.
+//! The kernel matrix runs this on 6.1, 6.12 and 7.x.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::mem::MaybeUninit;
 use std::os::unix::fs::MetadataExt;
 
 use blkio::ReqFlags;
@@ -52,12 +55,13 @@ const DEPTH: usize = 16;
 
 /// Round `round`'s writes on both queues: put them in flight, change the memory table while
 /// they are (map a new region: ADD_MEM_REG, or unmap it again: REM_MEM_REG), then collect
-/// them: every one OK.
+/// them: every one OK. A new region is then read into (its fixed buffers serve). Returns how
+/// many writes had not completed when the change was sent.
 fn writes_across_a_table_change(
     c: &mut Client,
     round: u64,
     extra: &mut Option<blkio::MemoryRegion>,
-) {
+) -> usize {
     for (qi, q) in c.queues.iter_mut().enumerate() {
         for i in 0..DEPTH {
             let off = offset(round, qi, i);
@@ -68,27 +72,66 @@ fn writes_across_a_table_change(
         // Submitted (kicked), not waited for.
         q.q.do_io(&mut [], 0, None, None).expect("submit");
     }
-    match extra.take() {
+    // What completed already (taken now, counted below).
+    let mut done = Vec::new();
+    for q in &mut c.queues {
+        let mut cq: Vec<MaybeUninit<blkio::Completion>> =
+            (0..DEPTH).map(|_| MaybeUninit::uninit()).collect();
+        let n = q.q.do_io(&mut cq, 0, None, None).expect("poll");
+        done.push(n);
+        for slot in &cq[..n] {
+            // SAFETY: do_io initialised the first `n` entries.
+            assert_eq!(
+                unsafe { slot.assume_init_ref() }.ret,
+                0,
+                "round {round}: a write failed"
+            );
+        }
+    }
+    let outstanding = 2 * DEPTH - done.iter().sum::<usize>();
+    let added = match extra.take() {
         None => {
             let r = c.blkio.alloc_mem_region(2 * MIB as usize).expect("alloc");
             c.blkio
                 .map_mem_region(&r)
                 .expect("a new memory table under I/O");
-            *extra = Some(r);
+            Some(r)
         }
         Some(r) => {
             c.blkio.unmap_mem_region(&r);
             c.blkio.free_mem_region(&r);
+            None
         }
-    }
-    for q in &mut c.queues {
-        for d in q.wait(DEPTH) {
+    };
+    for (q, n) in c.queues.iter_mut().zip(done) {
+        for d in q.wait(DEPTH - n) {
             assert_eq!(
                 d.ret, 0,
                 "round {round}: a write across the table change failed"
             );
         }
     }
+    if let Some(r) = &added {
+        // A read that lands in the new region: its guest RAM is registered on the rings.
+        let off = offset(round, 0, 0);
+        let q = &mut c.queues[0];
+        q.q.read(off, r.addr as *mut u8, 4096, 0, ReqFlags::empty());
+        assert_eq!(
+            q.wait(1)[0].ret,
+            0,
+            "round {round}: a read into the new region"
+        );
+        // SAFETY: the region is mapped (by this client) and the read has completed.
+        let got = unsafe { std::slice::from_raw_parts(r.addr as *const u8, 4096) };
+        common::assert_same(
+            "read into the new region",
+            off,
+            got,
+            &pattern(round, off, 4096),
+        );
+    }
+    *extra = added;
+    outstanding
 }
 
 fn offset(round: u64, queue: usize, i: usize) -> u64 {
@@ -104,9 +147,15 @@ fn memory_tables_replaced_50_times_under_io_keep_the_same_rings() {
     assert_eq!(before.len(), 2 * 3, "rings at startup: {before:?}");
     let mut c = connect(&b);
     let mut extra = None;
+    let mut outstanding = 0;
     for round in 0..50 {
-        writes_across_a_table_change(&mut c, round, &mut extra);
+        outstanding += writes_across_a_table_change(&mut c, round, &mut extra);
     }
+    println!(
+        "writes not completed when the table changed: {outstanding} of {}",
+        50 * 2 * DEPTH
+    );
+    assert!(outstanding > 0, "no table change happened under I/O");
     let after = rings(pid);
     assert_eq!(after, before, "ring fds before {before:?} after {after:?}");
     let log = b.stderr();
