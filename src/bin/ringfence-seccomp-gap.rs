@@ -6,10 +6,11 @@
 //! ring builder (`ringfence::ring::build_ring`, with the broadest policy the daemon ever uses)
 //! refuses the very same submissions with -EACCES.
 //!
-//! `--ring process` shows the last gap and how Linux 7.0+ closes it: a fresh, plain ring
-//! created after the daemon's own process-wide io_uring allowlist went on
-//! (`ringfence::sandbox::restrict_process_rings`, the call the daemon makes before it spawns any
-//! thread), on a thread spawned afterwards, like the daemon's control thread. Before 7.0 the
+//! `--ring process` shows the wall Linux 7.0+ adds behind seccomp: the daemon's seccomp filter
+//! forbids `io_uring_setup` once its rings are made, and were a ring made anyway (say under
+//! `--sandbox none`), it would carry the daemon's process-wide io_uring allowlist
+//! (`ringfence::sandbox::restrict_process_rings`, installed before the daemon spawns any
+//! thread): here, a fresh, plain ring created on a thread spawned after it. Before 7.0 the
 //! kernel has no such allowlist and the demo says so; that ring then behaves like a plain one.
 //!
 //! Usage:
@@ -165,8 +166,8 @@ impl Demo {
                     ),
                     Err(e) => return Err(format!("process allowlist: {e}")),
                 }
-                // Created on a thread spawned after the allowlist, as the daemon's control
-                // thread would create one.
+                // Created on a thread spawned after the allowlist, as any thread of the daemon
+                // would create one if seccomp let it.
                 let ring = std::thread::spawn(|| IoUring::new(8))
                     .join()
                     .map_err(|_| "ring thread panicked".to_string())?
