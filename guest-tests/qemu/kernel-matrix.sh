@@ -51,6 +51,7 @@ matrix_tests=(
     "lib"
     "seccomp_gap"
     "sandbox"
+    "fence_threads"
     "rearm"
     "blkio_io"
     "kernel_fence"
