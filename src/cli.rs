@@ -152,8 +152,8 @@ pub struct Options {
     #[arg(long)]
     pub once: bool,
 
-    /// Serve statistics (Prometheus text format) and the `resize` command on this unix socket
-    /// (see `ringfence stat`).
+    /// Serve statistics (Prometheus text format), the `resize` command and the I/O limits
+    /// (`limits`) on this unix socket (see `ringfence stat`, `ringfence limits`).
     #[arg(long, value_name = "PATH")]
     pub stats_socket: Option<PathBuf>,
 
@@ -175,6 +175,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "N",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_total: Option<String>,
@@ -182,6 +183,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "N",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_total_max: Option<String>,
@@ -189,6 +191,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "SECS",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_total_max_length: Option<String>,
@@ -198,6 +201,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "N",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_read: Option<String>,
@@ -205,6 +209,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "N",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_read_max: Option<String>,
@@ -212,6 +217,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "SECS",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_read_max_length: Option<String>,
@@ -221,6 +227,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "N",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_write: Option<String>,
@@ -228,6 +235,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "N",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_write_max: Option<String>,
@@ -235,6 +243,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "SECS",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub iops_write_max_length: Option<String>,
@@ -244,6 +253,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "BYTES",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_total: Option<String>,
@@ -251,6 +261,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "BYTES",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_total_max: Option<String>,
@@ -258,6 +269,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "SECS",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_total_max_length: Option<String>,
@@ -267,6 +279,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "BYTES",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_read: Option<String>,
@@ -274,6 +287,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "BYTES",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_read_max: Option<String>,
@@ -281,6 +295,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "SECS",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_read_max_length: Option<String>,
@@ -290,6 +305,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "BYTES",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_write: Option<String>,
@@ -297,6 +313,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "BYTES",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_write_max: Option<String>,
@@ -304,6 +321,7 @@ pub struct LimitArgs {
     #[arg(
         long,
         value_name = "SECS",
+        allow_negative_numbers = true,
         help_heading = "I/O limits (as QEMU's throttle options)"
     )]
     pub bps_write_max_length: Option<String>,
@@ -375,6 +393,10 @@ pub enum Command {
     Stat(StatOptions),
     /// Make a running daemon re-read its image's size and tell the guest (like SIGHUP).
     Resize(ResizeOptions),
+    /// Print a running daemon's I/O limits, or replace them: the limits given become the
+    /// daemon's only limits (as QEMU's block_set_io_throttle: a limit not given is removed);
+    /// --none removes them all.
+    Limits(Box<LimitsOptions>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -402,6 +424,29 @@ pub struct ResizeOptions {
     /// The daemon's --stats-socket.
     #[arg(long, value_name = "PATH")]
     pub stats_socket: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LimitsOptions {
+    /// The daemon's --stats-socket.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: PathBuf,
+
+    /// Remove every limit.
+    #[arg(long, conflicts_with_all = [
+        "iops_total", "iops_total_max", "iops_total_max_length",
+        "iops_read", "iops_read_max", "iops_read_max_length",
+        "iops_write", "iops_write_max", "iops_write_max_length",
+        "bps_total", "bps_total_max", "bps_total_max_length",
+        "bps_read", "bps_read_max", "bps_read_max_length",
+        "bps_write", "bps_write_max", "bps_write_max_length",
+    ])]
+    pub none: bool,
+
+    // The new limits. Given limits REPLACE all the daemon's limits: any limit not given here
+    // is removed. None given (and no --none): print the limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -571,5 +616,85 @@ mod tests {
         .is_err());
         // The daemon still requires its image.
         assert!(Options::try_parse_from(["ringfence", "--socket-path", "/s"]).is_err());
+    }
+
+    #[test]
+    fn limits_parses_without_daemon_options() {
+        let o = Options::try_parse_from(["ringfence", "limits", "--stats-socket", "/s"])
+            .expect("limits parses without --blk-file");
+        match o.command {
+            Some(Command::Limits(l)) => {
+                assert_eq!(l.stats_socket, PathBuf::from("/s"));
+                assert!(!l.none);
+                assert!(l.limits.words().is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        let o = Options::try_parse_from([
+            "ringfence",
+            "limits",
+            "--stats-socket",
+            "/s",
+            "--iops-total",
+            "2000",
+            "--bps-read",
+            "20M",
+            "--bps-read-max",
+            "40M",
+            "--bps-read-max-length",
+            "3",
+        ])
+        .expect("limits with the daemon's limit flags");
+        let Some(Command::Limits(l)) = o.command else {
+            panic!("{:?}", o.command)
+        };
+        assert_eq!(
+            l.limits.words(),
+            [
+                "iops-total=2000",
+                "bps-read=20M",
+                "bps-read-max=40M",
+                "bps-read-max-length=3"
+            ]
+        );
+        let limits = l.limits.to_limits().expect("valid limits");
+        assert_eq!(
+            limits.to_words(),
+            [
+                "iops-total=2000",
+                "bps-read=20971520",
+                "bps-read-max=41943040",
+                "bps-read-max-length=3"
+            ]
+        );
+        let o = Options::try_parse_from(["ringfence", "limits", "--stats-socket", "/s", "--none"])
+            .expect("--none");
+        assert!(matches!(o.command, Some(Command::Limits(l)) if l.none));
+        // --none and a limit do not mix; the command needs its socket; a daemon option is not
+        // one of its options.
+        assert!(Options::try_parse_from([
+            "ringfence",
+            "limits",
+            "--stats-socket",
+            "/s",
+            "--none",
+            "--iops-write",
+            "5"
+        ])
+        .is_err());
+        assert!(Options::try_parse_from(["ringfence", "limits", "--iops-total", "5"]).is_err());
+        assert!(Options::try_parse_from([
+            "ringfence",
+            "limits",
+            "--stats-socket",
+            "/s",
+            "--blk-file",
+            "x"
+        ])
+        .is_err());
+        // The daemon takes the same flags.
+        let o = Options::try_parse_from(["ringfence", "--blk-file", "x", "--iops-total", "2000"])
+            .expect("daemon with a limit");
+        assert_eq!(o.limits.words(), ["iops-total=2000"]);
     }
 }

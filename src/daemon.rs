@@ -37,12 +37,6 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     crate::kernel::check_io_uring()?;
     let kernel = crate::kernel::Kernel::get();
     sandbox::process_rings_decision(kernel)?;
-    // Every ring the daemon will use, each with its own allowlist: once the sandbox is on, no
-    // thread can create another.
-    let rings = crate::queues::make_ring_sets(&spec, &image)?;
-    // Then, before the first thread, the allowlist a ring created later would inherit (Linux
-    // 7.0+), for every thread.
-    let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
 
     // Kick and call fds are checked without open (see src/vring.rs): fail now if that cannot work.
     crate::vring::check_fd_inspection().map_err(StartupError::VhostUser)?;
@@ -52,6 +46,12 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         Some(p) => Some(crate::ops::bind_stats_socket(p, opts.socket_mode)?),
         None => None,
     };
+    // Every ring the daemon will use, each with its own allowlist: once the sandbox is on, no
+    // thread can create another.
+    let rings = crate::queues::make_ring_sets(&spec, &image)?;
+    // Then, before the first thread, the allowlist a ring created later would inherit (Linux
+    // 7.0+), for every thread.
+    let process_rings = sandbox::restrict_process_rings(opts.read_only)?;
     sandbox::install_sigbus_handler().map_err(|e| StartupError::Sandbox(e.to_string()))?;
     log_serving(&image, &spec);
 

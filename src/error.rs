@@ -221,4 +221,7 @@ pub enum OpsctlError {
     /// The answer is not what the stats socket serves (what is wrong with it).
     #[error("{0}")]
     Malformed(String),
+    /// Limits refused before anything was sent (`ringfence limits`).
+    #[error("I/O limits: {0} (nothing was sent: the daemon's limits stay)")]
+    Limits(#[from] crate::throttle::LimitsError),
 }

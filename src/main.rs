@@ -12,10 +12,19 @@ fn main() {
             return;
         }
         Err(e) => {
-            // One line: clap's first line, without its usage and help hints.
+            // One line: clap's first line, without its usage and help hints (a list clap
+            // puts under it, e.g. the options a flag conflicts with, joined onto it).
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let mut lines = text.lines();
+            let mut first = lines.next().unwrap_or("invalid arguments").to_string();
+            if first.ends_with(':') {
+                let list: Vec<&str> = lines
+                    .take_while(|l| l.starts_with("  "))
+                    .map(str::trim)
+                    .collect();
+                first = format!("{} {}", first, list.join(", "));
+            }
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
             eprintln!("ringfence: error: {first} (see --help)");
             std::process::exit(1);
         }
@@ -28,6 +37,7 @@ fn main() {
     let done = match &opts.command {
         Some(Command::Stat(o)) => Some(ringfence::opsctl::stat(o)),
         Some(Command::Resize(o)) => Some(ringfence::opsctl::resize(o)),
+        Some(Command::Limits(o)) => Some(ringfence::opsctl::limits(o)),
         None => None,
     };
     if let Some(r) = done {

@@ -137,6 +137,7 @@ impl Ops {
 
     /// A snapshot of every counter, in the Prometheus text format.
     pub fn metrics(&self) -> String {
+        let (waited, waited_seconds) = self.throttle.waits();
         let info = DeviceInfo {
             image: self.image.path.display().to_string(),
             capacity_bytes: self.image.size(),
@@ -146,6 +147,18 @@ impl Ops {
             resizes: self.resizes.load(Ordering::Relaxed),
             io_awaited: self.stats.drain.awaited(),
             slow_drains: self.stats.drain.slow(),
+            limits: self
+                .throttle
+                .limits()
+                .named()
+                .map(|(name, l)| crate::stats::IoLimitInfo {
+                    name,
+                    rate: l.rate,
+                    burst: l.max,
+                })
+                .collect(),
+            throttled_requests: waited,
+            throttled_seconds: waited_seconds,
         };
         crate::stats::encode(&self.stats.snapshot(), &info)
     }
@@ -311,7 +324,8 @@ pub fn parse_request(line: &str) -> (Request, bool) {
         (Some("GET" | "HEAD"), Some("/" | "/metrics")) => (Request::Metrics, true),
         (Some("POST"), Some("/resize")) => (Request::Resize, true),
         (Some("GET" | "HEAD"), Some("/limits")) => (Request::Limits, true),
-        (Some("POST"), Some(p)) if p.starts_with("/limits?") => (
+        // No words would read as "no limits": removing them takes an explicit `none`.
+        (Some("POST"), Some(p)) if p.starts_with("/limits?") && p.len() > "/limits?".len() => (
             Request::SetLimits(
                 p["/limits?".len()..]
                     .split('&')
@@ -378,6 +392,15 @@ fn answer(ops: &Ops, req: Request, conn: &UnixStream) -> (&'static str, String) 
         Request::SetLimits(words) => {
             if let Err(refused) = may_change(conn, "limits") {
                 return refused;
+            }
+            if words.is_empty() {
+                return (
+                    "400 Bad Request",
+                    format!(
+                        "error: no limits given (`none` removes them); the limits stay {}\n",
+                        ops.limits()
+                    ),
+                );
             }
             let parsed = if words == ["none"] {
                 Ok(IoLimits::default())

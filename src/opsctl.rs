@@ -1,6 +1,6 @@
 //! The client side of the stats socket: `ringfence stat` (a table with rates, from the
-//! Prometheus text the daemon serves) and `ringfence resize`. Parsing and rendering are pure
-//! functions of the text; only [`fetch`] and [`request`] do I/O.
+//! Prometheus text the daemon serves), `ringfence resize` and `ringfence limits`. Parsing and
+//! rendering are pure functions of the text; only [`request`] and its callers do I/O.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cli::{ResizeOptions, StatOptions};
+use crate::cli::{LimitsOptions, ResizeOptions, StatOptions};
 use crate::error::OpsctlError;
 use crate::stats::{ErrorKind, OpKind};
 
@@ -58,9 +58,59 @@ pub fn resize(o: &ResizeOptions) -> Result<(), OpsctlError> {
     }
 }
 
+/// The line `ringfence limits` sends: `limits` alone (print them), `limits none`, or `limits`
+/// and the words of the limits given, validated here first (a refused set sends nothing).
+pub fn limits_request(o: &LimitsOptions) -> Result<String, OpsctlError> {
+    if o.none {
+        return Ok("limits none\n".into());
+    }
+    if o.limits.words().is_empty() {
+        return Ok("limits\n".into());
+    }
+    let limits = o.limits.to_limits()?;
+    Ok(format!("limits {}\n", limits.to_words().join(" ")))
+}
+
+/// `ringfence limits`: prints the daemon's answer (`limits: ...`, the limits now); an error
+/// answer is an error.
+pub fn limits(o: &LimitsOptions) -> Result<(), OpsctlError> {
+    let line = limits_request(o)?;
+    let answer = request(&o.stats_socket, &line)?;
+    let answer = answer.trim_end();
+    if answer.starts_with("limits: ") {
+        println!("{answer}");
+        Ok(())
+    } else if answer.is_empty() {
+        Err(OpsctlError::Malformed(
+            "the stats socket closed without an answer (is this a ringfence stats socket?)".into(),
+        ))
+    } else {
+        Err(OpsctlError::Answer(
+            answer.strip_prefix("error: ").unwrap_or(answer).to_string(),
+        ))
+    }
+}
+
+/// The daemon's limits as its `limits` request says them (`none`, or the words); `None` when
+/// it does not answer that request (a daemon older than the I/O limits).
+fn fetch_limits(path: &Path) -> Result<Option<String>, OpsctlError> {
+    let answer = request(path, "limits\n")?;
+    Ok(answer
+        .trim_end()
+        .strip_prefix("limits: ")
+        .map(str::to_string))
+}
+
+/// One snapshot for the table: the metrics, and the limits.
+fn snapshot(path: &Path) -> Result<View, OpsctlError> {
+    let mut v = View::parse(&fetch(path)?)?;
+    v.limits = fetch_limits(path)?;
+    Ok(v)
+}
+
 /// `ringfence stat`.
 pub fn stat(o: &StatOptions) -> Result<(), OpsctlError> {
-    let first = View::parse(&fetch(&o.stats_socket)?)?;
+    let first = snapshot(&o.stats_socket)?;
     let now = unix_now();
     print!("{}", render(None, &first, now - first.start_time));
     if !o.watch {
@@ -71,7 +121,7 @@ pub fn stat(o: &StatOptions) -> Result<(), OpsctlError> {
     let mut shown = 1;
     while o.count.is_none_or(|n| shown < n) {
         std::thread::sleep(Duration::from_secs_f64(o.interval));
-        let cur = View::parse(&fetch(&o.stats_socket)?)?;
+        let cur = snapshot(&o.stats_socket)?;
         let now = Instant::now();
         println!();
         print!(
@@ -197,6 +247,11 @@ pub struct View {
     pub kernel_refusals: f64,
     pub resizes: f64,
     pub queues: BTreeMap<u32, QueueView>,
+    /// The I/O limits (`none`, or their words), from the `limits` request: not in the metrics.
+    pub limits: Option<String>,
+    /// Requests that waited for the I/O limits, and the seconds they waited in all.
+    pub throttled_requests: f64,
+    pub throttled_seconds: f64,
 }
 
 impl View {
@@ -254,6 +309,8 @@ impl View {
                 "ringfence_wakeups_total" => v.wakeups = s.value,
                 "ringfence_poll_hits_total" => v.poll_hits = s.value,
                 "ringfence_kernel_refusals_total" => v.kernel_refusals = s.value,
+                "ringfence_throttled_requests_total" => v.throttled_requests = s.value,
+                "ringfence_throttled_seconds_total" => v.throttled_seconds = s.value,
                 name if name.starts_with("ringfence_queue_") => {
                     let Some(q) = label(s, "queue").and_then(|q| q.parse::<u32>().ok()) else {
                         continue;
@@ -451,6 +508,27 @@ fn render_totals(out: &mut String, prev: Option<&View>, cur: &View, secs: f64) {
             "SECURITY: the kernel refused SQEs of this daemon (see its log)"
         );
     }
+    render_limits(out, prev, cur, secs);
+}
+
+/// The I/O limits, and, while there are any, the requests that waited for them.
+fn render_limits(out: &mut String, prev: Option<&View>, cur: &View, secs: f64) {
+    let Some(limits) = &cur.limits else {
+        return;
+    };
+    let _ = writeln!(out, "limits: {limits}");
+    if limits == "none" {
+        return;
+    }
+    let d = |c: f64, p: Option<f64>| delta(c, p) / secs;
+    let _ = writeln!(
+        out,
+        "throttled: {} requests waited ({:.1}/s), {:.3} s waited in all ({:.3} s/s)",
+        cur.throttled_requests,
+        d(cur.throttled_requests, prev.map(|p| p.throttled_requests)),
+        cur.throttled_seconds,
+        d(cur.throttled_seconds, prev.map(|p| p.throttled_seconds)),
+    );
 }
 
 /// One line per queue.
@@ -545,5 +623,74 @@ mod tests {
         let t = render(Some(&v), &v2, 0.5);
         let read = t.lines().find(|l| l.starts_with("read ")).unwrap();
         assert_eq!(read.split_whitespace().nth(1), Some("2.0"), "{t}");
+    }
+
+    #[test]
+    fn the_table_shows_the_limits_and_what_waited_for_them() {
+        let q = QueueCounters::default();
+        let mut info = DeviceInfo {
+            image: "/img".into(),
+            capacity_bytes: 1 << 20,
+            ..Default::default()
+        };
+        // A daemon that does not answer `limits`: no line.
+        let v = View::parse(&encode(&[q.snapshot()], &info)).unwrap();
+        assert!(!render(None, &v, 1.0).contains("limits:"));
+        // No limits: one line saying so, nothing about waits.
+        let mut v = View::parse(&encode(&[q.snapshot()], &info)).unwrap();
+        v.limits = Some("none".into());
+        let t = render(None, &v, 1.0);
+        assert!(t.lines().any(|l| l == "limits: none"), "{t}");
+        assert!(!t.contains("throttled"), "{t}");
+        // Limits: the words, and the waits, with rates over the interval.
+        info.throttled_requests = 10;
+        info.throttled_seconds = 2.0;
+        let mut v = View::parse(&encode(&[q.snapshot()], &info)).unwrap();
+        v.limits = Some("iops-total=2000".into());
+        assert_eq!((v.throttled_requests, v.throttled_seconds), (10.0, 2.0));
+        info.throttled_requests = 30;
+        info.throttled_seconds = 3.0;
+        let mut v2 = View::parse(&encode(&[q.snapshot()], &info)).unwrap();
+        v2.limits = v.limits.clone();
+        let t = render(Some(&v), &v2, 2.0);
+        assert!(t.lines().any(|l| l == "limits: iops-total=2000"), "{t}");
+        assert!(
+            t.contains("throttled: 30 requests waited (10.0/s), 3.000 s waited in all (0.500 s/s)"),
+            "{t}"
+        );
+        // The rest of the table is as it was.
+        assert!(t.lines().any(|l| l.starts_with("read ")), "{t}");
+        assert!(t.contains("errors: none"), "{t}");
+    }
+
+    #[test]
+    fn limits_are_checked_before_they_are_sent() {
+        use crate::cli::{Command, Options};
+        use clap::Parser;
+        let line = |args: &[&str]| {
+            let mut all = vec!["ringfence", "limits", "--stats-socket", "/s"];
+            all.extend_from_slice(args);
+            match Options::try_parse_from(all).expect("parses").command {
+                Some(Command::Limits(o)) => limits_request(&o),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(line(&[]).unwrap(), "limits\n");
+        assert_eq!(line(&["--none"]).unwrap(), "limits none\n");
+        assert_eq!(
+            line(&["--iops-total", "2000", "--bps-read", "20M"]).unwrap(),
+            "limits iops-total=2000 bps-read=20971520\n"
+        );
+        for bad in [
+            &["--iops-total", "0"][..],
+            &["--iops-total", "-1"],
+            &["--bps-total", "2T"],
+            &["--iops-read", "99999999999999999999"],
+            &["--iops-write", "100", "--iops-write-max", "50"],
+            &["--bps-write-max", "1M"],
+        ] {
+            let e = line(bad).expect_err("refused");
+            assert!(matches!(e, OpsctlError::Limits(_)), "{bad:?}: {e}");
+        }
     }
 }

@@ -84,7 +84,7 @@ pub struct IoLimits {
 pub enum LimitsError {
     #[error("{0}: must be a positive number")]
     Zero(String),
-    #[error("{0}: {1} is above the largest limit accepted ({MAX_RATE})")]
+    #[error("{0}: above the largest limit accepted ({MAX_RATE})")]
     TooLarge(String, u64),
     #[error("{0}: {1} bytes per second is below the smallest limit accepted ({MIN_BPS})")]
     TooSmall(String, u64),
@@ -154,7 +154,14 @@ impl IoLimits {
             let (k, v) = w
                 .split_once('=')
                 .ok_or_else(|| LimitsError::Unknown(w.chars().take(40).collect()))?;
-            let n = parse_number(v).ok_or_else(|| LimitsError::NotANumber(k.into(), v.into()))?;
+            let n = match parse_number(v) {
+                Some(n) => n,
+                None if v.trim().starts_with('-') => return Err(LimitsError::Zero(k.into())),
+                None if v.trim().chars().next().is_some_and(|c| c.is_ascii_digit()) => {
+                    return Err(LimitsError::TooLarge(k.into(), u64::MAX))
+                }
+                None => return Err(LimitsError::NotANumber(k.into(), v.into())),
+            };
             rates.push((k.to_string(), n));
         }
         let mut out = IoLimits::default();

@@ -225,8 +225,45 @@ impl Metrics {
             None,
             [(vec![], counter(info.slow_drains))],
         )?;
+        self.encode_limits(enc)
+    }
 
-        Ok(())
+    /// The I/O limits set (no sample when none is), and the requests that waited for them.
+    fn encode_limits(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let info = &self.info;
+        let clamp = |v: u64| gauge(i64::try_from(v).unwrap_or(i64::MAX));
+        family(
+            enc,
+            "io_limit",
+            "I/O limits set, by limit (QEMU's names: iops-total, iops-read, iops-write in operations per second; bps-total, bps-read, bps-write in bytes per second). No sample: no limit.",
+            None,
+            info.limits
+                .iter()
+                .map(|l| (vec![("limit", l.name.clone())], clamp(l.rate))),
+        )?;
+        family(
+            enc,
+            "io_limit_burst",
+            "Burst rates of the I/O limits that have one (the -max options), by limit, in the limit's unit per second.",
+            None,
+            info.limits.iter().filter_map(|l| {
+                Some((vec![("limit", l.name.clone())], clamp(l.burst?)))
+            }),
+        )?;
+        family(
+            enc,
+            "throttled_requests",
+            "Requests that waited in the backend for the I/O limits before they started (never failed).",
+            None,
+            [(vec![], counter(info.throttled_requests))],
+        )?;
+        family(
+            enc,
+            "throttled",
+            "Time requests waited for the I/O limits, all requests together.",
+            Some(Unit::Seconds),
+            [(vec![], ConstCounter::new(info.throttled_seconds))],
+        )
     }
 
     /// Device totals: every queue summed.

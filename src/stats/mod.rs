@@ -397,6 +397,23 @@ pub struct DeviceInfo {
     pub io_awaited: u64,
     /// Such waits that lasted longer than the warning interval.
     pub slow_drains: u64,
+    /// The I/O limits set, each with its QEMU name (`iops-total`, `bps-read`...): the rate,
+    /// and the burst rate if it has one.
+    pub limits: Vec<IoLimitInfo>,
+    /// Requests that waited for the I/O limits, and the seconds they waited in all.
+    pub throttled_requests: u64,
+    pub throttled_seconds: f64,
+}
+
+/// One I/O limit, as the metrics show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IoLimitInfo {
+    /// QEMU's name: `iops-total`, `bps-read`...
+    pub name: String,
+    /// Operations or bytes per second.
+    pub rate: u64,
+    /// The burst rate, if any.
+    pub burst: Option<u64>,
 }
 
 mod encode;

@@ -117,3 +117,54 @@ fn prometheus_text_has_base_units_totals_and_queues() {
     assert!(text.contains("# TYPE ringfence_io_bytes_total counter"));
     assert!(text.contains("# TYPE ringfence_capacity_bytes gauge"));
 }
+
+#[test]
+fn io_limits_and_throttled_requests_are_encoded() {
+    let q = QueueCounters::default();
+    // No limits: no limit sample, the throttling counters at zero.
+    let text = encode(&[q.snapshot()], &DeviceInfo::default());
+    assert!(!text.contains("ringfence_io_limit{"), "{text}");
+    assert!(!text.contains("ringfence_io_limit_burst{"), "{text}");
+    assert_eq!(
+        sample(&text, "ringfence_throttled_requests_total"),
+        Some("0")
+    );
+    assert_eq!(
+        sample(&text, "ringfence_throttled_seconds_total"),
+        Some("0.0")
+    );
+
+    let info = DeviceInfo {
+        limits: vec![
+            IoLimitInfo {
+                name: "iops-total".into(),
+                rate: 2000,
+                burst: Some(4000),
+            },
+            IoLimitInfo {
+                name: "bps-read".into(),
+                rate: 20 << 20,
+                burst: None,
+            },
+        ],
+        throttled_requests: 17,
+        throttled_seconds: 1.25,
+        ..DeviceInfo::default()
+    };
+    let text = encode(&[q.snapshot()], &info);
+    let get = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("no {s} in\n{text}"));
+    assert_eq!(get("ringfence_io_limit{limit=\"iops-total\"}"), "2000");
+    assert_eq!(get("ringfence_io_limit{limit=\"bps-read\"}"), "20971520");
+    assert_eq!(
+        get("ringfence_io_limit_burst{limit=\"iops-total\"}"),
+        "4000"
+    );
+    assert!(sample(&text, "ringfence_io_limit_burst{limit=\"bps-read\"}").is_none());
+    assert_eq!(get("ringfence_throttled_requests_total"), "17");
+    assert_eq!(get("ringfence_throttled_seconds_total"), "1.25");
+    assert!(text.contains("# TYPE ringfence_io_limit gauge"));
+    assert!(text.contains("# TYPE ringfence_io_limit_burst gauge"));
+    assert!(text.contains("# TYPE ringfence_throttled_requests_total counter"));
+    assert!(text.contains("# TYPE ringfence_throttled_seconds_total counter"));
+    assert!(text.contains("# HELP ringfence_io_limit I/O limits set"));
+}

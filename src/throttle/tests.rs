@@ -104,8 +104,9 @@ fn bad_limits_are_refused_with_their_name() {
             .to_string()
     };
     assert!(err("iops-total=0").contains("iops-total: must be a positive"));
-    assert!(err("iops-total=-5").contains("iops-total: '-5' is not a number"));
-    assert!(err("bps-read=99999999999999999999").contains("not a number"));
+    assert!(err("iops-total=-5").contains("iops-total: must be a positive number"));
+    assert!(err("iops-total=five").contains("iops-total: 'five' is not a number"));
+    assert!(err("bps-read=99999999999999999999").contains("bps-read: above the largest"));
     assert!(err("bps-read=2T").contains("above the largest limit"));
     assert!(err("bps-read=100").contains("below the smallest limit"));
     assert!(err("iops-read=100 iops-read-max=50").contains("must be above the rate"));
