@@ -143,8 +143,14 @@ fn bad_limits_on_the_command_line_are_refused_at_startup() {
     let cases: &[(&[&str], &[&str])] = &[
         (&["--iops-total", "0"], &["iops-total", "positive"]),
         (&["--bps-read", "0"], &["bps-read", "positive"]),
-        (&["--iops-write", "-5"], &["iops-write", "must be a positive number"]),
-        (&["--bps-write=-1M"], &["bps-write", "must be a positive number"]),
+        (
+            &["--iops-write", "-5"],
+            &["iops-write", "must be a positive number"],
+        ),
+        (
+            &["--bps-write=-1M"],
+            &["bps-write", "must be a positive number"],
+        ),
         (&["--bps-total", "2T"], &["bps-total", "above the largest"]),
         (
             &["--iops-total", "99999999999999999999"],
