@@ -7,6 +7,7 @@
 //! results block of `benches/README.md`. `cargo bench --bench blkbench -- --help` lists the
 //! options. Without `--bench` (as `cargo test --benches` runs it) it only self-checks.
 
+mod ceiling;
 mod engine;
 mod fio;
 mod hist;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
+use ceiling::Medium;
 use engine::{Pattern, Timing, Workload};
 use report::{Record, Report, RunInfo, Section};
 use targets::{Env, Kind};
@@ -143,9 +145,23 @@ struct Opts {
     #[arg(long = "job", value_name = "SPEC")]
     jobs: Vec<String>,
 
-    /// Skip the matrix (run only the scaling series).
+    /// Skip the matrix (run only the scaling series, and the ceiling rows if --ceiling is
+    /// given).
     #[arg(long)]
     no_matrix: bool,
+
+    /// Software-ceiling rows: the backend's own cost per request without the disk: native
+    /// io_uring and ringfence on memory-backed storage; the difference is the hand-off cost.
+    /// After the matrix, its 4k randread QD32, 4k randwrite QD32 and 4k randread QD1 rows (those
+    /// of them it has; all three with --no-matrix) run again on each medium with the same
+    /// targets, client patterns and rounds, interleaved round by round, each against the best
+    /// native on the same medium. `tmpfs`: a fully written image in /dev/shm (O_DIRECT on tmpfs
+    /// needs Linux >= 6.6); `loop`: a loop device over that file (`losetup --direct-io=off`)
+    /// served as a block device, set up and detached by blkbench (skipped, saying why, when
+    /// losetup fails); `tmpfs,loop` both; `none` to skip [default: tmpfs; none with
+    /// --no-matrix].
+    #[arg(long, value_name = "LIST")]
+    ceiling: Option<String>,
 
     /// Queue depths of the QD-scaling series (1 queue), or `none`.
     #[arg(long, default_value = "1,2,4,8,16,32,64,128", value_name = "LIST")]
@@ -279,13 +295,11 @@ struct Plan {
 
 impl Plan {
     /// Runs per round: every pattern on every target but fio's, and each fio client once
-    /// (matrix only).
+    /// (matrix rows only, on the disk or a ceiling medium).
     fn runs(&self, kinds: &[Kind]) -> usize {
         kinds
             .iter()
-            .filter(|k| {
-                k.applies_to(&self.w) && (!k.is_fio_client() || self.section == Section::Main)
-            })
+            .filter(|k| k.applies_to(&self.w) && (!k.is_fio_client() || self.section.is_matrix()))
             .map(|k| {
                 if k.is_fio_client() {
                     1
@@ -367,6 +381,7 @@ fn self_check() -> Result<String, String> {
     engine::self_check()?;
     fio::self_check()?;
     report::self_check()?;
+    ceiling::self_check()?;
     // A real, tiny run of the engine on the native target.
     let work = default_work_dir();
     std::fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
@@ -443,6 +458,42 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
             rounds,
         }));
     }
+    // The software ceiling: the matrix's ceiling rows again on each medium, right after it.
+    let media: Vec<Medium> = match &o.ceiling {
+        Some(list) => ceiling::parse(list)?,
+        None if o.no_matrix => Vec::new(),
+        None => vec![Medium::Tmpfs],
+    };
+    let mut ceiling_notes: Vec<String> = Vec::new();
+    if !media.is_empty() {
+        let rows: Vec<(Workload, Vec<Pattern>)> = if o.no_matrix {
+            ceiling::JOBS
+                .iter()
+                .map(|w| (*w, patterns_for(w, None, &patterns)))
+                .collect()
+        } else {
+            plan.iter()
+                .filter(|p| ceiling::is_ceiling_row(&p.w))
+                .map(|p| (p.w, p.patterns.clone()))
+                .collect()
+        };
+        if rows.is_empty() {
+            let msg = "--ceiling: the matrix has none of the ceiling rows (4k randread QD32, 4k \
+                       randwrite QD32, 4k randread QD1), so none ran"
+                .to_string();
+            eprintln!("blkbench: {msg}");
+            ceiling_notes.push(msg);
+        }
+        for &m in &media {
+            plan.extend(rows.iter().map(|(w, pats)| Plan {
+                section: Section::Ceiling(m),
+                w: *w,
+                patterns: pats.clone(),
+                t: main_t,
+                rounds,
+            }));
+        }
+    }
     let base = Workload::parse(&o.scaling_job).map_err(|e| format!("--scaling-job: {e}"))?;
     for qd in parse_list("qd-scaling", &o.qd_scaling, 1024)? {
         plan.push(Plan {
@@ -489,7 +540,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
         FioMode::Auto => kinds.contains(&Kind::Fio) || fio_version.is_some(),
     } && plan
         .iter()
-        .any(|p| p.section == Section::Main && Kind::Fio.applies_to(&p.w));
+        .any(|p| p.section.is_matrix() && Kind::Fio.applies_to(&p.w));
     kinds.retain(|k| *k != Kind::Fio);
     if want_fio {
         kinds.push(Kind::Fio);
@@ -498,7 +549,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     // native, ringfence and qsd that runs.
     let lb_rows = plan
         .iter()
-        .any(|p| p.section == Section::Main && Kind::FioLbNative.applies_to(&p.w));
+        .any(|p| p.section.is_matrix() && Kind::FioLbNative.applies_to(&p.w));
     let lb_kinds: Vec<Kind> = if o.fio_libblkio == FioLbMode::Off || !lb_rows {
         Vec::new()
     } else if kinds.iter().any(|k| k.is_fio_lb()) {
@@ -634,19 +685,140 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
         return Err("no target works".into());
     }
 
+    // The ceiling media: the image in /dev/shm (and the loop device over it) live until the
+    // end of the run; the loop device is detached first (it is declared last), even on errors
+    // and after Ctrl-C.
+    let mut shm_dir: Option<ceiling::ShmDir> = None;
+    let mut loop_dev: Option<ceiling::LoopDev> = None;
+    let mut ceiling_envs: Vec<(Medium, Env)> = Vec::new();
+    let mut ceiling_info: Vec<(Medium, String)> = Vec::new();
+    // Targets off on a medium (None: the disk), from the checks or repeated failures.
+    let mut off: Vec<(Option<Medium>, Kind)> = Vec::new();
+    let wanted: Vec<Medium> = media
+        .iter()
+        .copied()
+        .filter(|m| plan.iter().any(|p| p.section == Section::Ceiling(*m)))
+        .collect();
+    if !wanted.is_empty() {
+        let size = capacity.min(ceiling::MAX_SIZE) / 4096 * 4096;
+        let made = ceiling::ShmDir::create(size).and_then(|d| {
+            let img = d.path.join("disk.img");
+            targets::prepare_image(&img, size).map(|_| (d, img))
+        });
+        match made {
+            Err(e) => {
+                eprintln!("blkbench: no ceiling rows: {e}");
+                for m in &wanted {
+                    ceiling_notes.push(format!("~~{}~~: not run: {e}", m.name()));
+                }
+            }
+            Ok((dir, img)) => {
+                shm_dir = Some(dir);
+                for &m in &wanted {
+                    let (path, cap, what) = match m {
+                        Medium::Tmpfs => (
+                            img.clone(),
+                            size,
+                            format!(
+                                "{} ({}, {})",
+                                m.describe(),
+                                img.display(),
+                                engine::fmt_size(size)
+                            ),
+                        ),
+                        Medium::Loop => {
+                            let attached = ceiling::LoopDev::attach(&img)
+                                .and_then(|l| l.size().map(|cap| (l, cap)));
+                            match attached {
+                                Ok((l, cap)) => {
+                                    eprintln!(
+                                        "blkbench: {} over {}",
+                                        l.path.display(),
+                                        img.display()
+                                    );
+                                    let what = format!(
+                                        "{} ({} over {}, {})",
+                                        m.describe(),
+                                        l.path.display(),
+                                        img.display(),
+                                        engine::fmt_size(cap)
+                                    );
+                                    let path = l.path.clone();
+                                    loop_dev = Some(l);
+                                    (path, cap, what)
+                                }
+                                Err(e) => {
+                                    eprintln!("blkbench: skipping the loop rows: {e}");
+                                    ceiling_notes.push(format!("~~loop~~: not run: {e}"));
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let menv = env.on(path, cap);
+                    // Does each target work on this medium?
+                    for &k in kinds.iter().filter(|k| !k.is_fio_client()) {
+                        eprint!("blkbench: checking {} on {} ... ", k.name(), m.name());
+                        let _ = std::io::stderr().flush();
+                        match targets::probe(k, &menv) {
+                            Ok(()) => eprintln!("ok"),
+                            Err(e) => {
+                                eprintln!("unavailable: {e}");
+                                ceiling_notes.push(format!(
+                                    "{}: ~~{}~~ not run: {e}",
+                                    m.name(),
+                                    k.name()
+                                ));
+                                off.push((Some(m), k));
+                            }
+                        }
+                    }
+                    for (k, beside) in Kind::FIO_LB {
+                        if kinds.contains(&k) && off.contains(&(Some(m), beside)) {
+                            off.push((Some(m), k));
+                        }
+                    }
+                    if off.contains(&(Some(m), Kind::Native)) {
+                        ceiling_notes.push(format!(
+                            "~~{}~~: not run: native io_uring does not work on it",
+                            m.name()
+                        ));
+                        continue;
+                    }
+                    ceiling_envs.push((m, menv));
+                    ceiling_info.push((m, what));
+                }
+            }
+        }
+        // A medium that does not work is left out, and the report says why; the run goes on
+        // (even with nothing left to run).
+        plan.retain(|p| match p.section.medium() {
+            Some(m) => ceiling_envs.iter().any(|(x, _)| *x == m),
+            None => true,
+        });
+    }
+    let kinds_on = |off: &[(Option<Medium>, Kind)], s: Section| -> Vec<Kind> {
+        kinds
+            .iter()
+            .copied()
+            .filter(|k| !off.contains(&(s.medium(), *k)))
+            .collect()
+    };
+
     let total_runs: usize = plan
         .iter()
-        .map(|p| p.rounds as usize * p.runs(&kinds))
+        .map(|p| p.rounds as usize * p.runs(&kinds_on(&off, p.section)))
         .sum();
     let per_run_overhead = Duration::from_millis(300);
     let mut remaining: Duration = plan
         .iter()
         .map(|p| {
-            (p.t.warmup + p.t.duration + per_run_overhead) * (p.rounds * p.runs(&kinds) as u32)
+            (p.t.warmup + p.t.duration + per_run_overhead)
+                * (p.rounds * p.runs(&kinds_on(&off, p.section)) as u32)
         })
         .sum();
-    let scaling = plan.iter().any(|p| p.section != Section::Main);
-    let matrix = plan.iter().any(|p| p.section == Section::Main);
+    let scaling = plan.iter().any(|p| !p.section.is_matrix());
+    let matrix = plan.iter().any(|p| p.section.is_matrix());
     let rounds_text = match (matrix, scaling) {
         (true, true) => format!("{rounds} rounds ({scale_rounds} for scaling points)"),
         (true, false) => format!("{rounds} rounds"),
@@ -665,10 +837,17 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
 
     let started = Instant::now();
     let mut records: Vec<Record> = Vec::new();
-    let mut failures: std::collections::HashMap<Kind, u32> = Default::default();
-    let mut dropped: Vec<Kind> = Vec::new();
+    let mut failures: std::collections::HashMap<(Option<Medium>, Kind), u32> = Default::default();
     let mut done = 0usize;
     'outer: for p in &plan {
+        let medium = p.section.medium();
+        let penv = match medium {
+            None => &env,
+            Some(m) => match ceiling_envs.iter().find(|(x, _)| *x == m) {
+                Some((_, e)) => e,
+                None => continue,
+            },
+        };
         for round in 1..=p.rounds {
             // Pattern by pattern, each target in turn; the fio clients (their own submission)
             // once each at the end.
@@ -678,25 +857,25 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                     runs.push((k, p.w.with_pattern(pat)));
                 }
             }
-            if p.section == Section::Main {
+            if p.section.is_matrix() {
                 for &k in kinds.iter().filter(|k| k.is_fio_client()) {
                     runs.push((k, p.w.base()));
                 }
             }
             for (k, w) in runs {
-                if !k.applies_to(&w) || dropped.contains(&k) {
+                if !k.applies_to(&w) || off.contains(&(medium, k)) {
                     continue;
                 }
                 if STOP.load(Ordering::SeqCst) {
                     eprintln!("blkbench: interrupted");
                     break 'outer;
                 }
-                let result = targets::run_once(k, &env, &w, &p.t);
+                let result = targets::run_once(k, penv, &w, &p.t);
                 done += 1;
                 remaining = remaining.saturating_sub(p.t.warmup + p.t.duration + per_run_overhead);
                 let status = match &result {
                     Ok(r) => {
-                        failures.insert(k, 0);
+                        failures.insert((medium, k), 0);
                         format!(
                             "{:>8} IOPS {:>7.0} MiB/s  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
                             fmt_k(r.iops()),
@@ -709,11 +888,19 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                         )
                     }
                     Err(e) => {
-                        let n = failures.entry(k).or_insert(0);
+                        let n = failures.entry((medium, k)).or_insert(0);
                         *n += 1;
                         if *n >= 2 {
-                            dropped.push(k);
-                            unavailable.push((k, format!("dropped after repeated failures: {e}")));
+                            off.push((medium, k));
+                            let why = format!("dropped after repeated failures: {e}");
+                            match medium {
+                                None => unavailable.push((k, why)),
+                                Some(m) => ceiling_notes.push(format!(
+                                    "{}: ~~{}~~ {why}",
+                                    m.name(),
+                                    k.name()
+                                )),
+                            }
                         }
                         format!("FAILED: {e}")
                     }
@@ -728,7 +915,7 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
                 eprintln!(
                     "[{done:>3}/{total_runs} {:>5} left] {:<24} round {round}/{}  {:<9} {:<11} {status}",
                     fmt_dur(remaining),
-                    w.label(),
+                    p.section.label(&w),
                     p.rounds,
                     k.target_name(),
                     client,
@@ -798,6 +985,8 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
         targets: kinds.clone(),
         fio_example,
         fio_lb_example,
+        ceiling: ceiling_info,
+        ceiling_notes,
         interrupted,
     };
     let rep = Report {
@@ -809,13 +998,15 @@ fn run(o: Opts, raw_args: &[String]) -> Result<(), String> {
     rep.write(&results_dir)?;
     println!("{}", rep.markdown(&format!("{}/", results_dir.display())));
     eprintln!("blkbench: results in {}", results_dir.display());
-    if o.results_dir.is_none() && !o.no_readme && !interrupted {
+    if o.results_dir.is_none() && !o.no_readme && !interrupted && !records.is_empty() {
         let readme = manifest_dir().join("benches").join("README.md");
         match report::update_readme(&readme, &rep.markdown("results/")) {
             Ok(()) => eprintln!("blkbench: updated {}", readme.display()),
             Err(e) => eprintln!("blkbench: README not updated: {e}"),
         }
     }
+    drop(loop_dev);
+    drop(shm_dir);
     drop(tmp);
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::ceiling::Medium;
 use crate::engine::{Pattern, RunResult, Timing, Workload};
 use crate::hist::Histogram;
 use crate::sysinfo::Machine;
@@ -13,8 +14,34 @@ use crate::targets::Kind;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Section {
     Main,
+    /// Matrix rows again on a memory-backed medium (`--ceiling`).
+    Ceiling(Medium),
     QdScaling,
     QueueScaling,
+}
+
+impl Section {
+    /// Matrix rows (on the disk or a ceiling medium): every client pattern, and the fio
+    /// clients.
+    pub fn is_matrix(self) -> bool {
+        matches!(self, Section::Main | Section::Ceiling(_))
+    }
+
+    pub fn medium(self) -> Option<Medium> {
+        match self {
+            Section::Ceiling(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// A row's name in the report: `4k randread QD32`, on a ceiling medium
+    /// `4k randread QD32 (tmpfs)`.
+    pub fn label(self, w: &Workload) -> String {
+        match self {
+            Section::Ceiling(m) => format!("{} ({})", w.label(), m.name()),
+            _ => w.label(),
+        }
+    }
 }
 
 pub struct Record {
@@ -37,6 +64,10 @@ pub struct RunInfo {
     pub targets: Vec<Kind>,
     pub fio_example: Option<String>,
     pub fio_lb_example: Option<String>,
+    /// The ceiling media that ran, and what each was (`--ceiling`).
+    pub ceiling: Vec<(Medium, String)>,
+    /// Ceiling media or targets that did not run, and why.
+    pub ceiling_notes: Vec<String>,
     pub interrupted: bool,
 }
 
@@ -252,6 +283,7 @@ impl<'a> Report<'a> {
             self.fio_table(&mut o);
             self.goals(&mut o);
         }
+        self.ceiling(&mut o);
 
         for (s, title, col) in [
             (Section::QdScaling, "Queue-depth scaling", "QD (1 queue)"),
@@ -443,6 +475,19 @@ impl<'a> Report<'a> {
         median(d)
     }
 
+    /// Median per-round mean latency minus the best native's, in µs: at the same depth, the
+    /// time each request spends outside the fastest native path.
+    fn mean_delta_best(&self, s: Section, w: &Workload, k: Kind) -> Option<f64> {
+        let best = self.best_native(s, &w.base());
+        let d = self
+            .cell(s, w, k)
+            .rounds
+            .iter()
+            .filter_map(|(round, r)| Some((r.mean_ns - best.get(round)?.2.mean_ns) / 1000.0))
+            .collect();
+        median(d)
+    }
+
     /// Which native won the rounds: `native round 3/5, fio 2/5`.
     fn winners(&self, s: Section, base: &Workload) -> String {
         let best = self.best_native(s, base);
@@ -477,10 +522,60 @@ impl<'a> Report<'a> {
     /// qemu-storage-daemon under the same pattern.
     fn headline(&self, o: &mut String) {
         let s = Section::Main;
-        let pats = self.patterns(s);
+        let lb_any = [Kind::FioLbRingfence, Kind::FioLbQsd]
+            .into_iter()
+            .any(|k| self.records.iter().any(|r| r.section == s && r.kind == k));
+        let lb_native = self
+            .records
+            .iter()
+            .any(|r| r.section == s && r.kind == Kind::FioLbNative);
+        let _ = writeln!(
+            o,
+            "Against the best native (per round, the native run with the most IOPS: blkio \
+             `io_uring` under each client pattern, and fio{}), median of the per-round IOPS ratios; \
+             at QD1 also the median per-round p50 difference to that run. At QD1 the patterns \
+             are one client (one request, submitted with the wait for its completion).{}\n",
+            if lb_native {
+                ", and fio's libblkio engine on `io_uring`"
+            } else {
+                ""
+            },
+            if !lb_any {
+                ""
+            } else {
+                " The fio-libblkio columns are the same backends under fio's libblkio engine \
+                 (fio's default submission), an independent client."
+            }
+        );
+        let rows: Vec<(Section, Workload)> = self.groups(s).into_iter().map(|w| (s, w)).collect();
+        self.headline_table(o, &rows, false);
+    }
+
+    /// The headline's table for `rows` (each a base workload in its section); with `spread`,
+    /// each ratio is followed by the range of its per-round values.
+    fn headline_table(&self, o: &mut String, rows: &[(Section, Workload)], spread: bool) {
+        let mut sections: Vec<Section> = Vec::new();
+        for (s, _) in rows {
+            if !sections.contains(s) {
+                sections.push(*s);
+            }
+        }
+        let mut pats: Vec<Pattern> = Vec::new();
+        for s in &sections {
+            for p in self.patterns(*s) {
+                if !pats.contains(&p) {
+                    pats.push(p);
+                }
+            }
+        }
+        let ran = |k: Kind| {
+            self.records
+                .iter()
+                .any(|r| sections.contains(&r.section) && r.kind == k)
+        };
         let contenders: Vec<Kind> = [Kind::Ringfence, Kind::Qsd]
             .into_iter()
-            .filter(|k| self.records.iter().any(|r| r.section == s && r.kind == *k))
+            .filter(|k| ran(*k))
             .collect();
         let mut hdr = "| Workload | best native: IOPS (won the round) |".to_string();
         let mut sep = "|---|---|".to_string();
@@ -501,7 +596,7 @@ impl<'a> Report<'a> {
         // and ringfence against qsd under it.
         let lb: Vec<Kind> = [Kind::FioLbRingfence, Kind::FioLbQsd]
             .into_iter()
-            .filter(|k| self.records.iter().any(|r| r.section == s && r.kind == *k))
+            .filter(|k| ran(*k))
             .collect();
         for k in &lb {
             let _ = write!(hdr, " {} fio-libblkio |", k.target_name());
@@ -512,43 +607,28 @@ impl<'a> Report<'a> {
             hdr.push_str(" ringfence / qsd, fio-libblkio |");
             sep.push_str("--:|");
         }
-        let lb_native = self
-            .records
-            .iter()
-            .any(|r| r.section == s && r.kind == Kind::FioLbNative);
-        let _ = writeln!(
-            o,
-            "Against the best native (per round, the native run with the most IOPS: blkio \
-             `io_uring` under each client pattern, and fio{}), median of the per-round IOPS ratios; \
-             at QD1 also the median per-round p50 difference to that run. At QD1 the patterns \
-             are one client (one request, submitted with the wait for its completion).{}\n",
-            if lb_native {
-                ", and fio's libblkio engine on `io_uring`"
-            } else {
-                ""
-            },
-            if lb.is_empty() {
-                ""
-            } else {
-                " The fio-libblkio columns are the same backends under fio's libblkio engine \
-                 (fio's default submission), an independent client."
-            }
-        );
         let _ = writeln!(o, "{hdr}\n{sep}");
-        for base in self.groups(s) {
+        let ratio = |rs: Vec<f64>| {
+            let r = median(rs.clone());
+            let mut cell = opt(r, |r| format!("{r:.2}×"));
+            if spread && r.is_some() {
+                cell.push_str(&spread_note(&rs));
+            }
+            cell
+        };
+        for &(s, base) in rows {
             let best = self.best_native(s, &base);
             let best_iops = median(best.values().map(|b| b.2.iops()).collect());
             let mut line = format!(
                 "| {} | {} ({}) |",
-                base.label(),
+                s.label(&base),
                 opt(best_iops, fmt_iops),
                 self.winners(s, &base)
             );
             for k in &contenders {
                 for p in &pats {
                     let w = self.row(&base, *p);
-                    let r = median(self.ratios_best(s, &w, *k, RunResult::iops));
-                    let mut cell = opt(r, |r| format!("{r:.2}×"));
+                    let mut cell = ratio(self.ratios_best(s, &w, *k, RunResult::iops));
                     if base.qd == 1 {
                         if let Some(d) = self.p50_delta_best(s, &w, *k) {
                             let _ = write!(cell, ", p50 {d:+.1} µs");
@@ -560,13 +640,13 @@ impl<'a> Report<'a> {
             if both {
                 for p in &pats {
                     let w = self.row(&base, *p);
-                    let r = median(self.ratios(s, &w, Kind::Ringfence, Kind::Qsd, RunResult::iops));
-                    let _ = write!(line, " {} |", opt(r, |r| format!("{r:.2}×")));
+                    let cell =
+                        ratio(self.ratios(s, &w, Kind::Ringfence, Kind::Qsd, RunResult::iops));
+                    let _ = write!(line, " {cell} |");
                 }
             }
             for k in &lb {
-                let r = median(self.ratios_best(s, &base, *k, RunResult::iops));
-                let mut cell = opt(r, |r| format!("{r:.2}×"));
+                let mut cell = ratio(self.ratios_best(s, &base, *k, RunResult::iops));
                 if base.qd == 1 {
                     if let Some(d) = self.p50_delta_best(s, &base, *k) {
                         let _ = write!(cell, ", p50 {d:+.1} µs");
@@ -575,14 +655,14 @@ impl<'a> Report<'a> {
                 let _ = write!(line, " {cell} |");
             }
             if lb_both {
-                let r = median(self.ratios(
+                let cell = ratio(self.ratios(
                     s,
                     &base,
                     Kind::FioLbRingfence,
                     Kind::FioLbQsd,
                     RunResult::iops,
                 ));
-                let _ = write!(line, " {} |", opt(r, |r| format!("{r:.2}×")));
+                let _ = write!(line, " {cell} |");
             }
             let _ = writeln!(o, "{line}");
         }
@@ -591,13 +671,32 @@ impl<'a> Report<'a> {
 
     /// Every row with its latencies and CPU, each round's ratio in parentheses.
     fn main_table(&self, o: &mut String) {
-        let s = Section::Main;
-        let _ = writeln!(
-            o,
-            "| Workload | Client | Target | IOPS | MiB/s | mean | p50 | p99 | p99.9 | CPU/IO | vs best native | vs qsd |"
-        );
-        let _ = writeln!(o, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|");
+        self.rows_table(o, Section::Main);
+    }
+
+    /// The full table of a matrix section. A ceiling medium's has two more columns: the range
+    /// of the per-round ratios to the best native, and the median per-round difference of the
+    /// mean latency to the best native's.
+    fn rows_table(&self, o: &mut String, s: Section) {
+        let ceiling = s.medium().is_some();
+        if ceiling {
+            let _ = writeln!(
+                o,
+                "| Workload | Client | Target | IOPS | MiB/s | mean | p50 | p99 | p99.9 | CPU/IO | vs best native | spread | mean − best native's | vs qsd |"
+            );
+            let _ = writeln!(
+                o,
+                "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|--:|---|"
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "| Workload | Client | Target | IOPS | MiB/s | mean | p50 | p99 | p99.9 | CPU/IO | vs best native | vs qsd |"
+            );
+            let _ = writeln!(o, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|");
+        }
         for base in self.groups(s) {
+            let label = s.label(&base);
             for (k, w) in self.variants(s, &base) {
                 let c = self.cell(s, &w, k);
                 let client = variant_client(k, w.pattern, base.qd);
@@ -605,10 +704,10 @@ impl<'a> Report<'a> {
                     let e = c.errors.first().copied().unwrap_or("no result");
                     let _ = writeln!(
                         o,
-                        "| {} | {client} | {} | failed: {} ||||||||| |",
-                        base.label(),
+                        "| {label} | {client} | {} | failed: {} ||||||||{} |",
                         k.target_name(),
-                        one_line(e, 160)
+                        one_line(e, 160),
+                        if ceiling { "|||" } else { "|" }
                     );
                     continue;
                 }
@@ -619,15 +718,25 @@ impl<'a> Report<'a> {
                     _ => None,
                 };
                 let vs_qsd = match peer {
-                    Some(q) if self.has(&w, q) => {
+                    Some(q) if self.has_in(s, &w, q) => {
                         Self::ratio_cell(self.ratios(s, &w, k, q, RunResult::iops))
                     }
                     _ => String::new(),
                 };
+                let vs_best = self.ratios_best(s, &w, k, RunResult::iops);
+                let extra = if ceiling {
+                    let delta = if k.is_native() {
+                        String::new()
+                    } else {
+                        opt(self.mean_delta_best(s, &w, k), |d| format!("{d:+.1} µs"))
+                    };
+                    format!(" {} | {delta} |", spread_range(&vs_best))
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     o,
-                    "| {} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {vs_qsd} |",
-                    base.label(),
+                    "| {label} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{extra} {vs_qsd} |",
                     k.target_name(),
                     opt(c.iops(), fmt_iops),
                     opt(c.med(|r| Some(r.mib_s())), |v| format!("{v:.0}")),
@@ -636,16 +745,14 @@ impl<'a> Report<'a> {
                     opt(c.med(|r| Some(r.p99_ns)), fmt_us),
                     opt(c.med(|r| Some(r.p999_ns)), fmt_us),
                     opt(c.med(RunResult::backend_us_per_io), |v| format!("{v:.2}")),
-                    Self::ratio_cell(self.ratios_best(s, &w, k, RunResult::iops))
-                        + &failed_note(c.errors.len()),
+                    Self::ratio_cell(vs_best) + &failed_note(c.errors.len()),
                 );
             }
             let best = self.best_native(s, &base);
             if !best.is_empty() {
                 let _ = writeln!(
                     o,
-                    "| {} | | **best native** | {} | {} | | {} | | | | won by {} | |",
-                    base.label(),
+                    "| {label} | | **best native** | {} | {} | | {} | | | | won by {} |{} |",
                     opt(
                         median(best.values().map(|b| b.2.iops()).collect()),
                         fmt_iops
@@ -654,11 +761,84 @@ impl<'a> Report<'a> {
                         format!("{v:.0}")
                     }),
                     opt(median(best.values().map(|b| b.2.p50_ns).collect()), fmt_us),
-                    self.winners(s, &base)
+                    self.winners(s, &base),
+                    if ceiling { " | |" } else { "" }
                 );
             }
         }
         o.push('\n');
+    }
+
+    /// The software ceiling (`--ceiling`): the ceiling rows beside the disk's, each against the
+    /// best native on its own medium, then every ceiling row in full.
+    fn ceiling(&self, o: &mut String) {
+        let i = self.info;
+        let mut media: Vec<Medium> = Vec::new();
+        for r in self.records {
+            if let Some(m) = r.section.medium() {
+                if !media.contains(&m) {
+                    media.push(m);
+                }
+            }
+        }
+        if media.is_empty() && i.ceiling.is_empty() && i.ceiling_notes.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "**Software ceiling** (`--ceiling`): the backend's own cost per request without the \
+             disk: native io_uring and ringfence on memory-backed storage; the difference is the \
+             hand-off cost. The 4k rows again, with the same targets and client patterns, \
+             interleaved round by round as on the disk, on:\n"
+        );
+        for (m, what) in &i.ceiling {
+            let _ = writeln!(o, "- **{}**: {what}", m.name());
+        }
+        for n in &i.ceiling_notes {
+            let _ = writeln!(o, "- {}", one_line(n, 300));
+        }
+        o.push('\n');
+        if media.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "Each ratio is against the best native on the same medium in the same round (the \
+             native run with the most IOPS, as on the disk), the median of the per-round ratios \
+             with their range (min–max) in parentheses; the disk's row stands above the ceiling \
+             rows of the same workload.\n"
+        );
+        let mut rows: Vec<(Section, Workload)> = Vec::new();
+        let mut bases: Vec<Workload> = Vec::new();
+        for m in &media {
+            for w in self.groups(Section::Ceiling(*m)) {
+                if !bases.contains(&w) {
+                    bases.push(w);
+                }
+            }
+        }
+        let disk = self.groups(Section::Main);
+        for base in bases {
+            if disk.contains(&base) {
+                rows.push((Section::Main, base));
+            }
+            for m in &media {
+                if self.groups(Section::Ceiling(*m)).contains(&base) {
+                    rows.push((Section::Ceiling(*m), base));
+                }
+            }
+        }
+        self.headline_table(o, &rows, true);
+        let _ = writeln!(
+            o,
+            "Every ceiling row, each round's ratio to the best native in parentheses, and their \
+             range; \"mean − best native's\" is the median per-round difference of the mean \
+             latency to the best native run of the round: at the same depth, the time each \
+             request spends outside the fastest native path.\n"
+        );
+        for m in media {
+            self.rows_table(o, Section::Ceiling(m));
+        }
     }
 
     /// fio's libblkio engine, the independent client (issue 12: it should reproduce the 4k QD32
@@ -898,7 +1078,11 @@ impl<'a> Report<'a> {
     }
 
     fn has(&self, w: &Workload, k: Kind) -> bool {
-        !self.cell(Section::Main, w, k).rounds.is_empty()
+        self.has_in(Section::Main, w, k)
+    }
+
+    fn has_in(&self, s: Section, w: &Workload, k: Kind) -> bool {
+        !self.cell(s, w, k).rounds.is_empty()
     }
 
     /// (target, [(qd, median IOPS)]) from the QD-scaling section.
@@ -1037,6 +1221,7 @@ impl<'a> Report<'a> {
         for r in self.records {
             let sec = match r.section {
                 Section::Main => "main",
+                Section::Ceiling(_) => "ceiling",
                 Section::QdScaling => "qd",
                 Section::QueueScaling => "queues",
             };
@@ -1046,7 +1231,7 @@ impl<'a> Report<'a> {
                     let _ = writeln!(
                         o,
                         "{sec},{},{},{},{},{:.1},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},",
-                        r.w.label(),
+                        r.section.label(&r.w),
                         variant_client(r.kind, r.w.pattern, r.w.qd),
                         r.round,
                         r.kind.target_name(),
@@ -1064,7 +1249,7 @@ impl<'a> Report<'a> {
                     let _ = writeln!(
                         o,
                         "{sec},{},{},{},{},,,,,,,,,\"{}\"",
-                        r.w.label(),
+                        r.section.label(&r.w),
                         variant_client(r.kind, r.w.pattern, r.w.qd),
                         r.round,
                         r.kind.target_name(),
@@ -1139,6 +1324,30 @@ fn rounds(n: u32) -> String {
     } else {
         format!("{n} rounds")
     }
+}
+
+/// `0.89–0.93`: the range of per-round ratios.
+fn spread_range(rs: &[f64]) -> String {
+    let lo = rs
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let hi = rs
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    if lo > hi {
+        "—".into()
+    } else {
+        format!("{lo:.2}–{hi:.2}")
+    }
+}
+
+/// ` (0.89–0.93)` after a median ratio.
+fn spread_note(rs: &[f64]) -> String {
+    format!(" ({})", spread_range(rs))
 }
 
 fn failed_note(n: usize) -> String {
@@ -1422,5 +1631,166 @@ pub fn self_check() -> Result<(), String> {
     if nice_log_range(13.0, 480.0) != (10.0, 500.0) || log_ticks(10.0, 500.0).len() != 6 {
         return Err("log ticks".into());
     }
+    // The ceiling rows come after the disk's tables and leave them as they were.
+    let disk = synthetic_report(&synthetic_records(&[Section::Main])).0;
+    if let Some(p) = std::env::var_os("BLKBENCH_DUMP") {
+        let _ = std::fs::write(p, &disk);
+    }
+    let sections = [
+        Section::Main,
+        Section::Ceiling(Medium::Tmpfs),
+        Section::Ceiling(Medium::Loop),
+    ];
+    let records = synthetic_records(&sections);
+    let all = synthetic_report(&records).0;
+    if let Some(p) = std::env::var_os("BLKBENCH_DUMP") {
+        let _ = std::fs::write(
+            std::path::PathBuf::from(p).with_extension("ceiling.md"),
+            &all,
+        );
+    }
+    // The plots and the commands come after the ceiling tables.
+    let (head, rest) = disk.split_at(disk.find("![").unwrap_or(disk.len()));
+    let tail = match all.strip_prefix(head).and_then(|t| t.strip_suffix(rest)) {
+        Some(t) => t,
+        None => return Err("the ceiling rows changed the disk's tables".into()),
+    };
+    for want in [
+        "**Software ceiling**",
+        "| 4k randread QD32 (tmpfs) | ",
+        "| 4k randwrite QD32 (loop) | ",
+        "| 4k randread QD1 (tmpfs) | per-request = round | ringfence | ",
+        "| 4k randread QD32 | ",
+    ] {
+        if !tail.contains(want) {
+            return Err(format!("the ceiling tables have no '{want}'"));
+        }
+    }
+    if disk.contains("(tmpfs)") || tail.contains("128k seq read QD8") {
+        return Err("ceiling rows in the wrong place".into());
+    }
+    let csv = synthetic_report(&records).1;
+    if !csv.contains("\nceiling,4k randwrite QD32 (tmpfs),per-request,1,ringfence,")
+        || !csv.contains("\nmain,4k randwrite QD32,per-request,1,ringfence,")
+    {
+        return Err("ceiling rows in the CSV".into());
+    }
+    if spread_range(&[0.93, 0.891, f64::NAN, 0.9]) != "0.89–0.93" || spread_range(&[]) != "—" {
+        return Err("spread".into());
+    }
     Ok(())
+}
+
+/// Records of a made-up run (deterministic figures) for the self-check of the report.
+fn synthetic_records(sections: &[Section]) -> Vec<Record> {
+    let mut out = Vec::new();
+    let rows = [
+        Workload::new(true, 100, 4096, 1),
+        Workload::new(true, 100, 4096, 32),
+        Workload::new(true, 0, 4096, 32),
+        Workload::new(false, 100, 128 << 10, 8),
+    ];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for &section in sections {
+        for round in 1..=3 {
+            for base in rows {
+                if section.medium().is_some() && !crate::ceiling::is_ceiling_row(&base) {
+                    continue;
+                }
+                let pats: &[Pattern] = if base.qd == 1 {
+                    &[Pattern::PER_REQUEST]
+                } else {
+                    &[Pattern::PER_REQUEST, Pattern::Round]
+                };
+                let mut runs: Vec<(Kind, Workload)> = Vec::new();
+                for p in pats {
+                    for k in [Kind::Native, Kind::Ringfence, Kind::Qsd] {
+                        runs.push((k, base.with_pattern(*p)));
+                    }
+                }
+                for k in [
+                    Kind::Fio,
+                    Kind::FioLbNative,
+                    Kind::FioLbRingfence,
+                    Kind::FioLbQsd,
+                ] {
+                    runs.push((k, base));
+                }
+                for (kind, w) in runs {
+                    let lat_ns = 20_000 + next() % 400_000;
+                    let mut h = Histogram::new();
+                    for i in 0..200 {
+                        h.record(lat_ns + i * 37);
+                    }
+                    let secs = 1.0 + (next() % 1000) as f64 / 1000.0;
+                    let bytes = h.count() * w.bs;
+                    let result = if next() % 29 == 0 {
+                        Err("made-up failure".to_string())
+                    } else {
+                        let cpu = crate::targets::has_backend(kind).then_some(0.001 * secs);
+                        Ok(RunResult::from_hist(h, bytes, secs, cpu, Some(0.002)))
+                    };
+                    out.push(Record {
+                        section,
+                        w,
+                        round,
+                        kind,
+                        result,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The Markdown and the CSV of a report of made-up records, for the self-check.
+fn synthetic_report(records: &[Record]) -> (String, String) {
+    let machine = Machine {
+        date: "2026-12-08 00:00 UTC".into(),
+        host: "selfcheck".into(),
+        cpu: "cpu".into(),
+        cpus: 2,
+        mem_gib: 24.0,
+        kernel: "6.18".into(),
+        os: "os".into(),
+        fs: "ext4".into(),
+        commit: "0000000".into(),
+    };
+    let t = Timing {
+        warmup: std::time::Duration::from_millis(300),
+        duration: std::time::Duration::from_millis(1500),
+    };
+    let info = RunInfo {
+        command: "cargo bench --bench blkbench".into(),
+        rounds: 3,
+        scale_rounds: 3,
+        main: t,
+        scale: t,
+        image: "1 GiB temporary file, fully written".into(),
+        versions: vec![("blkio crate".into(), "0.5".into())],
+        unavailable: Vec::new(),
+        targets: Kind::ALL.to_vec(),
+        fio_example: None,
+        fio_lb_example: None,
+        ceiling: [Medium::Tmpfs, Medium::Loop]
+            .into_iter()
+            .filter(|m| records.iter().any(|r| r.section.medium() == Some(*m)))
+            .map(|m| (m, m.describe().to_string()))
+            .collect(),
+        ceiling_notes: Vec::new(),
+        interrupted: false,
+    };
+    let rep = Report {
+        machine: &machine,
+        info: &info,
+        records,
+    };
+    (rep.markdown(""), rep.csv())
 }

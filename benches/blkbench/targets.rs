@@ -159,6 +159,20 @@ pub struct Env {
     pub counter: std::cell::Cell<u32>,
 }
 
+impl Env {
+    /// The same targets on another image or block device (a ceiling medium).
+    pub fn on(&self, image: PathBuf, capacity: u64) -> Env {
+        Env {
+            image,
+            capacity,
+            sock_dir: self.sock_dir.clone(),
+            ringfence_bin: self.ringfence_bin.clone(),
+            fio_libblkio: self.fio_libblkio.clone(),
+            counter: std::cell::Cell::new(0),
+        }
+    }
+}
+
 fn fio_lb_bin(env: &Env) -> Result<&Path, String> {
     env.fio_libblkio
         .as_deref()

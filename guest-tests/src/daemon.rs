@@ -125,7 +125,8 @@ impl Daemon {
         d
     }
 
-    /// Start qemu-storage-daemon exporting `image` as vhost-user-blk on `socket`.
+    /// Start qemu-storage-daemon exporting `image` (a file or a block device) as vhost-user-blk
+    /// on `socket`.
     pub fn qemu_storage_daemon(
         socket: &Path,
         image: &Path,
@@ -135,10 +136,17 @@ impl Daemon {
         let pidfile = socket.with_extension("pid");
         let _ = std::fs::remove_file(&pidfile);
         let ro = if read_only { "on" } else { "off" };
+        // QEMU's `file` driver refuses block devices; `host_device` is its driver for them.
+        let driver = match std::fs::metadata(image) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {
+                "host_device"
+            }
+            _ => "file",
+        };
         let out = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring,read-only={ro}",
+                "driver={driver},node-name=file0,filename={},cache.direct=on,aio=io_uring,read-only={ro}",
                 image.display()
             ))
             .arg("--export")
