@@ -177,6 +177,8 @@ fn run(data: &[u8]) {
     };
     // One memory object shared by the queues and the "crate", as in the daemon.
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    // The daemon makes its rings once, at startup; here, once per input.
+    let rings = ringfence::queues::make_ring_sets(&spec, &image).expect("the rings");
     let queues = Queues::new(
         spec.clone(),
         image,
@@ -187,6 +189,10 @@ fn run(data: &[u8]) {
             submit_batch: 8,
         },
         &DeviceStats::new(num_queues),
+        ringfence::queues::Lent {
+            rings,
+            throttle: Arc::new(ringfence::throttle::Throttle::new(Default::default())),
+        },
     )
     .map(Arc::new)
     .expect("create the queues");
